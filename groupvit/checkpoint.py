@@ -1,0 +1,279 @@
+"""Checkpoint compatibility: official NVlabs release files, bare state dicts, HuggingFace ``GroupViTModel`` state
+dicts and this project's own checkpoints, all loaded with strict key checking.
+
+Our parameter names *are* the official layout (``img_encoder.*``, ...), so official weights need no renaming.
+The HuggingFace port renames modules, splits the fused ``qkv`` / ``in_proj`` projections and stores the projector
+convolutions as Linear weights; :func:`to_hf_state_dict` and :func:`from_hf_state_dict` convert exactly (a round trip
+is bit-identical). Key mapping facts: groupvit_spec.md §11.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from groupvit.config import GroupViTConfig, TextConfig, VisionConfig
+from groupvit.model import GroupViT
+
+FORMAT = "groupvit-triton/1"
+StateDict = dict[str, Tensor]
+
+# Renames as (official template, HF template); {name} slots match digits ({i} {j} {l} {n} {h}) or a dotted tail.
+_RENAMES: list[tuple[str, str]] = [
+    ("img_encoder.pos_embed", "vision_model.embeddings.position_embeddings"),
+    ("img_encoder.patch_embed.proj.{leaf}", "vision_model.embeddings.patch_embeddings.projection.{leaf}"),
+    ("img_encoder.patch_embed.norm.{leaf}", "vision_model.embeddings.layernorm.{leaf}"),
+    ("img_encoder.layers.{i}.blocks.{j}.norm{n}.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.layer_norm{n}.{leaf}"),
+    ("img_encoder.layers.{i}.blocks.{j}.attn.proj.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.self_attn.out_proj.{leaf}"),
+    ("img_encoder.layers.{i}.blocks.{j}.mlp.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.mlp.{leaf}"),
+    ("img_encoder.layers.{i}.downsample.pre_assign_attn.attn.proj.{leaf}",
+     "vision_model.encoder.stages.{i}.downsample.pre_assign_attn.attn.out_proj.{leaf}"),
+    ("img_encoder.layers.{i}.downsample.{leaf}", "vision_model.encoder.stages.{i}.downsample.{leaf}"),
+    ("img_encoder.layers.{i}.group_token", "vision_model.encoder.stages.{i}.group_token"),
+    ("img_encoder.layers.{i}.group_projector.{leaf}", "vision_model.encoder.stages.{i}.group_projector.{leaf}"),
+    ("img_encoder.norm.{leaf}", "vision_model.layernorm.{leaf}"),
+    ("text_encoder.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("text_encoder.positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("text_encoder.transformer.resblocks.{l}.attn.out_proj.{leaf}", "text_model.encoder.layers.{l}.self_attn.out_proj.{leaf}"),
+    ("text_encoder.transformer.resblocks.{l}.ln_{n}.{leaf}", "text_model.encoder.layers.{l}.layer_norm{n}.{leaf}"),
+    ("text_encoder.transformer.resblocks.{l}.mlp.c_fc.{leaf}", "text_model.encoder.layers.{l}.mlp.fc1.{leaf}"),
+    ("text_encoder.transformer.resblocks.{l}.mlp.c_proj.{leaf}", "text_model.encoder.layers.{l}.mlp.fc2.{leaf}"),
+    ("text_encoder.ln_final.{leaf}", "text_model.final_layer_norm.{leaf}"),
+    ("img_projector.linear_hidden.{h}.{leaf}", "visual_projection.{h}.{leaf}"),
+    ("img_projector.linear_out.{leaf}", "visual_projection.3.{leaf}"),
+    ("text_projector.linear_hidden.{h}.{leaf}", "text_projection.{h}.{leaf}"),
+    ("text_projector.linear_out.{leaf}", "text_projection.3.{leaf}"),
+    ("logit_scale", "logit_scale"),
+]
+# Fused projections (official) <-> separate q/k/v projections (HF); {p} is q, k or v.
+_SPLITS: list[tuple[str, str]] = [
+    ("img_encoder.layers.{i}.blocks.{j}.attn.qkv.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.self_attn.{p}_proj.{leaf}"),
+    ("text_encoder.transformer.resblocks.{l}.attn.in_proj_{leaf}", "text_model.encoder.layers.{l}.self_attn.{p}_proj.{leaf}"),
+]
+_CONV_PROJ = re.compile(r"(img|text)_projector\.(linear_hidden\.0|linear_out)\.weight")
+_SLOT = {"i": r"\d+", "j": r"\d+", "l": r"\d+", "n": r"\d", "h": r"[01]", "p": r"[qkv]", "leaf": r"[\w.]+"}
+
+
+def _regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_SLOT[p]})" for i, p in enumerate(parts)))
+
+
+_FWD = [(_regex(a), b) for a, b in _RENAMES]
+_BWD = [(_regex(b), a) for a, b in _RENAMES]
+_SPLIT_FWD = [(_regex(a), b) for a, b in _SPLITS]
+_SPLIT_BWD = [(_regex(b), a) for a, b in _SPLITS]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for rx, template in table:
+        m = rx.fullmatch(key)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def to_hf_state_dict(sd: Mapping[str, Tensor]) -> StateDict:
+    """Official / our layout -> HuggingFace ``GroupViTModel`` layout. ``multi_label_logit_scale`` has no HF
+    counterpart and is dropped; projectors must have 2 layers (all HF supports)."""
+    out: StateDict = {}
+    for key, val in sd.items():
+        if key == "multi_label_logit_scale":
+            continue
+        for rx, template in _SPLIT_FWD:
+            m = rx.fullmatch(key)
+            if m:
+                for p, part in zip("qkv", val.chunk(3, dim=0)):
+                    out[template.format(p=p, **m.groupdict())] = part.clone()
+                break
+        else:
+            new = _rename(key, _FWD)
+            if new is None:
+                raise ValueError(f"no HuggingFace name for key {key!r} (HF GroupViT supports 2-layer projectors only)")
+            out[new] = val.squeeze(-1) if _CONV_PROJ.fullmatch(key) else val
+    return out
+
+
+def from_hf_state_dict(hf: Mapping[str, Tensor]) -> StateDict:
+    """HuggingFace ``GroupViTModel`` layout -> official / our layout (exact inverse of :func:`to_hf_state_dict`)."""
+    out: StateDict = {}
+    pending: dict[str, dict[str, Tensor]] = {}
+    for key, val in hf.items():
+        if key.endswith("position_ids"):
+            continue  # a derived buffer some HF versions store
+        for rx, template in _SPLIT_BWD:
+            m = rx.fullmatch(key)
+            if m:
+                g = m.groupdict()
+                pending.setdefault(template.format(**g), {})[g["p"]] = val
+                break
+        else:
+            new = _rename(key, _BWD)
+            if new is None:
+                raise ValueError(f"unknown HuggingFace GroupViT key {key!r}")
+            out[new] = val.unsqueeze(-1) if _CONV_PROJ.fullmatch(new) else val
+    for fused, parts in pending.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"incomplete q/k/v projections for {fused}: have {sorted(parts)}")
+        out[fused] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+# ---- detection, inference and loading ------------------------------------------------------------------------------
+
+
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """``"hf"`` or ``"official"`` (which is also ours) from the keys; raises on anything else."""
+    keys = list(sd)
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf"
+    if any(k.startswith("img_encoder.") for k in keys):
+        return "official"
+    raise ValueError(f"unknown checkpoint layout: expected official GroupViT keys (img_encoder.*, text_encoder.*) "
+                     f"or HuggingFace GroupViTModel keys (vision_model.*, text_model.*); first keys: {keys[:5]}")
+
+
+def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
+    """Architecture from an official-layout state dict's shapes (used when a file carries no config)."""
+    try:
+        pos = sd["img_encoder.pos_embed"]
+        conv = sd["img_encoder.patch_embed.proj.weight"]
+        dim, patch = conv.shape[0], conv.shape[-1]
+        grid = int(round(pos.shape[1] ** 0.5))
+        stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"img_encoder\.layers\.(\d+)\.", k))})
+        depths = tuple(len({m.group(1) for k in sd if (m := re.match(rf"img_encoder\.layers\.{i}\.blocks\.(\d+)\.", k))})
+                       for i in stages)
+        tokens = tuple(sd[f"img_encoder.layers.{i}.group_token"].shape[1]
+                       if f"img_encoder.layers.{i}.group_token" in sd else 0 for i in stages)
+        outputs = tuple(sd[f"img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0]
+                        for i in stages if tokens[i] > 0)
+        heads_guess = max(1, dim // 64)
+        width = sd["text_encoder.token_embedding.weight"].shape[1]
+        layers = len({m.group(1) for k in sd if (m := re.match(r"text_encoder\.transformer\.resblocks\.(\d+)\.", k))})
+        hidden_keys = [k for k in sd if re.fullmatch(r"img_projector\.linear_hidden\.\d+\.weight", k)]
+        proj_layers = 1 + sum(1 for k in hidden_keys if sd[k].dim() == 3)
+        proj_hidden = sd["img_projector.linear_out.weight"].shape[1] if proj_layers > 1 else 4096
+        vision = VisionConfig(img_size=grid * patch, patch_size=patch, in_chans=conv.shape[1], embed_dim=dim,
+                              depths=depths, num_heads=heads_guess, num_group_tokens=tokens, num_output_groups=outputs,
+                              mlp_ratio=sd["img_encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim)
+        text = TextConfig(context_length=sd["text_encoder.positional_embedding"].shape[0],
+                          vocab_size=sd["text_encoder.token_embedding.weight"].shape[0], width=width, layers=layers,
+                          heads=max(1, width // 64))
+        return GroupViTConfig(vision=vision, text=text, output_dim=sd["img_projector.linear_out.weight"].shape[0],
+                              proj_num_layers=proj_layers, proj_hidden_dim=proj_hidden,
+                              multi_label=3 if "multi_label_logit_scale" in sd else 0)
+    except KeyError as e:
+        raise ValueError(f"cannot infer the architecture: key {e} missing; pass model= explicitly") from e
+
+
+def _read(path_or_sd: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(path_or_sd, Mapping):
+        return path_or_sd
+    path = Path(path_or_sd)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # official files pickle an OmegaConf config: retry with full unpickling
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e:
+            raise RuntimeError(f"{path}: the checkpoint pickles objects from {e.name!r}; pip install {e.name}") from e
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {first}") from e
+
+
+def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], model: GroupViT | None = None,
+                    *, strict: bool = True) -> GroupViT:
+    """Load weights into ``model`` (or into a new model built from the checkpoint's config) and return it.
+
+    Accepts (a) an official release ``.pth`` (a dict with ``model`` and ``config``), (b) a bare official state dict,
+    (c) a HuggingFace transformers ``GroupViTModel`` state dict, (d) this project's checkpoints. Keys are checked
+    strictly: missing or unexpected keys raise ``ValueError`` listing them. The one documented exception: HF weights
+    have no ``multi_label_logit_scale``; a multi-label model keeps its initial value for it.
+    """
+    obj = _read(path_or_state_dict)
+    cfg: GroupViTConfig | None = None
+    sd: Mapping[str, Any] = obj
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        sd = obj["model"]
+        if obj.get("format") == FORMAT:
+            cfg = GroupViTConfig.from_dict(obj["config"])
+        elif obj.get("config") is not None:
+            raw = obj["config"]
+            section = raw.get("model") if hasattr(raw, "get") else None
+            if section is not None:
+                cfg = GroupViTConfig.from_official(section)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"state dict entries that are not tensors: {bad[:5]}")
+    layout = detect_layout(sd)
+    if layout == "hf":
+        sd = from_hf_state_dict(sd)
+    if model is None:
+        model = GroupViT(cfg or infer_config(sd))
+    own = model.state_dict()
+    if layout == "hf" and "multi_label_logit_scale" in own and "multi_label_logit_scale" not in sd:
+        sd["multi_label_logit_scale"] = own["multi_label_logit_scale"]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+                         f" ({len(missing)}), unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+                         f" ({len(unexpected)}). Check that the config matches the checkpoint.")
+    shape_bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if shape_bad:
+        raise ValueError(f"checkpoint/config shape mismatch (key, checkpoint, model): {shape_bad[:5]}")
+    model.load_state_dict(sd, strict=strict)
+    return model
+
+
+def save_model(model: GroupViT, path: str | os.PathLike, **extra: Any) -> None:
+    """Write ``{"format", "config", "model", **extra}`` atomically (temp file + rename: a crash never leaves a
+    half-written file under ``path``)."""
+    payload = {"format": FORMAT, "config": model.cfg.to_dict(), "model": model.state_dict(), **extra}
+    atomic_save(payload, path)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_hf(model: GroupViT) -> StateDict:
+    """The model's weights in the HuggingFace ``GroupViTModel`` layout."""
+    return to_hf_state_dict(model.state_dict())
+
+
+def hf_config_kwargs(cfg: GroupViTConfig) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.GroupViTConfig`` describing the same architecture."""
+    v, t = cfg.vision, cfg.text
+    return dict(
+        projection_dim=cfg.output_dim, projection_intermediate_dim=cfg.proj_hidden_dim,
+        logit_scale_init_value=cfg.logit_scale_init,
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                         num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=v.embed_dim, intermediate_size=int(v.embed_dim * v.mlp_ratio), depths=list(v.depths),
+                           num_attention_heads=v.num_heads, num_group_tokens=list(v.num_group_tokens),
+                           num_output_groups=list(v.num_output_groups) + [v.num_output_groups[-1]],
+                           image_size=v.img_size, patch_size=v.patch_size, num_channels=v.in_chans,
+                           assign_eps=v.assign_eps, assign_mlp_ratio=list(v.group_mlp_ratio)),
+    )
