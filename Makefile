@@ -10,7 +10,6 @@ export TRITON_INTERPRET ?= 1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.setup: requirements.txt constraints.txt setup.py | $(BIN)/python
 	$(PIP) -r requirements.txt

@@ -12,6 +12,9 @@ import pytest  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
+if (SHARED_DATA / "nltk_data").is_dir():  # the offline POS tagger for noun-prompt tests
+    os.environ.setdefault("NLTK_DATA", str(SHARED_DATA / "nltk_data"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):
