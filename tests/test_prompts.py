@@ -1,0 +1,121 @@
+"""Multi-label noun prompts: tagger-based word choice, templates, padding, determinism, missing-tagger error."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from train import prompts
+from train.prompts import IMAGENET_TEMPLATES, candidate_words, load_tagger, make_prompts
+
+NLTK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nltk_data"
+
+
+@pytest.fixture(autouse=True)
+def nltk_data(monkeypatch):
+    if not (NLTK_DIR / "taggers" / "averaged_perceptron_tagger_eng").is_dir():
+        pytest.skip(f"NLTK tagger data not found at {NLTK_DIR} (only present in the project's CI layout)")
+    monkeypatch.setenv("NLTK_DATA", str(NLTK_DIR))
+    return NLTK_DIR
+
+
+SURF = "A man riding a wave on top of a surfboard."
+
+
+def test_candidate_words_spec_example():
+    assert candidate_words(SURF) == ["man", "riding", "wave", "top", "surfboard"]
+    assert candidate_words("the the of and") == []
+    assert candidate_words("dog chases dog") == ["dog", "chases"]  # distinct
+
+
+def test_templates_match_clip_list():
+    assert len(IMAGENET_TEMPLATES) == 80 == len(set(IMAGENET_TEMPLATES))
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch not installed (independent oracle for the template list)")
+    before = set(sys.modules)
+    if "open_clip" not in sys.modules:
+        pkg = types.ModuleType("open_clip")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["open_clip"] = pkg
+    try:
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+        ref = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    assert IMAGENET_TEMPLATES == ref
+
+
+def _word_of(prompt: str) -> str:
+    """The filled-in word; the most specific (longest) matching template wins ("a photo of a weird {}.")."""
+    best = None
+    for t in IMAGENET_TEMPLATES:
+        pre, post = t.split("{}")
+        if prompt.startswith(pre) and prompt.endswith(post) and len(prompt) > len(pre) + len(post):
+            if best is None or len(t) > len(best[0]):
+                best = (t, prompt[len(pre): len(prompt) - len(post)])
+    assert best is not None, f"not a template prompt: {prompt!r}"
+    return best[1]
+
+
+def test_make_prompts_k3():
+    rng = random.Random(0)
+    seen: set[str] = set()
+    for _ in range(200):
+        out = make_prompts(SURF, 3, rng)
+        assert len(out) == 3
+        words = [_word_of(p) for p in out]
+        assert len(set(words)) == 3 and set(words) <= {"man", "riding", "wave", "top", "surfboard"}
+        seen |= set(words)
+    assert seen == {"man", "riding", "wave", "top", "surfboard"}  # all five get chosen sometimes
+
+
+def test_padding_with_caption():
+    rng = random.Random(1)
+    cap = "a purple square"                       # tagger: purple/NN square/NN -> 2 words
+    out = make_prompts(cap, 4, rng)
+    assert len(out) == 4 and out[2:] == [cap, cap]
+    assert {_word_of(p) for p in out[:2]} == {"purple", "square"}
+    assert make_prompts("of the and", 3, rng) == ["of the and"] * 3
+    assert make_prompts(SURF, 0, rng) == []
+    assert make_prompts("", 2, rng) == ["", ""]
+
+
+def test_deterministic_with_seed():
+    a = [make_prompts(SURF, 3, random.Random(42)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    outs = {tuple(make_prompts(SURF, 3, random.Random(s))) for s in range(20)}
+    assert len(outs) > 10  # different seeds give different prompts
+    # template choice is uniform over the 80 templates: every template shows up in 2000 draws
+    rng = random.Random(3)
+    used = {make_prompts("a dog", 1, rng)[0].replace("dog", "{}") for _ in range(2000)}  # "dog" is in no template
+    assert used == set(IMAGENET_TEMPLATES)
+
+
+def test_bad_args():
+    with pytest.raises(ValueError, match="make_prompts"):
+        make_prompts(SURF, -1, random.Random(0))
+    with pytest.raises(TypeError, match="make_prompts"):
+        make_prompts(SURF, 3, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="candidate_words"):
+        candidate_words(None)  # type: ignore[arg-type]
+
+
+def test_missing_tagger_error(monkeypatch, tmp_path):
+    import nltk.data
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    load_tagger.cache_clear()
+    try:
+        with pytest.raises(LookupError, match="NLTK_DATA"):
+            make_prompts(SURF, 3, random.Random(0))
+    finally:
+        load_tagger.cache_clear()
+    assert prompts.load_tagger is load_tagger
