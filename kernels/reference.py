@@ -30,7 +30,10 @@ LOGIT_SCALE_MAX = 100.0
 
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.result_type(*ts) if len(ts) > 1 else ts[0].dtype, torch.float32)
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.promote_types(dt, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
