@@ -47,6 +47,10 @@ class ModelConfig:
     preset: str = "groupvit-s"  # groupvit.PRESETS name
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted GroupViTConfig overrides, e.g. vision.depths
 
+    def __post_init__(self) -> None:
+        # tuples -> lists so that a config equals its YAML/JSON round trip
+        self.overrides = {str(k): _listify(v) for k, v in dict(self.overrides).items()}
+
 
 @dataclass
 class OptimConfig:
@@ -282,6 +286,10 @@ def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
             dst[k].update(v)
         else:
             dst[k] = _deepcopy(v)
+
+
+def _listify(v: Any) -> Any:
+    return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _deepcopy(v: Any) -> Any:

@@ -1,0 +1,551 @@
+"""The training step and the training driver (one process or many under ``torchrun``).
+
+:func:`train_step` is the unit the benchmarks time: forward, both losses, backward, clip, optimizer step, with
+non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConfig`:
+
+* distributed setup from the ``torchrun`` environment (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on CUDA, gloo
+  on CPU; DistributedDataParallel; BatchNorm in the projectors synchronised across ranks (``nn.SyncBatchNorm`` on
+  CUDA, :class:`CPUSyncBatchNorm` on CPU, where torch's SyncBatchNorm refuses to run);
+* webdataset shards split across ranks and workers (:mod:`train.data`), bf16 autocast on CUDA;
+* rank 0 logs: a tqdm bar (step, loss, lr, logit scale, images/s, data-wait fraction), ``metrics.jsonl``, optional
+  TensorBoard, and a final summary (``summary.json``);
+* periodic atomic checkpoints (``latest.pt``) and ``resume`` that reproduces an uninterrupted run's losses exactly
+  (same process count): the data order depends only on (seed, epoch), consumed batches are skipped, and the RNG
+  states of every rank are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import groupvit
+from groupvit import ops
+from train.checkpoint import (LATEST, load_training_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
+                              set_rng_state, unwrap)
+from train.config import TrainConfig
+from train.optim import CosineSchedule, LRStepper, build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a non-finite loss or gradient norm (and ``skip_nonfinite`` is off)."""
+
+
+# ---- one step -----------------------------------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any], *,
+               scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
+               clip_grad: float = 5.0, skip_nonfinite: bool = False, step: int | None = None) -> dict[str, Any]:
+    """One optimizer step on ``batch = {"images": [B,3,H,W], "texts": [B,1+K,L], ...}``.
+
+    Forward (under autocast when ``autocast_dtype`` is given) -> ``loss_fn`` (``loss``, ``loss_itc``, ``loss_ml``) ->
+    backward (through ``scaler`` for fp16) -> grad-norm clip to ``clip_grad`` (0: measure only) -> optimizer step.
+
+    A step whose loss or global gradient norm is not finite is never applied: gradients are dropped and the
+    BatchNorm running statistics restored. With ``skip_nonfinite`` it is skipped (``skipped=True`` returned);
+    otherwise :class:`NonFiniteLossError` is raised naming ``step``. Under torch.distributed all ranks take the same decision.
+    With a GradScaler, non-finite *gradients* are the scaler's business (it skips and lowers its scale); only a
+    non-finite loss counts here.
+
+    Returns:
+        floats ``loss``, ``loss_itc``, ``loss_ml`` (NaN when absent), ``grad_norm``, ``logit_scale`` and
+        ``multi_label_logit_scale`` (the clamped ``exp``, NaN when absent), and bools ``finite``, ``skipped``.
+        The values are read with one host sync.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train_step: the model has no trainable parameters")
+    device = params[0].device
+    images = batch["images"].to(device, non_blocking=True)
+    texts = batch["texts"].to(device, non_blocking=True)
+    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics (small), restored on a bad step
+
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = model(images, texts)
+        losses = loss_fn(out)
+    loss = losses["loss"]
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+
+    bare = unwrap(model)
+    nan = torch.tensor(float("nan"), device=device)
+    ml_scale = getattr(bare, "multi_label_logit_scale", None)
+    stats = torch.stack([
+        loss.detach().float(), losses.get("loss_itc", nan).detach().float(), losses.get("loss_ml", nan).detach().float(),
+        grad_norm.detach().float().reshape(()),
+        bare.logit_scale.detach().float().exp().clamp(max=100),
+        ml_scale.detach().float().exp().clamp(max=100) if ml_scale is not None else nan,
+    ])
+    finite = torch.isfinite(stats[0]) if scaler is not None else (torch.isfinite(stats[0]) & torch.isfinite(stats[3]))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = finite.float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank must agree to step or to skip
+        finite = flag[0] > 0
+    values = torch.cat([stats, finite.float().reshape(1)]).tolist()  # the one host sync
+    loss_v, itc, ml, gnorm, scale, ml_s, ok = values
+    ok = bool(ok)
+
+    skipped = False
+    if ok:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        where = f"step {step}" if step is not None else "this step"
+        msg = f"non-finite loss at {where}: loss={loss_v}, loss_itc={itc}, loss_ml={ml}, grad_norm={gnorm}"
+        if not skip_nonfinite:
+            raise NonFiniteLossError(msg + " (set skip_nonfinite=true to skip such steps)")
+        if scaler is not None:
+            scaler.update()
+        skipped = True
+    return {"loss": loss_v, "loss_itc": itc, "loss_ml": ml, "grad_norm": gnorm, "logit_scale": scale,
+            "multi_label_logit_scale": ml_s, "finite": ok, "skipped": skipped}
+
+
+# ---- distributed helpers ------------------------------------------------------------------------------------------
+
+
+class CPUSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), where ``nn.SyncBatchNorm``
+    raises. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``. Input ``[B, C]`` or ``[B, C, L]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))
+        n_local = x.numel() // x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([float(n_local)])])  # [2C+1]
+        tot = all_reduce(local)  # differentiable sum over ranks
+        c = x.shape[1]
+        n = tot[-1]
+        mean = tot[:c] / n
+        var = (tot[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, for normalisation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm synchronise its batch statistics across ranks (SyncBatchNorm on GPUs)."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CPUSyncBatchNorm):
+            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # we initialised the process group (and destroy it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Join the process group described by torchrun's environment (or an already initialised one)."""
+    owns = False
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local}")
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu" if device == "auto" else device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return DistContext(rank, world, local, dev, owns)
+
+
+def _gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_over_ranks(values: list[float], ctx: DistContext) -> list[float]:
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return (t / ctx.world_size).tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- logging --------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """Rank-0 sinks: tqdm bar, JSONL metrics, optional TensorBoard. All methods are no-ops on other ranks."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, total: int, initial: int) -> None:
+        self.active = ctx.is_main
+        self.bar = None
+        self.tb = None
+        self.jsonl = None
+        if not self.active:
+            return
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception as e:  # tensorboard is optional
+                warnings.warn(f"tensorboard requested but unavailable ({e}); logging to metrics.jsonl only")
+
+    def bar_update(self, rec: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} "
+                                 f"{rec['images_per_s']:.0f} img/s wait {100 * rec['data_wait']:.0f}%", refresh=False)
+
+    def record(self, rec: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- data ------------------------------------------------------------------------------------------------------------
+
+
+def build_loader(cfg: TrainConfig, ctx: DistContext, *, epoch: int, start_batch: int, steps_per_epoch: int,
+                 context_length: int) -> Any:
+    """The rank's loader for one epoch, starting after ``start_batch`` consumed batches (see :mod:`train.data`)."""
+    from train import data
+
+    d = cfg.data
+    return data.build_train_loader(
+        d.train_shards, batch_size=d.batch_size, img_size=d.img_size, multi_label=d.multi_label,
+        context_length=context_length, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+        augment=d.augment, seed=cfg.seed, epoch=epoch, rank=ctx.rank, world_size=ctx.world_size,
+        start_batch=start_batch, num_batches=steps_per_epoch,
+    )
+
+
+def _iterate(loader: Any) -> Iterator[Mapping[str, Any]]:
+    # Creating a DataLoader iterator draws a base seed from torch's global RNG; fork it so that the training RNG
+    # stream (Gumbel noise, drop-path) does not depend on where epochs start -- needed for exact resume.
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    return it
+
+
+def _skip_counters(loader: Any) -> dict[str, int]:
+    fn = getattr(loader, "skipped_counts", None) or getattr(loader, "counters", None)
+    try:
+        c = fn() if callable(fn) else fn
+        return {str(k): int(v) for k, v in dict(c).items()} if c else {}
+    except Exception:
+        return {}
+
+
+def _prepare_synthetic(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Generate the synthetic shape shards on first use (rank 0 writes, the others wait)."""
+    n = cfg.data.synthetic_samples
+    if n <= 0:
+        return
+    from train import synthetic
+
+    if ctx.is_main:
+        synthetic.ensure_shards(cfg.data.train_shards, num_samples=n, img_size=cfg.data.img_size, seed=cfg.seed)
+    if ctx.distributed:
+        dist.barrier()
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------------
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training described by ``cfg``; returns the summary (also written to ``summary.json``).
+
+    The summary's ``history`` lists this rank's per-step local losses (``step``, ``loss``, ``skipped``).
+    """
+    ctx = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed + ctx.rank)
+    ops.set_backend(cfg.backend)
+    out_dir = Path(cfg.output_dir)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    _prepare_synthetic(cfg, ctx)
+
+    # model, loss, optimizer, schedule
+    model = groupvit.create_model(cfg.model.preset, **cfg.model_overrides()).to(ctx.device)
+    if ctx.distributed:
+        model = convert_sync_batchnorm(model, ctx.device)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    loss_fn = groupvit.GroupViTLoss()
+    steps_per_epoch = cfg.steps_per_epoch(ctx.world_size)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    base_lr, warmup_lr, min_lr = cfg.scaled_lrs(ctx.world_size)
+    optimizer = build_optimizer(unwrap(model), lr=base_lr, weight_decay=cfg.optim.weight_decay,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    stepper = LRStepper(optimizer, CosineSchedule(base_lr, warmup_lr, min_lr, warmup_steps, total_steps))
+    amp_dtype = autocast_dtype_for(cfg.precision, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type) if amp_dtype == torch.float16 else None
+
+    # resume
+    step, epoch, batch_idx = 0, 0, 0
+    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0}
+    resume_path = resolve_resume(cfg.resume, out_dir)
+    if resume_path is not None:
+        ck = load_training_checkpoint(resume_path)
+        unwrap(model).load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        stepper.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        step, epoch, batch_idx = ck["step"], ck["epoch"], ck["batch"]
+        counters.update(ck.get("counters", {}))
+        if ck["world_size"] == ctx.world_size:
+            set_rng_state(ck["rng"][ctx.rank])
+        else:
+            warnings.warn(f"checkpoint was written by {ck['world_size']} processes, now {ctx.world_size}: RNG "
+                          f"streams are re-seeded, so the run will not repeat the original exactly")
+            seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
+
+    stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    log = Logger(cfg, ctx, total=stop_at, initial=step)
+    if ctx.is_main:
+        n_params = sum(p.numel() for p in unwrap(model).parameters())
+        log.message(f"GroupViT {cfg.model.preset} ({n_params / 1e6:.2f} M params) on {ctx.world_size} x {ctx.device}, "
+                    f"backend {cfg.backend}, precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
+                    f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}, peak lr "
+                    f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else ""))
+
+    history: list[dict[str, Any]] = []
+    window: list[dict[str, Any]] = []
+    global_batch = cfg.data.batch_size * ctx.world_size
+    tot_wait = tot_time = 0.0
+    steps_run = 0
+    last_ckpt_step = step
+    loader_counts: dict[str, int] = {}
+    t_train0 = time.perf_counter()
+    stopped_by = "completed"
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt_step
+        rngs = _gather_objects(rng_state(), ctx)
+        if ctx.is_main:
+            counters["train_time_s"] = float(counters.get("train_time_s", 0.0))
+            save_training_checkpoint(out_dir / LATEST, model=model, optimizer=optimizer, scheduler=stepper,
+                                     scaler=scaler, train_config=cfg.to_dict(), step=step, epoch=epoch,
+                                     batch=batch_idx, rng=rngs, counters={**counters, "data": loader_counts})
+        last_ckpt_step = step
+
+    model.train()
+    try:
+        while step < stop_at:
+            loader = build_loader(cfg, ctx, epoch=epoch, start_batch=batch_idx, steps_per_epoch=steps_per_epoch,
+                                  context_length=unwrap(model).cfg.text.context_length)
+            it = _iterate(loader)
+            while batch_idx < steps_per_epoch and step < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"the data loader ended after {batch_idx} of {steps_per_epoch} batches in epoch "
+                                       f"{epoch}; check data.dataset_length / optim.steps_per_epoch") from None
+                t1 = time.perf_counter()
+                try:
+                    r = train_step(model, loss_fn, optimizer, batch, scaler=scaler, autocast_dtype=amp_dtype,
+                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step)
+                except NonFiniteLossError as e:
+                    log.message(f"[step {step}] {e}")
+                    raise
+                lr = stepper.get_last_lr()
+                stepper.step()
+                t2 = time.perf_counter()
+                if r["skipped"]:
+                    counters["skipped_steps"] += 1
+                    log.message(f"[step {step}] non-finite loss ({r['loss']}) / grad norm ({r['grad_norm']}): "
+                                f"step skipped ({counters['skipped_steps']} so far)")
+                wait, dt = t1 - t0, t2 - t0
+                tot_wait += wait
+                tot_time += dt
+                steps_run += 1
+                rec = {"step": step, "epoch": epoch, **{k: r[k] for k in ("loss", "loss_itc", "loss_ml", "grad_norm",
+                                                                          "logit_scale", "multi_label_logit_scale")},
+                       "lr": lr, "images_per_s": global_batch / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9),
+                       "skipped": r["skipped"]}
+                history.append({"step": step, "loss": r["loss"], "skipped": r["skipped"]})
+                window.append(rec)
+                step += 1
+                batch_idx += 1
+                if batch_idx >= steps_per_epoch:
+                    epoch, batch_idx = epoch + 1, 0
+                log.bar_update(rec)
+                if step % cfg.log_interval == 0 or step == stop_at:
+                    loader_counts = _skip_counters(loader)
+                    _log_window(window, ctx, log, counters, loader_counts)
+                    window = []
+                counters["train_time_s"] = float(counters.get("train_time_s", 0.0)) + dt
+                over_time = cfg.time_limit_s is not None and time.perf_counter() - t_train0 > cfg.time_limit_s
+                if ctx.distributed and cfg.time_limit_s is not None:  # all ranks must stop together
+                    over_time = bool(_mean_over_ranks([float(over_time)], ctx)[0] > 0)
+                if step % cfg.ckpt_interval == 0 or step == stop_at or over_time:
+                    checkpoint()
+                if over_time:
+                    stopped_by = "time_limit"
+                    break
+            if stopped_by != "completed":
+                break
+        if step != last_ckpt_step:
+            checkpoint()
+    finally:
+        log.close()
+
+    wall = time.perf_counter() - t_start
+    summary = {
+        "steps": step, "steps_this_run": steps_run, "epochs_done": epoch + batch_idx / steps_per_epoch,
+        "total_steps": total_steps, "stopped_by": stopped_by if step >= stop_at or stopped_by != "completed"
+        else "completed", "wall_s": wall, "train_s": tot_time,
+        "images_per_s": global_batch * steps_run / max(tot_time, 1e-9),
+        "data_wait_frac": tot_wait / max(tot_time, 1e-9),
+        "final_loss": float(np.mean([h["loss"] for h in history[-cfg.log_interval:]])) if history else float("nan"),
+        "skipped_steps": counters["skipped_steps"], "skipped_samples": loader_counts,
+        "checkpoint": str(out_dir / LATEST), "world_size": ctx.world_size, "device": str(ctx.device),
+    }
+    if ctx.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(_format_summary(summary), file=sys.stderr, flush=True)
+    summary["history"] = history
+    return summary
+
+
+def _log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, counters: dict[str, Any],
+                loader_counts: dict[str, int]) -> None:
+    """Write one JSONL record: means over the window of steps, losses averaged over ranks."""
+    if not window:
+        return
+    keys = ("loss", "loss_itc", "loss_ml")
+    local = [float(np.mean([w[k] for w in window])) for k in keys]
+    mean = _mean_over_ranks(local, ctx)  # collective: every rank calls it
+    last = window[-1]
+    rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],
+           "logit_scale": last["logit_scale"], "multi_label_logit_scale": last["multi_label_logit_scale"],
+           "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
+           "images_per_s": float(len(window) / sum(1.0 / w["images_per_s"] for w in window)),
+           "data_wait": float(np.mean([w["data_wait"] for w in window])),
+           "skipped_steps": counters["skipped_steps"], "time": time.time()}
+    if loader_counts:
+        rec["skipped_samples"] = loader_counts
+    log.record(rec)
+
+
+def _format_summary(s: dict[str, Any]) -> str:
+    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped_samples"].items()) or "none"
+    return (f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
+            f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
+            f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
+            f"{s['final_loss']:.4f}; skipped steps {s['skipped_steps']}, skipped samples: {skipped}; "
+            f"checkpoint {s['checkpoint']}")
