@@ -1,0 +1,485 @@
+"""Image–text training data: webdataset shards → augmented, tokenised, deterministic, resumable batches (spec §9).
+
+Public API::
+
+    write_shards(samples, out_dir, prefix, maxcount=1000) -> list[str]
+    loader = build_train_loader(urls, batch_size=..., num_workers=..., ...)   # -> TrainLoader
+    loader.set_epoch(epoch, start_batch=0); for batch in loader: ...           # or loader.iter_epoch(epoch, start)
+    batch = {"images": FloatTensor [B, 3, S, S], "texts": LongTensor [B, 1 + K, L], "keys": list[str]}
+    loader.stats -> DataStats  (samples read, skipped-and-counted bad data, batches)
+
+Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` consumers in all):
+
+1. **shards**: all shard patterns (brace-expanded, several datasets mixed by concatenation) are shuffled with
+   ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W + worker`` takes
+   ``shards[c::C]`` (node split, then worker split). With fewer shards than consumers every consumer reads all
+   shards and keeps raw samples ``i % C == c`` instead, so tiny datasets still work and stay disjoint.
+2. **read** with webdataset's tar reader; unreadable/truncated shards are warned about, counted and skipped.
+3. **filter** samples without an image (``jpg|jpeg|png``) or caption (``txt|text``), or with an empty caption.
+4. **shuffle** raw samples through a buffer of ``shuffle_buffer`` (seeded by consumer and epoch).
+5. **decode** the image (PIL, RGB); corrupt images are counted and skipped.
+6. **batch** ``batch_size`` good samples (never a partial batch); the i-th sample of the consumer's stream gets its
+   own ``Random((worker_seed, epoch, i))`` for augmentation and prompts, with
+   ``worker_seed = num_workers * rank + worker_id + seed`` (spec §8).
+
+Epochs: with ``epoch_len`` (batches per rank per epoch, the training setting) shards repeat forever (reshuffled per
+cycle) and an epoch is exactly ``epoch_len`` batches; with ``epoch_len=None`` an epoch is one pass over this rank's
+shards (ranks may then get different batch counts: use ``epoch_len`` for distributed training).
+
+Resume: the stream is a pure function of (urls, seed, epoch, rank, world_size, num_workers, batch_size, ...), and
+``start_batch=n`` yields exactly batches ``n, n+1, …`` of that epoch. With ``epoch_len`` set, torch's DataLoader
+takes batches from workers strictly round-robin (global batch ``g`` is batch ``g // W`` of worker ``g % W``), so
+on resume worker ``w`` plays the part of worker ``(w + n) % W`` and drops that stream's first ``(w + n) // W``
+batches itself: skipped batches are read and their images decoded (so bad-sample filtering stays identical) but not
+augmented or tokenised. With ``epoch_len=None`` a worker may run dry first, breaking round-robin, so the first
+``n`` batches are produced and discarded in the main process (exact, but full cost). Resuming needs the same
+``num_workers`` and ``batch_size`` as the interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.prompts import load_tagger, make_prompts
+from train.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from train.transforms import TrainTransform
+
+__all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_train_loader", "expand_urls",
+           "write_shards"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png")
+TEXT_KEYS = ("txt", "text")
+_MAX_WARNINGS = 10  # per kind of problem and consumer; everything is still counted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing shards
+# ---------------------------------------------------------------------------------------------------------------
+def _encode_image(image: Image.Image | bytes, fmt: str) -> tuple[str, bytes]:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        return ("png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpg"), data
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        img = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        if fmt == "jpg":
+            img.save(buf, format="JPEG", quality=95)
+        elif fmt == "png":
+            img.save(buf, format="PNG")
+        else:
+            raise ValueError(f"write_shards: image_format must be 'jpg' or 'png', got {fmt!r}")
+        return fmt, buf.getvalue()
+    raise TypeError(f"write_shards: image must be a PIL image, encoded bytes or None, got {type(image).__name__}")
+
+
+def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, prefix: str, maxcount: int = 1000, *,
+                 image_format: str = "jpg") -> list[str]:
+    """Write ``(key, image, caption[, extras])`` samples to ``out_dir/prefix-000000.tar``, … (webdataset layout).
+
+    Args:
+        samples: ``key`` (str without '.' or '/'), ``image`` (PIL image → encoded as ``image_format``; encoded
+            bytes → stored as ``.png`` if PNG else ``.jpg``; ``None`` → no image member), ``caption`` (str →
+            ``.txt``; ``None`` → no caption member), optional ``extras`` dict ``{ext: bytes | str}``.
+        out_dir: created if missing.
+        prefix: shard name prefix.
+        maxcount: samples per shard.
+        image_format: ``"jpg"`` (quality 95) or ``"png"`` for PIL images.
+    Returns:
+        The shard paths written, in order. Tar members get mtime 0, so the same samples give identical bytes.
+    """
+    if maxcount < 1:
+        raise ValueError(f"write_shards: maxcount must be >= 1, got {maxcount}")
+    os.makedirs(out_dir, exist_ok=True)
+    pattern = os.path.join(os.fspath(out_dir), prefix).replace("%", "%%") + "-%06d.tar"
+    paths: list[str] = []
+    writer = wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=paths.append, mtime=0)
+    try:
+        for item in samples:
+            if len(item) not in (3, 4):
+                raise ValueError(f"write_shards: expected (key, image, caption[, extras]), got {len(item)} fields")
+            key, image, caption = item[:3]
+            if not isinstance(key, str) or not key or "." in key or "/" in key:
+                raise ValueError(f"write_shards: key must be a non-empty str without '.' or '/', got {key!r}")
+            sample: dict[str, Any] = {"__key__": key}
+            if image is not None:
+                ext, data = _encode_image(image, image_format)
+                sample[ext] = data
+            if caption is not None:
+                sample["txt"] = caption.encode("utf-8")
+            for ext, val in (item[3] if len(item) == 4 else {}).items():
+                sample[ext] = val.encode("utf-8") if isinstance(val, str) else bytes(val)
+            writer.write(sample)
+    finally:
+        writer.close()
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataStats:
+    """Counters of one consumer (or a sum of them). Bad data is skipped, never fatal."""
+
+    samples: int = 0           # raw samples read from shards (of this consumer)
+    used: int = 0              # good samples that went into batches (including batches skipped on resume)
+    batches: int = 0           # batches produced (including batches skipped on resume)
+    missing_images: int = 0    # no jpg/jpeg/png member
+    missing_captions: int = 0  # no txt/text member
+    empty_captions: int = 0    # caption empty after stripping whitespace
+    corrupt_images: int = 0    # image bytes PIL cannot decode
+    shard_errors: int = 0      # shards that could not be opened/read to the end (truncated, missing, bad tar)
+
+    @property
+    def skipped(self) -> int:
+        """Samples dropped for bad data."""
+        return self.missing_images + self.missing_captions + self.empty_captions + self.corrupt_images
+
+    def __add__(self, other: "DataStats") -> "DataStats":
+        return DataStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+
+    def as_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "skipped": self.skipped}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shard lists
+# ---------------------------------------------------------------------------------------------------------------
+def _is_local(url: str) -> bool:
+    return not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", url) or url.startswith("file:")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expand one pattern or a list of patterns (several datasets) into one shard list, in order.
+
+    Raises:
+        ValueError: no pattern given; FileNotFoundError: a local pattern none of whose shards exists.
+    """
+    patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    if not patterns:
+        raise ValueError("build_train_loader: no shard pattern given")
+    out: list[str] = []
+    for pat in patterns:
+        pat = os.fspath(pat)
+        shards = list(braceexpand.braceexpand(pat))
+        local = [s for s in shards if _is_local(s)]
+        if local and not any(os.path.exists(s.removeprefix("file:")) for s in local):
+            raise FileNotFoundError(f"build_train_loader: no shard of pattern {pat!r} exists")
+        out.extend(shards)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-consumer stream
+# ---------------------------------------------------------------------------------------------------------------
+class _Problems:
+    """Counts bad data into ``stats`` and logs the first few of each kind."""
+
+    def __init__(self, stats: DataStats, consumer: int):
+        self.stats, self.consumer, self.seen = stats, consumer, {}
+        self.current_url: str | None = None  # shard being read (set by the url generator)
+        self.failed_urls: set[str | None] = set()  # shards already counted in this cycle
+
+    def __call__(self, kind: str, msg: str) -> None:
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        n = self.seen[kind] = self.seen.get(kind, 0) + 1
+        if n <= _MAX_WARNINGS:
+            tail = " (further ones are only counted)" if n == _MAX_WARNINGS else ""
+            log.warning("data consumer %d: %s: %s%s", self.consumer, kind, msg, tail)
+
+    def shard_handler(self, exn: Exception) -> bool:
+        # webdataset may report one broken shard twice (member read, then the tar iterator): count it once
+        if self.current_url not in self.failed_urls:
+            self.failed_urls.add(self.current_url)
+            self("shard_errors", f"{self.current_url}: {type(exn).__name__}: {str(exn.args[0])[:300]}")
+        return True  # continue with the next shard
+
+
+def _shuffled(items: Iterator[Any], bufsize: int, rng: random.Random, initial: int = 100) -> Iterator[Any]:
+    """Buffer shuffle: starts yielding after ``min(initial, bufsize)`` items, grows the buffer to ``bufsize``."""
+    if bufsize <= 1:
+        yield from items
+        return
+    initial = min(initial, bufsize)
+    buf: list[Any] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) < bufsize:  # take a second item while filling so the buffer grows
+            nxt = next(items, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= initial:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. PIL's palette-transparency and decompression-bomb warnings
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+
+
+class _ShardStream(IterableDataset):
+    """IterableDataset yielding finished batches (dicts) of one consumer; see the module docstring."""
+
+    def __init__(self, shards: list[str], *, batch_size: int, context_length: int, multi_label: int,
+                 transform: Callable[[Image.Image, random.Random], torch.Tensor], shuffle_buffer: int, seed: int,
+                 rank: int, world_size: int, repeat: bool):
+        super().__init__()
+        self.shards, self.batch_size, self.context_length, self.multi_label = shards, batch_size, context_length, \
+            multi_label
+        self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
+        self.rank, self.world_size, self.repeat = rank, world_size, repeat
+        self.epoch = 0
+        self.start_batch = 0  # global batch index to start from (used only when repeat=True)
+
+    def _raw_samples(self, consumer: int, n_consumers: int, problems: _Problems) -> Iterator[dict[str, Any]]:
+        split_shards = len(self.shards) >= n_consumers
+        cycle = 0
+        while True:
+            order = list(self.shards)
+            random.Random(f"shards/{self.seed}/{self.epoch}/{cycle}").shuffle(order)
+            mine = order[consumer::n_consumers] if split_shards else order
+            st = problems.stats
+            before = st.samples - st.missing_images - st.missing_captions - st.empty_captions
+            problems.failed_urls = set()
+            raw = wds.tariterators.tarfile_samples(self._urls(mine, problems), handler=problems.shard_handler)
+            for i, sample in enumerate(raw):
+                if split_shards or i % n_consumers == consumer:
+                    st.samples += 1
+                    yield sample  # the caption filter downstream counts it synchronously
+            if not self.repeat:
+                return
+            if st.samples - st.missing_images - st.missing_captions - st.empty_captions == before:
+                raise RuntimeError(f"data consumer {consumer} of {n_consumers}: a full pass over its shards "
+                                   f"{mine[:3]}... gave no sample with image and caption (too few samples for "
+                                   f"this many ranks x workers, or all bad?); stats {st}")
+            cycle += 1
+
+    @staticmethod
+    def _urls(urls: list[str], problems: _Problems) -> Iterator[dict[str, str]]:
+        for u in urls:  # pulled lazily: the next url is requested only once the previous shard is finished
+            problems.current_url = u
+            yield {"url": u}
+
+    @staticmethod
+    def _with_caption(samples: Iterator[dict[str, Any]], problems: _Problems) -> Iterator[tuple[str, bytes, str]]:
+        for s in samples:
+            key = str(s.get("__key__", "?"))
+            img = next((s[k] for k in IMAGE_KEYS if k in s), None)
+            txt = next((s[k] for k in TEXT_KEYS if k in s), None)
+            if img is None:
+                problems("missing_images", f"{key} has no {'/'.join(IMAGE_KEYS)} ({s.get('__url__')})")
+            elif txt is None:
+                problems("missing_captions", f"{key} has no {'/'.join(TEXT_KEYS)} ({s.get('__url__')})")
+            else:
+                caption = txt.decode("utf-8", errors="replace").strip()
+                if not caption:
+                    problems("empty_captions", f"{key} ({s.get('__url__')})")
+                else:
+                    yield key, img, caption
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader takes batches round-robin from worker 0. Global batch g of an epoch is batch g // nw of the
+        # stream of worker g % nw. Resuming at batch n, worker w therefore plays the part of worker (w + n) % nw,
+        # from that stream's batch (w + n) // nw on (only in repeat mode, where no worker runs dry).
+        start = self.start_batch if self.repeat else 0
+        wid, skip = (wid + start) % nw, (wid + start) // nw
+        consumer, n_consumers = self.rank * nw + wid, self.world_size * nw
+        worker_seed = nw * self.rank + wid + self.seed
+        if info is not None:  # seed library RNGs in workers only (never reseed the main process)
+            s = worker_seed * 100_003 + self.epoch
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            torch.manual_seed(s)
+        stats = DataStats()
+        problems = _Problems(stats, consumer)
+        raw = self._raw_samples(consumer, n_consumers, problems)
+        good = _shuffled(self._with_caption(raw, problems), self.shuffle_buffer,
+                         random.Random(f"shuffle/{worker_seed}/{self.epoch}"))
+        tok = get_tokenizer()
+        pending: list[tuple[int, str, Image.Image, str]] = []
+        n_decoded = 0
+        for idx, (key, data, caption) in enumerate(good):
+            try:
+                img = _decode_image(data)
+            except Exception as exn:  # noqa: BLE001 - any decoder failure means a corrupt image
+                problems("corrupt_images", f"{key}: {type(exn).__name__}: {str(exn)[:200]}")
+                if n_decoded == 0 and stats.corrupt_images >= 10_000:  # a repeating stream would spin forever
+                    raise RuntimeError(f"data consumer {consumer}: the first {stats.corrupt_images} images were "
+                                       f"all undecodable; stats {stats}") from None
+                continue
+            n_decoded += 1
+            pending.append((idx, key, img, caption))
+            if len(pending) < self.batch_size:
+                continue
+            batch, pending = pending, []
+            stats.used += len(batch)
+            stats.batches += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            images, texts = [], []
+            for i, _, im, cap in batch:
+                rng = random.Random(f"sample/{worker_seed}/{self.epoch}/{i}")
+                images.append(self.transform(im, rng))
+                texts.extend([cap] + make_prompts(cap, self.multi_label, rng))
+            ids = tok(texts, context_length=self.context_length)  # [B * (1 + K), L]
+            yield {
+                "images": torch.stack(images),  # [B, 3, S, S]
+                "texts": ids.view(len(batch), 1 + self.multi_label, self.context_length),  # [B, 1 + K, L]
+                "keys": [k for _, k, _, _ in batch],
+                "_stats": (consumer, dataclasses.replace(stats)),
+            }
+        yield {"_stats": (consumer, dataclasses.replace(stats))}  # final counts (one-pass mode), no batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loader
+# ---------------------------------------------------------------------------------------------------------------
+class TrainLoader:
+    """Iterable over training batches of one rank; see the module docstring for order and resume semantics.
+
+    ``set_epoch(epoch, start_batch)`` selects what the next ``iter()`` yields; after a completed epoch the loader
+    moves on to ``epoch + 1`` from batch 0 by itself. ``stats`` sums the counters over all epochs iterated so far
+    (as last reported by each worker).
+    """
+
+    def __init__(self, dataset: _ShardStream, *, num_workers: int, epoch_len: int | None, pin_memory: bool,
+                 prefetch_factor: int | None):
+        self.dataset, self.num_workers, self.epoch_len = dataset, num_workers, epoch_len
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.epoch, self.start_batch = 0, 0
+        self._done = DataStats()     # stats of finished iterations
+        self._live: dict[int, DataStats] = {}  # latest snapshot per consumer of the running iteration
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.batch_size
+
+    @property
+    def stats(self) -> DataStats:
+        total = self._done
+        for s in self._live.values():
+            total = total + s
+        return total
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch (seeds shard order, shuffling and augmentation) and the first batch index to yield."""
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"TrainLoader.set_epoch: epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        if self.epoch_len is not None and start_batch > self.epoch_len:
+            raise ValueError(f"TrainLoader.set_epoch: start_batch {start_batch} > epoch_len {self.epoch_len}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, Any]]:
+        """``set_epoch(epoch, start_batch)`` then iterate."""
+        self.set_epoch(epoch, start_batch)
+        return iter(self)
+
+    def __len__(self) -> int:
+        if self.epoch_len is None:
+            raise TypeError("TrainLoader has no length without epoch_len (one pass over the shards)")
+        return self.epoch_len
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds, start = self.dataset, self.start_batch
+        ds.epoch = self.epoch
+        ds.start_batch = start if ds.repeat else 0
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            kw["prefetch_factor"] = self.prefetch_factor
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        self._live = {}
+        n = start if ds.repeat else 0
+        discard = 0 if ds.repeat else start
+        completed = False
+        try:
+            if self.epoch_len is not None and n >= self.epoch_len:
+                completed = True
+                return
+            for batch in loader:
+                consumer, snap = batch.pop("_stats")
+                self._live[consumer] = snap
+                if "images" not in batch:  # a worker's final counters
+                    continue
+                if discard > 0:
+                    discard -= 1
+                    continue
+                yield batch
+                n += 1
+                if self.epoch_len is not None and n >= self.epoch_len:
+                    break
+            completed = True
+        finally:
+            self._done = self.stats
+            self._live = {}
+            if completed:
+                self.epoch, self.start_batch = self.epoch + 1, 0
+
+
+def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_workers: int = 0,
+                       context_length: int = CONTEXT_LENGTH, multi_label: int = 0, img_size: int = 224,
+                       augment: bool = True, shuffle_buffer: int = 10_000, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, epoch_len: int | None = None,
+                       transform: Callable[[Image.Image, random.Random], torch.Tensor] | None = None,
+                       pin_memory: bool = False, prefetch_factor: int | None = None) -> TrainLoader:
+    """Training loader over webdataset shards (see the module docstring).
+
+    Args:
+        urls: a brace pattern (``".../gcc-train-{000000..000436}.tar"``) or a list of them (datasets mixed).
+        batch_size: samples per batch on this rank (no partial batches).
+        num_workers: DataLoader worker processes (0 = in-process).
+        context_length: token sequence length L.
+        multi_label: K prompts per caption (needs the NLTK tagger; 0 disables).
+        img_size: output side S; augment: full train augmentation (else resize + center crop).
+        shuffle_buffer: samples per consumer in the shuffle buffer (0 = no sample shuffling).
+        seed, rank, world_size: seeding and distributed split.
+        epoch_len: batches per epoch per rank (stream repeats forever), or ``None`` for one pass over the shards.
+        transform: ``f(img, rng) -> [3, S, S]`` replacing ``TrainTransform(img_size, augment)``.
+        pin_memory, prefetch_factor: passed to torch's DataLoader.
+    Returns:
+        a :class:`TrainLoader` yielding ``{"images": [B,3,S,S] float32, "texts": [B,1+K,L] int64, "keys": list}``.
+    """
+    for name, val, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                          ("context_length", context_length, 2), ("multi_label", multi_label, 0),
+                          ("shuffle_buffer", shuffle_buffer, 0), ("world_size", world_size, 1)):
+        if not isinstance(val, int) or val < lo:
+            raise ValueError(f"build_train_loader: {name} must be an int >= {lo}, got {val!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"build_train_loader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if epoch_len is not None and (not isinstance(epoch_len, int) or epoch_len < 1):
+        raise ValueError(f"build_train_loader: epoch_len must be None or an int >= 1, got {epoch_len!r}")
+    shards = expand_urls(urls)
+    get_tokenizer()      # build once here so forked workers inherit it
+    if multi_label > 0:
+        load_tagger()    # fail fast (with instructions) if the NLTK tagger is missing
+    ds = _ShardStream(shards, batch_size=batch_size, context_length=context_length, multi_label=multi_label,
+                      transform=transform or TrainTransform(img_size, augment), shuffle_buffer=shuffle_buffer,
+                      seed=seed, rank=rank, world_size=world_size, repeat=epoch_len is not None)
+    return TrainLoader(ds, num_workers=num_workers, epoch_len=epoch_len, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor)
