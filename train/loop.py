@@ -300,35 +300,31 @@ class Logger:
 # ---- data ------------------------------------------------------------------------------------------------------------
 
 
-def build_loader(cfg: TrainConfig, ctx: DistContext, *, epoch: int, start_batch: int, steps_per_epoch: int,
-                 context_length: int) -> Any:
-    """The rank's loader for one epoch, starting after ``start_batch`` consumed batches (see :mod:`train.data`)."""
-    from train import data
+def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, context_length: int) -> Any:
+    """This rank's :class:`train.data.TrainLoader`: ``steps_per_epoch`` batches per epoch, deterministic given
+    (seed, epoch, rank, world size, workers), so ``iter_epoch(epoch, start_batch)`` resumes exactly."""
+    from train.data import build_train_loader
 
     d = cfg.data
-    return data.build_train_loader(
-        d.train_shards, batch_size=d.batch_size, img_size=d.img_size, multi_label=d.multi_label,
-        context_length=context_length, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-        augment=d.augment, seed=cfg.seed, epoch=epoch, rank=ctx.rank, world_size=ctx.world_size,
-        start_batch=start_batch, num_batches=steps_per_epoch,
+    return build_train_loader(
+        d.train_shards, batch_size=d.batch_size, num_workers=d.num_workers, context_length=context_length,
+        multi_label=d.multi_label, img_size=d.img_size, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, epoch_len=steps_per_epoch,
+        pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if d.num_workers > 0 else None,
     )
 
 
-def _iterate(loader: Any) -> Iterator[Mapping[str, Any]]:
-    # Creating a DataLoader iterator draws a base seed from torch's global RNG; fork it so that the training RNG
-    # stream (Gumbel noise, drop-path) does not depend on where epochs start -- needed for exact resume.
+def _next_batch(it: Iterator[Mapping[str, Any]]) -> Mapping[str, Any]:
+    # Starting a DataLoader iteration draws a base seed from torch's global RNG. Fork the RNG around every fetch so
+    # the training stream (Gumbel noise, drop-path) never depends on where epochs or resumed runs begin: the data
+    # stream is a function of (seed, epoch) alone (train.data), and the model's stream of the restored RNG state.
     with torch.random.fork_rng(devices=[]):
-        it = iter(loader)
-    return it
+        return next(it)
 
 
-def _skip_counters(loader: Any) -> dict[str, int]:
-    fn = getattr(loader, "skipped_counts", None) or getattr(loader, "counters", None)
-    try:
-        c = fn() if callable(fn) else fn
-        return {str(k): int(v) for k, v in dict(c).items()} if c else {}
-    except Exception:
-        return {}
+def _loader_stats(loader: Any) -> dict[str, int]:
+    st = getattr(loader, "stats", None)
+    return {k: int(v) for k, v in st.as_dict().items()} if st is not None else {}
 
 
 def _prepare_synthetic(cfg: TrainConfig, ctx: DistContext) -> None:
@@ -395,7 +391,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
     # resume
     step, epoch, batch_idx = 0, 0, 0
-    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0}
+    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0}  # carried across resumes
     resume_path = resolve_resume(cfg.resume, out_dir)
     if resume_path is not None:
         ck = load_training_checkpoint(resume_path)
@@ -428,30 +424,29 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     tot_wait = tot_time = 0.0
     steps_run = 0
     last_ckpt_step = step
-    loader_counts: dict[str, int] = {}
     t_train0 = time.perf_counter()
-    stopped_by = "completed"
+    stopped_by = "completed" if step >= total_steps else "max_steps"
+    loader = build_loader(cfg, ctx, steps_per_epoch=steps_per_epoch,
+                          context_length=unwrap(model).cfg.text.context_length)
 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
-        rngs = _gather_objects(rng_state(), ctx)
+        rngs = _gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
         if ctx.is_main:
-            counters["train_time_s"] = float(counters.get("train_time_s", 0.0))
             save_training_checkpoint(out_dir / LATEST, model=model, optimizer=optimizer, scheduler=stepper,
                                      scaler=scaler, train_config=cfg.to_dict(), step=step, epoch=epoch,
-                                     batch=batch_idx, rng=rngs, counters={**counters, "data": loader_counts})
+                                     batch=batch_idx, rng=rngs, counters=counters)
         last_ckpt_step = step
 
     model.train()
     try:
         while step < stop_at:
-            loader = build_loader(cfg, ctx, epoch=epoch, start_batch=batch_idx, steps_per_epoch=steps_per_epoch,
-                                  context_length=unwrap(model).cfg.text.context_length)
-            it = _iterate(loader)
-            while batch_idx < steps_per_epoch and step < stop_at:
+            it = loader.iter_epoch(epoch, batch_idx)
+            this_epoch = epoch
+            while epoch == this_epoch and step < stop_at:
                 t0 = time.perf_counter()
                 try:
-                    batch = next(it)
+                    batch = _next_batch(it)
                 except StopIteration:
                     raise RuntimeError(f"the data loader ended after {batch_idx} of {steps_per_epoch} batches in epoch "
                                        f"{epoch}; check data.dataset_length / optim.steps_per_epoch") from None
@@ -467,85 +462,96 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 t2 = time.perf_counter()
                 if r["skipped"]:
                     counters["skipped_steps"] += 1
-                    log.message(f"[step {step}] non-finite loss ({r['loss']}) / grad norm ({r['grad_norm']}): "
+                    log.message(f"[step {step}] non-finite loss ({r['loss']}) or grad norm ({r['grad_norm']}): "
                                 f"step skipped ({counters['skipped_steps']} so far)")
                 wait, dt = t1 - t0, t2 - t0
-                tot_wait += wait
-                tot_time += dt
-                steps_run += 1
-                rec = {"step": step, "epoch": epoch, **{k: r[k] for k in ("loss", "loss_itc", "loss_ml", "grad_norm",
-                                                                          "logit_scale", "multi_label_logit_scale")},
-                       "lr": lr, "images_per_s": global_batch / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9),
-                       "skipped": r["skipped"]}
+                tot_wait, tot_time, steps_run = tot_wait + wait, tot_time + dt, steps_run + 1
+                counters["train_time_s"] = float(counters["train_time_s"]) + dt
+                rec = {"step": step, "epoch": epoch, "lr": lr, "wait": wait, "dt": dt,
+                       **{k: r[k] for k in ("loss", "loss_itc", "loss_ml", "grad_norm", "logit_scale",
+                                            "multi_label_logit_scale")}}
                 history.append({"step": step, "loss": r["loss"], "skipped": r["skipped"]})
                 window.append(rec)
-                step += 1
-                batch_idx += 1
+                step, batch_idx = step + 1, batch_idx + 1
                 if batch_idx >= steps_per_epoch:
                     epoch, batch_idx = epoch + 1, 0
-                log.bar_update(rec)
+                log.bar_update({**rec, "images_per_s": global_batch / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9)})
                 if step % cfg.log_interval == 0 or step == stop_at:
-                    loader_counts = _skip_counters(loader)
-                    _log_window(window, ctx, log, counters, loader_counts)
+                    _log_window(window, ctx, log, counters, _loader_stats(loader), global_batch)
                     window = []
-                counters["train_time_s"] = float(counters.get("train_time_s", 0.0)) + dt
                 over_time = cfg.time_limit_s is not None and time.perf_counter() - t_train0 > cfg.time_limit_s
                 if ctx.distributed and cfg.time_limit_s is not None:  # all ranks must stop together
-                    over_time = bool(_mean_over_ranks([float(over_time)], ctx)[0] > 0)
+                    over_time = _mean_over_ranks([float(over_time)], ctx)[0] > 0
                 if step % cfg.ckpt_interval == 0 or step == stop_at or over_time:
                     checkpoint()
                 if over_time:
                     stopped_by = "time_limit"
+                    log.message(f"time limit of {cfg.time_limit_s} s reached at step {step}; stopping (resume with "
+                                f"resume=auto)")
                     break
-            if stopped_by != "completed":
+            if hasattr(it, "close"):
+                it.close()  # end this epoch's iteration (and its workers) before the next one starts
+            if stopped_by == "time_limit":
                 break
+        if step >= total_steps:
+            stopped_by = "completed"
         if step != last_ckpt_step:
             checkpoint()
     finally:
         log.close()
 
+    data_stats = _sum_over_ranks(_loader_stats(loader), ctx)
     wall = time.perf_counter() - t_start
     summary = {
-        "steps": step, "steps_this_run": steps_run, "epochs_done": epoch + batch_idx / steps_per_epoch,
-        "total_steps": total_steps, "stopped_by": stopped_by if step >= stop_at or stopped_by != "completed"
-        else "completed", "wall_s": wall, "train_s": tot_time,
+        "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
+        "epochs_done": epoch + batch_idx / steps_per_epoch, "wall_s": wall, "train_s": tot_time,
         "images_per_s": global_batch * steps_run / max(tot_time, 1e-9),
         "data_wait_frac": tot_wait / max(tot_time, 1e-9),
         "final_loss": float(np.mean([h["loss"] for h in history[-cfg.log_interval:]])) if history else float("nan"),
-        "skipped_steps": counters["skipped_steps"], "skipped_samples": loader_counts,
+        "skipped_steps": counters["skipped_steps"], "data": data_stats,
         "checkpoint": str(out_dir / LATEST), "world_size": ctx.world_size, "device": str(ctx.device),
     }
     if ctx.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(_format_summary(summary), file=sys.stderr, flush=True)
+        log.message(_format_summary(summary))
     summary["history"] = history
     return summary
 
 
+def _sum_over_ranks(counts: dict[str, int], ctx: DistContext) -> dict[str, int]:
+    if not ctx.distributed or not counts:
+        return counts
+    keys = sorted(counts)
+    vals = _mean_over_ranks([float(counts[k]) for k in keys], ctx)
+    return {k: int(round(v * ctx.world_size)) for k, v in zip(keys, vals)}
+
+
 def _log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, counters: dict[str, Any],
-                loader_counts: dict[str, int]) -> None:
-    """Write one JSONL record: means over the window of steps, losses averaged over ranks."""
-    if not window:
-        return
+                data_stats: dict[str, int], global_batch: int) -> None:
+    """One JSONL record per log interval: losses averaged over the window's steps and over ranks, rates over the
+    window, data counters summed over ranks (a collective: every rank calls it)."""
     keys = ("loss", "loss_itc", "loss_ml")
     local = [float(np.mean([w[k] for w in window])) for k in keys]
-    mean = _mean_over_ranks(local, ctx)  # collective: every rank calls it
+    mean = _mean_over_ranks(local, ctx)
+    data_stats = _sum_over_ranks(data_stats, ctx)
     last = window[-1]
+    dt = sum(w["dt"] for w in window)
     rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],
            "logit_scale": last["logit_scale"], "multi_label_logit_scale": last["multi_label_logit_scale"],
            "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
-           "images_per_s": float(len(window) / sum(1.0 / w["images_per_s"] for w in window)),
-           "data_wait": float(np.mean([w["data_wait"] for w in window])),
-           "skipped_steps": counters["skipped_steps"], "time": time.time()}
-    if loader_counts:
-        rec["skipped_samples"] = loader_counts
+           "images_per_s": global_batch * len(window) / max(dt, 1e-9),
+           "data_wait": sum(w["wait"] for w in window) / max(dt, 1e-9),
+           "skipped_steps": counters["skipped_steps"], "time": time.time(), "data": data_stats}
     log.record(rec)
 
 
 def _format_summary(s: dict[str, Any]) -> str:
-    skipped = ", ".join(f"{k} {v}" for k, v in s["skipped_samples"].items()) or "none"
+    d = s["data"]
+    skipped = (f"{d.get('skipped', 0)} bad samples skipped (missing image {d.get('missing_images', 0)}, missing caption "
+               f"{d.get('missing_captions', 0)}, empty caption {d.get('empty_captions', 0)}, corrupt image "
+               f"{d.get('corrupt_images', 0)}), {d.get('shard_errors', 0)} shard errors")
     return (f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
             f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
             f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
-            f"{s['final_loss']:.4f}; skipped steps {s['skipped_steps']}, skipped samples: {skipped}; "
+            f"{s['final_loss']:.4f}; {s['skipped_steps']} non-finite steps skipped; {skipped}; "
             f"checkpoint {s['checkpoint']}")
