@@ -1,0 +1,291 @@
+"""End-to-end training-step benchmark: images/s and peak memory of ``train.loop.train_step`` on GroupViT.
+
+    python -m bench.bench_model --out DIR [--preset groupvit-s] [--batch 256]
+                                [--configs eager,eager+compile,triton,triton+compile] [--autocast bf16]
+
+One step = forward (image + caption + K prompts), both contrastive losses, backward, grad clip, AdamW step
+(the project's own ``train_step`` and ``build_optimizer``). Per config: a few warm-up steps (compilation and
+autotuning happen there), then ``--steps`` timed steps back to back; rows ``ms`` (per step), ``images_per_s`` and
+``peak_mb`` (``max_memory_allocated`` over the timed steps: weights, optimizer state and activations). Then the
+largest per-GPU batch that fits: B doubles from 2x ``--batch`` until OOM, ``--max-batch-cap`` or the time budget.
+
+``correct``: the first step's loss (same initial weights, same batch, same seed) is finite and within 5% of the
+eager config's -- a sanity check that the config trains the same model; exact parity lives in tests/.
+Inputs are synthetic (normal images, random token ids framed by SOT/EOT): the data pipeline is not timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from bench import common
+from bench.bench_ops import _short
+from kernels.registry import OPS
+
+CONFIGS: dict[str, tuple[str, bool]] = {  # name -> (ops backend, torch.compile the model)
+    "eager": ("eager", False),
+    "eager+compile": ("eager", True),
+    "triton": ("triton", False),
+    "triton+compile": ("triton", True),
+}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+SOT, EOT = 49406, 49407
+LOSS_RTOL = 0.05
+
+StepFn = Callable[..., dict[str, Any]]
+
+
+def load_train_step() -> StepFn | str:
+    """``train.loop.train_step``, or why it cannot be imported."""
+    try:
+        from train.loop import train_step
+
+        return train_step
+    except Exception as e:
+        return f"unavailable: train.loop.train_step: {_short(e)}"
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the ``triton`` backend cannot run here (``None`` if it can)."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "unavailable: Triton kernels need CUDA or TRITON_INTERPRET=1"
+    for op in ("assign_attention", "contrastive_loss"):
+        try:
+            OPS[op].triton_fn()
+        except Exception as e:
+            return f"unavailable: {op}: {_short(e)}"
+    return None
+
+
+def make_batch(cfg: Any, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Synthetic batch: images ``[B,3,S,S]`` ~ N(0,1); texts ``[B,1+K,L]``: SOT, random ids, EOT, zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    s, k, ctx = cfg.vision.img_size, cfg.multi_label, cfg.text.context_length
+    images = torch.randn(batch, 3, s, s, generator=g)
+    texts = torch.zeros(batch, 1 + k, ctx, dtype=torch.long)
+    lengths = torch.randint(1, ctx - 1, (batch, 1 + k), generator=g)  # tokens between SOT and EOT
+    ids = torch.randint(1, SOT, (batch, 1 + k, ctx), generator=g)
+    pos = torch.arange(ctx)
+    texts = torch.where(pos <= lengths[..., None], ids, texts)
+    texts[..., 0] = SOT
+    texts.scatter_(-1, (lengths + 1)[..., None], EOT)
+    return {"images": images.to(device), "texts": texts.to(device)}
+
+
+def _build(preset: str, device: torch.device, compile_: bool, lr: float):
+    import groupvit
+
+    torch.manual_seed(0)
+    model = groupvit.create_model(preset).to(device).train()
+    try:
+        from train.optim import build_optimizer
+
+        opt = build_optimizer(model, lr=lr)
+    except ImportError:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    loss_fn = groupvit.GroupViTLoss().to(device)
+    return model, (torch.compile(model) if compile_ else model), loss_fn, opt
+
+
+def _reset(device: torch.device) -> None:
+    torch._dynamo.reset()
+    common.free_memory(device)
+
+
+def _ips(batch: int, ms: float) -> float:
+    return batch / (ms * 1e-3) if ms > 0 else math.nan
+
+
+def bench_config(config: str, step_fn: StepFn | str, *, preset: str, batch: int, device: torch.device,
+                 steps: int, warmup: int, autocast: str, env: dict[str, str], ref_loss: float | None,
+                 max_batch: bool, max_batch_cap: int, max_batch_budget_s: float
+                 ) -> tuple[list[dict[str, str]], float | None]:
+    """Rows for one config (throughput at ``batch``, then the max-batch search); returns the first-step loss."""
+    from groupvit import ops
+    from groupvit.config import get_config
+
+    backend, compile_ = CONFIGS[config]
+    cfg = get_config(preset)
+    dims = dict(preset=preset, B=batch, S=cfg.vision.img_size, K=cfg.multi_label, L=cfg.text.context_length)
+    row = functools.partial(common.make_row, env, op="train_step", provider=config, mode="step", dtype=autocast)
+    case = f"{preset}-b{batch}"
+    mcase = f"{preset}-max-batch"
+    unavailable = step_fn if isinstance(step_fn, str) else (triton_unavailable(device) if backend == "triton"
+                                                            else None)
+    if unavailable:
+        print(f"train_step {config:15} {unavailable}", flush=True)
+        rows = [row(case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims, correct=unavailable)]
+        if max_batch:
+            rows.append(row(case=mcase, metric="max_batch", unit="images", p50=None, dims=dims, correct=unavailable))
+        return rows, None
+
+    ac = AUTOCAST[autocast]
+    scaler = torch.amp.GradScaler(device.type) if ac == torch.float16 else None
+    rows: list[dict[str, str]] = []
+    first_loss = None
+    err = None
+    with ops.use_backend(backend):
+        try:
+            model, runner, loss_fn, opt = _build(preset, device, compile_, 1e-4)
+            data = make_batch(cfg, batch, device)
+            step = lambda: step_fn(runner, loss_fn, opt, data, autocast_dtype=ac, scaler=scaler)  # noqa: E731
+            torch.manual_seed(1)
+            out = step()
+            first_loss = float(out["loss"])
+            for _ in range(max(warmup - 1, 0)):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t = common.time_steps(step, steps, device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        except Exception as e:
+            err = "oom" if common.is_oom(e) else f"error: {_short(e)}"
+        step = data = out = None
+        if err is None:
+            if not math.isfinite(first_loss):
+                status = f"fail: first loss {first_loss}"
+            elif ref_loss is None:
+                status = "pass (finite; reference config)" if config == "eager" else "pass (finite; no eager loss)"
+            else:
+                rel = abs(first_loss - ref_loss) / max(abs(ref_loss), 1e-12)
+                status = f"{'pass' if rel <= LOSS_RTOL else 'fail'} (loss {rel:.1%} from eager)"
+            rows += [
+                row(case=case, metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80, dims=dims, correct=status),
+                row(case=case, metric="images_per_s", unit="images/s", p50=_ips(batch, t.p50),
+                    p20=_ips(batch, t.p80), p80=_ips(batch, t.p20), dims=dims, correct=status),
+            ]
+            if peak is not None:
+                rows.append(row(case=case, metric="peak_mb", unit="MiB", p50=peak, dims=dims, correct=status))
+            mem = f"  peak {peak:9.1f} MiB" if peak is not None else ""
+            print(f"train_step {config:15} B={batch:<5} {t.p50:9.2f} ms [{t.p20:.2f}-{t.p80:.2f}] "
+                  f"{_ips(batch, t.p50):9.1f} images/s{mem}  {status}", flush=True)
+        else:
+            print(f"train_step {config:15} B={batch:<5} {err}", flush=True)
+            rows.append(row(case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims, correct=err))
+            model = runner = loss_fn = opt = None
+            _reset(device)
+            return rows, first_loss
+
+        if max_batch:
+            rows += _max_batch(model, runner, loss_fn, opt, step_fn, cfg, config, batch, device, ac, scaler, row,
+                               mcase, dims, max_batch_cap, max_batch_budget_s)
+    model = runner = loss_fn = opt = None
+    _reset(device)
+    return rows, first_loss
+
+
+def _max_batch(model, runner, loss_fn, opt, step_fn: StepFn, cfg: Any, config: str, batch: int,
+               device: torch.device, ac, scaler, row, mcase: str, dims: dict[str, Any], cap: int,
+               budget_s: float) -> list[dict[str, str]]:
+    """Double B from 2x ``batch``: two steps per size (the first may recompile), the second timed."""
+    budget = common.Budget(budget_s)
+    best, best_ms, best_peak, b, stop, last_s = batch, None, None, 2 * batch, f"cap {cap}", 0.0
+    while b <= cap:
+        if 2.2 * 2 * last_s > budget.left():
+            stop = f"time budget at B={b}"
+            break
+        err = None
+        try:
+            data = make_batch(cfg, b, device, seed=b)
+            step_fn(runner, loss_fn, opt, data, autocast_dtype=ac, scaler=scaler)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t = common.time_steps(lambda: step_fn(runner, loss_fn, opt, data, autocast_dtype=ac, scaler=scaler),
+                                  1, device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        except Exception as e:
+            err = f"oom at B={b}" if common.is_oom(e) else f"error at B={b}: {_short(e)}"
+        data = None
+        opt.zero_grad(set_to_none=True)
+        common.free_memory(device)
+        if err is not None:
+            stop = err
+            break
+        best, best_ms, best_peak, last_s = b, t.p50, peak, t.p50 / 1e3
+        b *= 2
+    status = f"unchecked; stop: {stop}"
+    print(f"train_step {config:15} max batch {best} ({stop})", flush=True)
+    d = {**dims, "B": best, "cap": cap}
+    rows = [row(case=mcase, metric="max_batch", unit="images", p50=best, dims=d, correct=status)]
+    if best_ms is not None:
+        rows.append(row(case=mcase, metric="images_per_s", unit="images/s", p50=_ips(best, best_ms), dims=d,
+                        correct=status))
+    if best_peak is not None:
+        rows.append(row(case=mcase, metric="peak_mb", unit="MiB", p50=best_peak, dims=d, correct=status))
+    return rows
+
+
+def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: torch.device, steps: int,
+        warmup: int, autocast: str, max_batch: bool, max_batch_cap: int, max_batch_budget_s: float,
+        budget_s: float | None = None, step_fn: StepFn | str | None = None) -> Path:
+    """Benchmark every config (throughput first for all, so a short budget still compares them), merging rows into
+    ``out/bench.csv`` after each config."""
+    for c in configs:
+        if c not in CONFIGS:
+            raise ValueError(f"unknown config {c!r}; choose from {list(CONFIGS)}")
+    if autocast not in AUTOCAST:
+        raise ValueError(f"unknown autocast {autocast!r}; choose from {list(AUTOCAST)}")
+    step_fn = load_train_step() if step_fn is None else step_fn
+    csv_path = Path(out) / "bench.csv"
+    env = common.env_info(device)
+    budget = common.Budget(budget_s)
+    print(f"# bench_model {preset} B={batch} autocast={autocast} on {env['gpu']} commit {env['git_sha']} "
+          f"-> {csv_path}", flush=True)
+    ref_loss = None
+    order = sorted(configs, key=lambda c: c != "eager")  # eager first: its loss is the sanity reference
+    for c in order:
+        if budget.exhausted():
+            print(f"# time budget exhausted: {c} skipped", flush=True)
+            continue
+        per = min(max_batch_budget_s, max(budget.left() / 2, 0.0))
+        rows, loss = bench_config(c, step_fn, preset=preset, batch=batch, device=device, steps=steps,
+                                  warmup=warmup, autocast=autocast, env=env, ref_loss=ref_loss,
+                                  max_batch=max_batch, max_batch_cap=max_batch_cap, max_batch_budget_s=per)
+        if c == "eager" and loss is not None:
+            ref_loss = loss
+        common.write_rows(csv_path, rows)
+    print(f"# done in {budget.elapsed():.1f} s", flush=True)
+    return csv_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="output directory (bench.csv is merged there)")
+    p.add_argument("--preset", default="groupvit-s")
+    p.add_argument("--batch", type=int, default=256, help="per-GPU batch (the recipe's 256)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compilation happens here)")
+    p.add_argument("--autocast", default="bf16", choices=list(AUTOCAST))
+    p.add_argument("--no-max-batch", action="store_true")
+    p.add_argument("--max-batch-cap", type=int, default=8192)
+    p.add_argument("--max-batch-budget-s", type=float, default=60.0, help="time budget of each config's search")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new configs after this many seconds")
+    p.add_argument("--quick", action="store_true", help="2 warm-up and 3 timed steps")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    steps, warmup = (3, 2) if a.quick else (a.steps, a.warmup)
+    try:
+        run(out=a.out, preset=a.preset, batch=a.batch, configs=[c for c in a.configs.split(",") if c],
+            device=common.pick_device(a.device), steps=steps, warmup=warmup, autocast=a.autocast,
+            max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, max_batch_budget_s=a.max_batch_budget_s,
+            budget_s=a.budget_s)
+    except KeyboardInterrupt:
+        print("# interrupted; partial results kept", flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
