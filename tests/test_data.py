@@ -88,7 +88,8 @@ def test_batch_shapes_and_dtypes(shards):
     batch = next(iter(_loader(shards["b"], batch_size=4, augment=True, img_size=12)))
     assert batch["images"].shape == (4, 3, 12, 12) and batch["images"].dtype == torch.float32
     assert batch["texts"].shape == (4, 1, 77) and batch["texts"].dtype == torch.int64
-    assert isinstance(batch["keys"], list) and len(batch["keys"]) == 4 and all(isinstance(k, str) for k in batch["keys"])
+    keys = batch["keys"]
+    assert isinstance(keys, list) and len(keys) == 4 and all(isinstance(k, str) for k in keys)
 
 
 def test_multi_label_texts(shards, monkeypatch):
