@@ -14,13 +14,16 @@ Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` 
    ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W + worker`` takes
    ``shards[c::C]`` (node split, then worker split). With fewer shards than consumers every consumer reads all
    shards and keeps raw samples ``i % C == c`` instead, so tiny datasets still work and stay disjoint.
-2. **read** with webdataset's tar reader; unreadable/truncated shards are warned about, counted and skipped.
+2. **read** with webdataset's tar reader; unreadable/truncated/missing shards are warned about (first few), counted
+   once per pass and skipped (samples before the damage are kept).
 3. **filter** samples without an image (``jpg|jpeg|png``) or caption (``txt|text``), or with an empty caption.
-4. **shuffle** raw samples through a buffer of ``shuffle_buffer`` (seeded by consumer and epoch).
+4. **shuffle** raw samples (encoded bytes) through a buffer of ``shuffle_buffer`` (seeded by consumer and epoch;
+   0 or 1 = no shuffling); like webdataset's it starts yielding after 100 samples and grows to full size.
 5. **decode** the image (PIL, RGB); corrupt images are counted and skipped.
 6. **batch** ``batch_size`` good samples (never a partial batch); the i-th sample of the consumer's stream gets its
    own ``Random((worker_seed, epoch, i))`` for augmentation and prompts, with
-   ``worker_seed = num_workers * rank + worker_id + seed`` (spec §8).
+   ``worker_seed = num_workers * rank + worker_id + seed`` (spec §8; ``num_workers`` counts as 1 when 0).
+   Errors inside the transform or tokenizer are bugs, not bad data, and propagate.
 
 Epochs: with ``epoch_len`` (batches per rank per epoch, the training setting) shards repeat forever (reshuffled per
 cycle) and an epoch is exactly ``epoch_len`` batches; with ``epoch_len=None`` an epoch is one pass over this rank's
