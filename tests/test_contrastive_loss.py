@@ -71,6 +71,17 @@ def test_parity_fp16():
         assert_parity(o, e, r, name=f"fp16 {name}")
 
 
+def test_parity_bf16_upcast_path():
+    """bf16 loads are upcast in-kernel under the interpreter (GPU: native bf16 dots, see the GPU tests)."""
+    img, txt, theta, kw = _inputs("b67-d40-k3", torch.bfloat16)
+    out = _run(cl.contrastive_loss, img, txt, theta, **kw)
+    eager = _run(reference.contrastive_loss, img, txt, theta, **kw)
+    ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), **kw)
+    assert out[1].dtype == out[2].dtype == torch.bfloat16 and out[0].dtype == torch.float32
+    for name, o, e, r in zip(NAMES, out, eager, ref):
+        assert_parity(o, e, r, atol=1e-5, name=f"bf16 {name}")  # default bf16 atol (1e-2) would exceed the grads
+
+
 def test_triton_backend_through_ops_switch():
     from groupvit import ops
 
