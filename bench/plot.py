@@ -147,7 +147,7 @@ def max_batch_table(rows: Sequence[Row]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in mb:
         pk = peaks.get((r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]))
-        best = _fmt(float(r["p50"])) if _num(r["p50"]) is not None else _status_word(r["correct"])
+        best = f"{int(float(r['p50'])):,}" if _num(r["p50"]) is not None else _status_word(r["correct"])
         stop = r["correct"].split("stop:", 1)[-1].strip() if "stop:" in r["correct"] else r["correct"]
         lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['provider']} | {best} | "
                      f"{_fmt(float(pk['p50'])) if pk else ''} | {stop} |")
@@ -177,7 +177,7 @@ def train_table(rows: Sequence[Row]) -> list[str]:
         ms = _fmt(float(m["ms"]["p50"])) if "ms" in m and _num(m["ms"]["p50"]) is not None else ""
         pk = _fmt(float(m["peak_mb"]["p50"])) if "peak_mb" in m else ""
         mb = mx.get("max_batch")
-        mb_txt = (_fmt(float(mb["p50"])) if mb and _num(mb["p50"]) is not None else
+        mb_txt = (f"{int(float(mb['p50'])):,}" if mb and _num(mb["p50"]) is not None else
                   (_status_word(mb["correct"]) if mb else ""))
         if mb and "stop:" in mb["correct"]:
             mb_txt += f" ({mb['correct'].split('stop:', 1)[1].strip()})"
