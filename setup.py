@@ -19,10 +19,11 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=["kernels", "groupvit", "train", "bench"],
+    package_data={"groupvit": ["assets/bpe_simple_vocab_16e6.txt.gz", "assets/LICENSE-CLIP.txt"]},
     python_requires=">=3.10",
     # torch is pinned loosely here so GPU users keep their own CUDA build; CPU machines install through
     # constraints.txt (see README), which pins the CPU wheel.
-    install_requires=["torch>=2.4", "triton>=3.6", "numpy", "webdataset>=1.0", "pillow", "ftfy", "regex", "nltk>=3.9",
+    install_requires=["torch>=2.4", "triton>=3.6", "numpy", "webdataset>=1.0", "braceexpand", "pillow", "ftfy", "regex", "nltk>=3.9",
                       "tqdm"],
     extras_require={"dev": [r for r in _reqs("requirements-dev.txt") if r not in _reqs("requirements.txt")]},
     entry_points={"console_scripts": [

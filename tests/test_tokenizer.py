@@ -13,7 +13,7 @@ import ftfy
 import pytest
 import torch
 
-from train.tokenizer import DEFAULT_VOCAB, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, clean_text, get_tokenizer, tokenize
+from groupvit.tokenizer import DEFAULT_VOCAB, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, clean_text, get_tokenizer, tokenize
 
 
 @pytest.fixture(scope="module")

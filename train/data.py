@@ -59,7 +59,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.prompts import load_tagger, make_prompts
-from train.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from groupvit.tokenizer import CONTEXT_LENGTH, get_tokenizer
 from train.transforms import TrainTransform
 
 __all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_train_loader", "expand_urls",
