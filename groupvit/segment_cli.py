@@ -33,7 +33,7 @@ DEMO_CHECKPOINT = Path("runs/demo/final.pt")  # where the training demo (train/d
 _REPO = Path(__file__).resolve().parents[1]
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A problem with the arguments, checkpoint or configuration (exit status 2)."""
 
 

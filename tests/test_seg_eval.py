@@ -264,3 +264,15 @@ def test_evaluate_limit_and_checks(tiny, shared_data):
     assert res.metrics.n_images == 2 and res.predictions is None
     with pytest.raises(ValueError, match="background"):
         evaluate(tiny, ds, SegConfig(**SMALL, background=False), progress=False, limit=1)
+
+
+def test_command_line(shared_data, capsys):
+    from groupvit.seg_datasets import main
+
+    rc = main(["--dataset", "voc", "--root", str(shared_data / "vocmini"), "--preset", "groupvit-tiny",
+               "--short-side", "48", "--crop", "32", "--stride", "16", "--limit", "2", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "monitor" in out.out and "mIoU" in out.out and "images/s" in out.out and "random weights" in out.err
+    rc = main(["--dataset", "context", "--root", str(shared_data / "vocmini"), "--preset", "groupvit-tiny"])
+    assert rc == 2 and "SegmentationContext/val.txt" in capsys.readouterr().err
