@@ -8,7 +8,9 @@ Example::
 For each image ``<name>.<ext>`` it writes ``<out>/<name>_mask.png`` (palette PNG whose pixel values are label
 indices: 0 = background, then the classes in the order given) and ``<out>/<name>_overlay.png`` (the image tinted by
 class with a legend of the classes found), and prints the classes found with their share of the pixels.
-``--checkpoint demo`` uses the model the training demo writes (``runs/demo/final.pt``). Also runnable as
+``--checkpoint demo`` uses the model the training demo (``python -m train.demo``) writes, ``runs/demo/latest.pt``,
+with the demo's settings unless given: short side = the model's training size, whole-image mode, background
+threshold 0.5. Also runnable as
 ``python -m groupvit.segment_cli``. Exit status: 0 on success, 1 if some images failed (the others are still
 written), 2 on a usage, checkpoint or configuration error.
 """
@@ -29,7 +31,8 @@ from groupvit.segmentation import SegConfig, ZeroShotSegmenter, load_image
 __all__ = ["DEMO_CHECKPOINT", "load_model", "main", "overlay_with_legend", "palette", "parse_classes",
            "save_mask"]
 
-DEMO_CHECKPOINT = Path("runs/demo/final.pt")  # where the training demo (train/demo.py) writes its final model
+DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # where the training demo (train/demo.py) writes its model
+DEMO_BG_THRESH = 0.5  # the demo's threshold (train/demo.py)
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -153,17 +156,21 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. cat,dog,sofa")
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--preset", default=None, help="check the checkpoint against this architecture preset")
-    ap.add_argument("--bg-thresh", type=float, default=0.95, help="background threshold (default 0.95)")
+    ap.add_argument("--bg-thresh", type=float, default=None, help="background threshold (default 0.95; demo 0.5)")
     ap.add_argument("--no-background", action="store_true", help="no background label: every pixel gets a class")
-    ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    ap.add_argument("--short-side", type=int, default=448)
-    ap.add_argument("--crop", type=int, default=448)
-    ap.add_argument("--stride", type=int, default=224)
+    ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default slide (demo: whole)")
+    ap.add_argument("--short-side", type=int, default=None, help="resize target (default 448; demo: training size)")
+    ap.add_argument("--crop", type=int, default=448, help="sliding-window size (default 448)")
+    ap.add_argument("--stride", type=int, default=224, help="sliding-window step (default 224)")
     ap.add_argument("--template", action="append", default=None,
                     help="prompt template with {} (repeatable; default 'a photo of a {}.')")
     ap.add_argument("--backend", choices=("eager", "triton"), default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap
+
+
+def _pick(value, default):
+    return default if value is None else value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,10 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         names = parse_classes(args.classes)
-        cfg = SegConfig(bg_thresh=args.bg_thresh, mode=args.mode, short_side=args.short_side, crop=args.crop,
-                        stride=args.stride, background=not args.no_background,
-                        **({"templates": tuple(args.template)} if args.template else {}))
         model = load_model(args.checkpoint, args.preset).to(args.device)
+        demo = args.checkpoint == "demo"
+        cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),
+                        mode=_pick(args.mode, "whole" if demo else "slide"),
+                        short_side=_pick(args.short_side, model.cfg.vision.img_size if demo else 448),
+                        crop=args.crop, stride=args.stride, background=not args.no_background,
+                        **({"templates": tuple(args.template)} if args.template else {}))
         if args.backend:
             ops.set_backend(args.backend)
         seg = ZeroShotSegmenter(model, names, cfg)

@@ -51,10 +51,8 @@ Tokenize = Callable[..., Tensor]
 def get_tokenizer() -> Tokenize:
     """The CLIP BPE ``tokenize(texts, context_length) -> LongTensor [N, L]`` (imported lazily; the one place that
     knows where the tokenizer lives)."""
-    try:
-        from groupvit.tokenizer import tokenize  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        from train.tokenizer import tokenize
+    from groupvit.tokenizer import tokenize
+
     return tokenize
 
 

