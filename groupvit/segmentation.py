@@ -324,6 +324,8 @@ class ZeroShotSegmenter:
             raise ValueError(f"text_embeddings must be [{len(names)}, D], got {tuple(text_embeddings.shape)}")
         self.text = F.normalize(text_embeddings.float(), dim=-1).to(self.device)  # [N, D]
         self.patch = int(model.cfg.vision.patch_size)
+        p = next(model.parameters(), None)
+        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32  # model's compute dtype
 
     @property
     def labels(self) -> list[str]:
@@ -360,10 +362,10 @@ class ZeroShotSegmenter:
         if hp == 0 or wp == 0:
             raise ValueError(f"window {h}x{w} is smaller than one {self.patch}x{self.patch} patch; "
                              f"use a larger short_side/crop")
-        out = self.model.encode_image_groups(crops[:, :, :hp, :wp], return_maps=True)
+        out = self.model.encode_image_groups(crops[:, :, :hp, :wp].to(self.dtype), return_maps=True)
         gidx = pixel_group_map([m.soft for m in out.maps], out.grid, (h, w))  # [B, h, w]
         scale = clamped_scale(self.model.logit_scale.detach().float())
-        probs = group_class_probs(out.group_embeddings, out.embedding, self.text, scale, self.cfg.topk)
+        probs = group_class_probs(out.group_embeddings, out.embedding, self.text, scale, self.cfg.topk)  # fp32
         return crop_scores(gidx, probs, self.cfg.bg_thresh if self.cfg.background else None)
 
     def _run_windows(self, prepared: list[_Prepared]) -> None:
