@@ -208,7 +208,7 @@ def _max_batch(model, runner, loss_fn, opt, step_fn: StepFn, cfg: Any, config: s
             err = f"oom at B={b}" if common.is_oom(e) else f"error at B={b}: {_short(e)}"
         data = None
         opt.zero_grad(set_to_none=True)
-        common.free_memory(device)
+        common.free_memory(device, err is not None)
         if err is not None:
             stop = err
             break

@@ -7,9 +7,10 @@ Providers: ``eager`` (the reference in kernels/reference.py), ``compile`` (``tor
 (our kernel, imported lazily through ``OpSpec.triton_fn``); for ``attention`` also ``sdpa`` and ``xformers``
 (where installed). A provider that cannot load gets an ``unavailable`` row instead of stopping the run.
 
-Modes (kernels_notes.md §7): ``fwd``; ``bwd`` (forward built once, ``y.backward(g, retain_graph=True)`` timed);
-``fwd_bwd``. Metrics per (op, case, provider, mode, dtype): ``ms``, ``peak_mb`` (allocator peak above the
-pre-op allocation, CUDA only), ``gbps`` or ``tflops`` from the registry's byte/FLOP model, and ``pct_floor``
+Modes (kernels_notes.md §7): ``fwd``; ``bwd`` (forward built once, ``y.backward(g, retain_graph=True)`` timed;
+``compile`` therefore runs with AOTAutograd's donated buffers off); ``fwd_bwd``. Metrics per (op, case, provider,
+mode, dtype): ``ms``, ``peak_mb`` (allocator peak above the pre-op allocation, CUDA only), ``gbps`` or ``tflops``
+from the registry's byte/FLOP model, and ``pct_floor``
 (assign_attention: GB/s vs 3.0 TB/s; contrastive_loss and attention: TFLOP/s vs 790). For contrastive_loss a
 ``max_batch`` search per provider doubles B until OOM, a cap or its time budget.
 
@@ -66,6 +67,10 @@ def _short(e: BaseException) -> str:
 
 @functools.cache
 def _compiled(op: str) -> Provider:
+    # AOTAutograd's donated buffers (on by default) forbid backward(retain_graph=True), which the bwd mode needs.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     return torch.compile(OPS[op].reference)
 
 
@@ -150,6 +155,7 @@ class Reference:
 def reference_for(spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.device) -> Reference | str:
     """Evaluate the reference in fp64 and in ``dtype`` on the same inputs; a string if that is impossible."""
     result: Reference | str
+    failed = False
     try:
         args, kw, leaves = _inputs(spec, case, dtype, device)
         low = _forward_backward(spec.reference, args, kw, leaves)
@@ -160,10 +166,11 @@ def reference_for(spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.de
         base = [(lo.double() - r).abs().max().item() if r.numel() else 0.0 for lo, r in zip(low, ref64)]
         result = Reference(ref64, base)
     except Exception as e:
-        result = ("unchecked: fp64 reference out of memory" if common.is_oom(e)
+        failed = True
+        result = ("unchecked: reference out of memory" if common.is_oom(e)
                   else f"unchecked: reference failed: {_short(e)}")
     args = args64 = low = leaves = None  # noqa: F841  (drop references before freeing)
-    common.free_memory(device)
+    common.free_memory(device, failed)
     return result
 
 
@@ -241,7 +248,7 @@ def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, 
     except Exception as e:
         status, failed = ("oom" if common.is_oom(e) else f"error: {_short(e)}"), True
     out = args = leaves = None
-    common.free_memory(st.device)
+    common.free_memory(st.device, failed)
     if failed:
         _print(spec.name, case.name, dlabel, provider, "all", None, None, None, status)
         return [row(mode=m, metric="ms", unit="ms", p50=None, correct=status) for m in modes]
@@ -261,7 +268,7 @@ def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, 
         except Exception as e:
             err = "oom" if common.is_oom(e) else f"error: {_short(e)}"
         args = leaves = run = None
-        common.free_memory(st.device)
+        common.free_memory(st.device, err is not None)
         if err is not None:
             _print(spec.name, case.name, dlabel, provider, mode, None, None, None, err)
             rows.append(row(mode=mode, metric="ms", unit="ms", p50=None, correct=err))
@@ -329,7 +336,7 @@ def max_batch_search(spec: OpSpec, base: Case, provider: str, fn: Provider | str
             else:
                 err = f"oom at B={b}"
         args = leaves = run = None
-        common.free_memory(st.device)
+        common.free_memory(st.device, err is not None)
         if err is not None:
             stop = err
             break
@@ -376,7 +383,6 @@ def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[
                 for p in names:
                     common.write_rows(csv_path, bench_provider(spec, case, dtype, p, fns[p], ref, st, env))
                 ref = None
-                common.free_memory(st.device)
             if max_batch and op == "contrastive_loss":
                 base_cases = [c for c in spec.cases
                               if c.dims.get("B") == max_batch_start and c.dims.get("K", 1) in max_batch_ks]
@@ -432,8 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         label = lambda d: "tf32" if d == torch.float32 else common.DTYPE_NAMES.get(d, str(d))  # noqa: E731
     quick_cpu = a.quick and device.type != "cuda"
-    st = Settings(device=device, modes=modes, dtype_label=label,
-                  warmup_ms=(1 if quick_cpu else 5) if a.quick else 25, rep_ms=(1 if quick_cpu else 20) if a.quick else 100)
+    warmup_ms, rep_ms = ((1, 1) if quick_cpu else (5, 20)) if a.quick else (25, 100)
+    st = Settings(device=device, modes=modes, dtype_label=label, warmup_ms=warmup_ms, rep_ms=rep_ms)
     start = a.max_batch_start or (5 if quick_cpu else 4096)
     cap = a.max_batch_cap or (20 if quick_cpu else 1 << 21)
     mb_budget = min(a.max_batch_budget_s, 10.0) if a.quick else a.max_batch_budget_s

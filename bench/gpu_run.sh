@@ -80,16 +80,25 @@ stage() {  # stage NAME BUDGET_S CMD...: run with a budget, log to logs/NAME.log
 torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>&1
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
   if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-      --format=csv 2>&1
+    nvidia-smi --format=csv 2>&1 \
+      --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw
   fi
 } >"$LOGS/env.log" 2>&1
 cat "$LOGS/env.log"
 
-# ---- 1. offline installs ----------------------------------------------------------------------------------------
-WHEELS=$(ls "$REPO"/bench/wheels/*.whl 2>/dev/null)
+# ---- 1. offline installs: only the distributions the machine lacks (the dry run checks all wheels) ---------------
+WHEELS=""
+for w in "$REPO"/bench/wheels/*.whl; do
+  [[ -f $w ]] || continue
+  dist=$(basename "$w" | cut -d- -f1)
+  if [[ "$DRY" != 1 ]] && "$PY" -c "import importlib.metadata as m; m.version('$dist')" >/dev/null 2>&1; then
+    echo "install: $dist already installed, wheel not used" >>"$LOGS/env.log"
+  else
+    WHEELS+=" $w"
+  fi
+done
 if [[ -z "$WHEELS" ]]; then
-  echo "install rc=0 (no wheels in bench/wheels)" | tee -a "$SUMMARY"
+  echo "install rc=0 (nothing missing)" | tee -a "$SUMMARY"
 elif [[ "$DRY" == 1 ]]; then
   stage install "$T_INSTALL" "$PY" -m pip install --dry-run --no-index --no-deps --ignore-installed \
     --target "$(mktemp -d)" --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
@@ -97,13 +106,13 @@ elif [[ "$DRY" == 1 ]]; then
 else
   stage install "$T_INSTALL" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" $WHEELS
-  export PYTHONPATH="$PYTHONPATH:$SITE"  # after the repo and never ahead of the machine's own packages
+  export PYTHONPATH="$PYTHONPATH:$SITE"  # holds only what the machine lacked, so it shadows nothing
 fi
 
 # ---- 2. GPU tests: kernel/ops test files in full (real compilation on CUDA) + everything marked gpu -------------
 if [[ -z "${GPU_TESTS:-}" ]]; then
   GPU_TESTS=""
-  for f in tests/test_assign_attention.py tests/test_contrastive_loss.py tests/test_ops.py \
+  for f in tests/test_assign_attention.py tests/test_contrastive_loss.py tests/test_philox.py tests/test_ops.py \
            tests/test_model_backends.py; do
     [[ -f $f ]] && GPU_TESTS+=" $f"
   done

@@ -143,8 +143,8 @@ def max_batch_table(rows: Sequence[Row]) -> list[str]:
         return []
     peaks = {(r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]): r for r in rows
              if r["metric"] == "peak_mb" and r["case"].startswith("max-batch")}
-    lines = ["### Largest batch that fits (fwd_bwd)", "", "| op | case | dtype | provider | max B | peak MiB | stopped by |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["### Largest batch that fits (fwd_bwd)", "",
+             "| op | case | dtype | provider | max B | peak MiB | stopped by |", "|---|---|---|---|---|---|---|"]
     for r in mb:
         pk = peaks.get((r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]))
         best = f"{int(float(r['p50'])):,}" if _num(r["p50"]) is not None else _status_word(r["correct"])
