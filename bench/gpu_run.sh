@@ -9,6 +9,7 @@
 #   GPU_RUN_EXPORT=DIR    after every stage copy summary.txt, bench.csv, results.md, bundle.tar.gz to DIR (e.g. the
 #                         device tool's $OUT, which returns at most 8 files; a killed run still returns its stages)
 #   GIT_SHA=abc123        commit recorded in the rows when the copy has no .git
+#   GPU_RUN_PLOTS=0       markdown report only (no PNGs)
 #   PYTHON=python3        interpreter;  T_INSTALL T_TESTS T_OPS_BF16 T_OPS_FP32 T_MODEL T_PLOT: stage budgets (s)
 #   GPU_TESTS="tests/a.py ..."   kernel test files run in full (default: the kernel/ops/backends files present)
 #   GPU_OTHER_TESTS="..."        files searched for tests marked gpu (default: every other tests/test_*.py)
@@ -137,7 +138,7 @@ stage tests "$T_TESTS" bash -c "r1=0; if [ -n '$GPU_TESTS' ]; then $PYTEST $ARGS
 # ---- 3. op benchmarks ---------------------------------------------------------------------------------------------
 OPS=(-m bench.bench_ops --out "$OUT")
 if [[ "$DRY" == 1 ]]; then
-  QUICK=(--tags smoke --cases odd-7x13x24,b5-d16,cross-odd --providers eager,triton,sdpa --quick)
+  QUICK=(--device cpu --tags smoke --cases odd-7x13x24,b5-d16,cross-odd --providers eager,triton,sdpa --quick)
   stage ops_bf16 "$T_OPS_BF16" "$PY" "${OPS[@]}" "${QUICK[@]}" --dtypes bf16 --budget-s $((T_OPS_BF16 - 20))
   stage ops_fp32 "$T_OPS_FP32" "$PY" "${OPS[@]}" "${QUICK[@]}" --dtypes fp32 --no-max-batch \
     --budget-s $((T_OPS_FP32 - 20))
@@ -150,8 +151,8 @@ fi
 
 # ---- 4. end-to-end training step ----------------------------------------------------------------------------------
 if [[ "$DRY" == 1 ]]; then
-  stage model "$T_MODEL" "$PY" -m bench.bench_model --out "$OUT" --preset groupvit-tiny --batch 2 --configs eager \
-    --autocast none --quick --max-batch-cap 4 --budget-s $((T_MODEL - 20))
+  stage model "$T_MODEL" "$PY" -m bench.bench_model --out "$OUT" --device cpu --preset groupvit-tiny --batch 2 \
+    --configs eager --autocast none --quick --max-batch-cap 4 --budget-s $((T_MODEL - 20))
 else
   stage model "$T_MODEL" "$PY" -m bench.bench_model --out "$OUT" --preset groupvit-s --batch 256 --autocast bf16 \
     --max-batch-budget-s 25 --budget-s $((T_MODEL - 40))
@@ -159,7 +160,9 @@ fi
 
 # ---- 5. report ----------------------------------------------------------------------------------------------------
 if [[ -f "$OUT/bench.csv" ]]; then
-  stage plot "$T_PLOT" "$PY" -m bench.plot "$OUT/bench.csv" --out "$OUT"
+  PLOT_ARGS=()
+  [[ "${GPU_RUN_PLOTS:-1}" == 0 ]] && PLOT_ARGS=(--no-plots)
+  stage plot "$T_PLOT" "$PY" -m bench.plot "$OUT/bench.csv" --out "$OUT" ${PLOT_ARGS[@]+"${PLOT_ARGS[@]}"}
 else
   echo "plot skipped: no bench.csv" | tee -a "$SUMMARY"
 fi
