@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from groupvit import ops
-    from groupvit.segment_cli import load_model
+    from groupvit.segment_cli import check_backend, load_model
 
     ap = argparse.ArgumentParser(prog="python -m groupvit.seg_datasets", description=main.__doc__)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
@@ -371,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
+        check_backend(args.backend, args.device)
         ds = build_dataset(args.dataset, args.root, args.split)
         model = load_model(args.checkpoint, args.preset).to(args.device)
         cfg = ds.seg_config(mode=args.mode, short_side=args.short_side, crop=args.crop, stride=args.stride,

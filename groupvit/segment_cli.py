@@ -18,6 +18,7 @@ written), 2 on a usage, checkpoint or configuration error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -169,6 +170,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_backend(backend: str | None, device: str) -> None:
+    """The triton backend needs CUDA, or the (slow) Triton interpreter on CPU."""
+    if backend == "triton" and not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CliError(f"--backend triton on {device} needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
+                       f"(the Triton interpreter: correct but slow); or use --backend eager")
+
+
 def _pick(value, default):
     return default if value is None else value
 
@@ -179,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         names = parse_classes(args.classes)
+        check_backend(args.backend, args.device)
         model = load_model(args.checkpoint, args.preset).to(args.device)
         demo = args.checkpoint == "demo"
         cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),

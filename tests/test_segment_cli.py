@@ -121,6 +121,13 @@ def test_checkpoint_errors(files, tmp_path, capsys):
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
+def test_triton_backend_needs_cuda_or_interpreter(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc, _, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat", "--backend", "triton", "--device", "cpu",
+                       "--out", tmp_path, files["image"]], capsys)
+    assert rc == 2 and "TRITON_INTERPRET=1" in err
+
+
 def test_hf_checkpoint_with_preset(files, tmp_path, capsys):
     args = ["--classes", "cat,dog,person", "--no-background", *SIZES]
     rc, _, err = _run(["--checkpoint", files["ckpt"], *args, "--out", tmp_path / "a", files["image"]], capsys)
