@@ -14,8 +14,10 @@ from groupvit.checkpoint import export_hf, load_checkpoint, save_model
 from groupvit.config import PRESETS, GroupViTConfig, TextConfig, VisionConfig
 from groupvit.loss import GroupViTLoss
 from groupvit.model import GroupViT, GroupViTOutput, ImageGroups, create_model
+from groupvit.segmentation import SegConfig, ZeroShotSegmenter
 
 __all__ = [
     "GroupViT", "GroupViTConfig", "GroupViTLoss", "GroupViTOutput", "ImageGroups", "PRESETS", "TextConfig",
-    "VisionConfig", "create_model", "export_hf", "load_checkpoint", "ops", "save_model",
+    "SegConfig", "VisionConfig", "ZeroShotSegmenter", "create_model", "export_hf", "load_checkpoint", "ops",
+    "save_model",
 ]
