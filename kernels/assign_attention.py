@@ -98,7 +98,7 @@ def _one_hot_argmax(x, offs_g, n_mask, CD: tl.constexpr):
     return ((offs_g[:, None] == idx[None, :]) & n_mask[None, :]).to(CD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])  # a new seed per call must not recompile
 def _assign_fwd_kernel(
     q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr,  # q, out [B,G,C]; k, v [B,N,C]; noise [B,G,N]; d [B,G]
     seed, offset, G, N, C, scale, inv_tau, eps,
@@ -138,7 +138,7 @@ def _assign_fwd_kernel(
     tl.store(d_ptr + b * G + offs_g, dsum, mask=g_mask & (pid_c == 0))  # identical in every chunk: write once
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _assign_bwd_kernel(
     q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
     seed, offset, G, N, C, scale, inv_tau, eps,
@@ -166,7 +166,8 @@ def _assign_bwd_kernel(
         o = tl.load(o_base + offs_g[:, None] * C + offs_c[None, :], mask=m, other=0.0).to(CD)
         do = tl.load(do_base + offs_g[:, None] * C + offs_c[None, :], mask=m, other=0.0).to(CD)
         delta += tl.sum(o * do, axis=1)
-    rinv = 1.0 / (tl.load(d_ptr + b * G + offs_g, mask=g_mask, other=0.0).to(CD) + eps)  # 1/(d_g + eps)
+    # 1/(d_g + eps); zero on padded rows (with eps = 0 it would be inf there and 0 * inf = NaN would leak)
+    rinv = tl.where(g_mask, 1.0 / (tl.load(d_ptr + b * G + offs_g, mask=g_mask, other=1.0).to(CD) + eps), 0.0)
 
     q_c = tl.load(q_base + offs_g[:, None] * C + offs_co[None, :], mask=gc_mask, other=0.0).to(DOT_T)  # [BG, BC]
     do_c = tl.load(do_base + offs_g[:, None] * C + offs_co[None, :], mask=gc_mask, other=0.0).to(DOT_T)
@@ -193,7 +194,7 @@ def _assign_bwd_kernel(
             dw += tl.dot(dot_, vt, input_precision=PREC, out_dtype=CD)
         da = (dw - delta[:, None]) * rinv[:, None]  # through the normalisation; straight-through: dY = dA
         dz = y * (da - tl.sum(y * da, axis=0)[None, :])  # column-softmax backward
-        ds = tl.where(g_mask[:, None] & n_mask[None, :], dz * (scale * inv_tau), 0.0)  # d(q.k) [BG, BN]
+        ds = dz * (scale * inv_tau)  # d(q.k) [BG, BN]; zero on padded rows/columns (y = 0 there)
         wt = a * rinv[:, None]  # normalised assignment [BG, BN]
 
         nc_mask = n_mask[:, None] & co_mask[None, :]
@@ -209,14 +210,14 @@ def _assign_bwd_kernel(
              mask=gc_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _gumbel_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
     """Materialise the kernel's noise: element ``i`` of a contiguous ``[B,G,N]`` tensor at counter offset + i."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + i, _gumbel(seed, offset + i), mask=i < numel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _philox_bits_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
     """Raw Philox uint32 stream (as int32) behind ``tl.rand``: for bit-exact tests against a NumPy Philox."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -321,6 +322,7 @@ def _stream_block(numel: int) -> int:
     return 1 << 16 if INTERPRET else 1024
 
 
+@torch.compiler.disable  # run eagerly under torch.compile (a graph break), so compiled and eager draw the same seed
 def draw_seed(device: torch.device | str | None = None) -> int:
     """A fresh Philox seed in ``[0, 2**31 - 1)`` for one kernel call, drawn from torch's default CPU generator for
     every ``device`` (so ``torch.manual_seed`` governs it and a CUDA call needs no host-device sync).
