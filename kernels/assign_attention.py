@@ -51,7 +51,7 @@ MAX_GROUPS = 256  # all G rows live in one program
 @triton.jit
 def _gumbel(seed, counter):
     """Gumbel(0,1) in fp32 from Philox-4x32-10 at ``counter`` (int64 block): ``-log(-log u)``, ``u`` clamped to
-    ``[tiny, 1 - eps]`` (``tl.rand`` can return exactly 0)."""
+    torch's support ``[tiny, 1 - eps]`` (``tl.rand`` returns exactly 0, and 1.0 after fp32 rounding, now and then)."""
     u = tl.rand(seed, counter)
     u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 0.99999988079071044921875)
     return -tl.log(-tl.log(u))
@@ -244,9 +244,9 @@ def _types(dtype: torch.dtype) -> tuple:
 
 def _blocks(g: int, n: int, c: int, backward: bool) -> dict[str, int]:
     """Tile sizes and warps. ``BLOCK_C``: output channels per program; ``BLOCK_K``: channel chunk of the
-    ``q k^T`` / ``dO v^T`` reductions. Interpreter: whole dimensions in one tile (few, large programs). GPU: sized
-    so that sm_90a builds (bf16, fp32) use <= 255 registers without spills at G <= 64 (checked with ptxas -v);
-    larger G trades channels per program for rows."""
+    ``q k^T`` / ``dO v^T`` reductions. Interpreter: whole dimensions in one tile (few, large programs). GPU: chosen
+    from ``ptxas -v`` on sm_90a builds (bf16/fp32, no GPU timing yet): the forward fits 255 registers without
+    spills for G <= 64, the backward spills < 120 bytes; larger G trades channels per program for rows."""
     bg = max(16, triton.next_power_of_2(g))
     if INTERPRET:
         bc = max(16, min(triton.next_power_of_2(c), 1024))
@@ -318,8 +318,7 @@ def _check_launchable(device: torch.device, what: str) -> None:
         raise ValueError(f"{what}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
 
 
-def _stream_block(numel: int) -> int:
-    return 1 << 16 if INTERPRET else 1024
+_STREAM_BLOCK = 1 << 16 if INTERPRET else 1024  # elements per program of the noise/bits materialisers
 
 
 @torch.compiler.disable  # run eagerly under torch.compile (a graph break), so compiled and eager draw the same seed
@@ -342,8 +341,7 @@ def gumbel_noise(seed: int, offset: int, shape: tuple[int, int, int], device: to
     out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
     numel = out.numel()
     if numel:
-        blk = _stream_block(numel)
-        _gumbel_kernel[(triton.cdiv(numel, blk),)](out, seed, offset, numel, BLOCK=blk)
+        _gumbel_kernel[(triton.cdiv(numel, _STREAM_BLOCK),)](out, seed, offset, numel, BLOCK=_STREAM_BLOCK)
     return out
 
 
@@ -353,8 +351,7 @@ def philox_bits(seed: int, offset: int, numel: int, device: torch.device | str) 
     _check_launchable(device, f"philox_bits(numel={numel})")
     out = torch.empty(numel, dtype=torch.int32, device=device)
     if numel:
-        blk = _stream_block(numel)
-        _philox_bits_kernel[(triton.cdiv(numel, blk),)](out, seed, offset, numel, BLOCK=blk)
+        _philox_bits_kernel[(triton.cdiv(numel, _STREAM_BLOCK),)](out, seed, offset, numel, BLOCK=_STREAM_BLOCK)
     return out
 
 
