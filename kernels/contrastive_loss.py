@@ -5,8 +5,8 @@ Same signature and semantics as :func:`kernels.reference.contrastive_loss` (the 
 
 * **forward** -- one pass over tiles of ``X`` recomputed on the fly gives both statistics: a running-max row LSE
   (each program walks a split of the column tiles for one row tile) and a per-tile column LSE. Partials go to
-  ``[n_splits, B]`` and ``[n_row_tiles, M]`` buffers (``4*B*M/128`` bytes at the GPU tile size: 33.5 MB at
-  B = M = 32768) and a deterministic torch logsumexp finishes them. Positive terms are O(B*D) dot products in torch.
+  ``[n_splits, B]`` and ``[n_row_tiles, M]`` buffers (``4*B*M/BLOCK`` bytes: 33.5 MB at B = M = 32768 with the
+  128-row bf16/fp16 tiles; fp32 uses 64-row tiles at D = 256) and a deterministic torch logsumexp finishes them. Positive terms are O(B*D) dot products in torch.
 * **backward** -- a row-block kernel (``dI``) and a column-block kernel (``dT``) recompute the tiles and form
   ``Gx = a (P_row - t/K) + b_j (P_col - t)`` (``t`` marks the positive pairs, ``a = g/(2B)``,
   ``b_j = g_owner(j)/(2BK)``) in
@@ -59,9 +59,8 @@ LN2 = 0.6931471805599453
 MAX_D = 512  # tiles hold the whole embedding dim; larger D would not fit registers/shared memory on the GPU
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Interpreter: one fixed config with few, large programs. GPU: 128x128 forward tiles, autotuned warps/stages.
+# Interpreter: one fixed config with few, large programs. GPU: see _fwd_block and the autotune configs below.
 _INTERP_BLOCK = 64
-_GPU_FWD_BLOCK = 128
 _check_finite = True
 
 
@@ -204,20 +203,49 @@ def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
     tl.store(colsum_ptr + cols, cs, mask=col_ok)
 
 
+# Shared memory: the kernels keep whole-D tiles, so the tile sizes follow D and the element size. Measured on sm_90
+# (triton 3.6, D = 256): forward 128x128 bf16 = 128 KB, 64x64 fp32 = 128 KB (1 stage); backward bf16
+# ~(BM + BN)*D*2 bytes, fp32/fp64 ~(BM + BN + BN or BM)*D*E (the transposed operand of the tf32/fp64 dot gets its own
+# copy). The H100 limit is 227 KB per block.
+_SMEM_BUDGET = 224 * 1024
+
+
+def _fwd_block(block_d: int, elsize: int) -> int:
+    """Square forward tile: 128 for 16-bit inputs at D <= 256, smaller for wider elements or D (A + B tiles <= 128 KB)."""
+    return max(16, min(128, triton.next_power_of_2(65536 // (block_d * elsize) + 1) // 2))
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """Drop backward configs whose whole-D tiles would not fit shared memory (estimate above); keep >= 1."""
+    elsize, block_d = named_args["img_ptr"].element_size(), kwargs["BLOCK_D"]
+    rows = "di_ptr" in named_args
+
+    def smem(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        extra = 0 if elsize == 2 else (bn if rows else bm)
+        return (bm + bn + extra) * block_d * elsize
+
+    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+    return fits or [min(configs, key=smem)]
+
+
 if INTERPRET:  # autotune with >= 2 configs cannot run under the interpreter
     _fwd_launch, _rows_launch, _cols_launch = _fwd_kernel, _bwd_rows_kernel, _bwd_cols_kernel
 else:
-    _fwd_launch = triton.autotune(
+    _fwd_launch = triton.autotune(  # tiles fixed by _fwd_block (the partial buffers depend on them)
         configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)],
         key=["B", "M", "D"],
     )(_fwd_kernel)
     _BWD_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 64, 8, 2), (128, 64, 8, 1), (64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 1),
-                             (64, 32, 4, 3))
+        for bm, bn, w in ((128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
+                          (32, 64, 4), (32, 32, 4), (32, 16, 4), (16, 32, 4))
+        for s in (1, 2)
     ]
-    _rows_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"])(_bwd_rows_kernel)
-    _cols_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"])(_bwd_cols_kernel)
+    _rows_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"],
+                                   prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_rows_kernel)
+    _cols_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"],
+                                   prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_cols_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +294,8 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     b, d = image.shape
     m = text.shape[0]
     cd = _compute_dtype(image.dtype)
-    block = _INTERP_BLOCK if INTERPRET else _GPU_FWD_BLOCK
+    consts = _kernel_consts(image)
+    block = _INTERP_BLOCK if INTERPRET else _fwd_block(consts["BLOCK_D"], image.element_size())
     n_row, n_col = triton.cdiv(b, block), triton.cdiv(m, block)
     if INTERPRET:
         want = 2  # exercise the cross-split merge in CI while keeping few programs
@@ -278,7 +307,7 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     col_part = torch.empty(n_row, m, device=image.device, dtype=cd)  # [B/BM, M]
     _fwd_launch[(n_row, n_split)](
         image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split,
-        BLOCK_M=block, BLOCK_N=block, **_kernel_consts(image))
+        BLOCK_M=block, BLOCK_N=block, **consts)
     return _lse2(row_part), _lse2(col_part)
 
 
