@@ -304,7 +304,7 @@ def test_bench_model_loss_check_and_unavailable_paths(tmp_path, monkeypatch):
     bench_model.run(configs=["triton", "eager"], step_fn=_fake_step({"eager": 2.0, "triton": 2.5}), **kw)
     rows = {(r["provider"], r["metric"]): r for r in common.read_rows(tmp_path / "bench.csv")}
     assert rows[("eager", "ms")]["correct"].startswith("pass")
-    assert rows[("triton", "ms")]["correct"] == "fail (loss 25.0% from eager)"  # eager ran first despite the order
+    assert rows[("triton", "ms")]["correct"] == "warn (loss 25.0% from eager)"  # eager ran first despite the order
     bench_model.run(configs=["eager"], step_fn=_fake_step({"eager": float("nan")}), **kw)
     assert common.read_rows(tmp_path / "bench.csv")[0]["correct"].startswith("fail: first loss nan")
 
@@ -313,8 +313,12 @@ def test_bench_model_loss_check_and_unavailable_paths(tmp_path, monkeypatch):
     bench_model.run(configs=["triton"], step_fn=_fake_step({}), **{**kw, "out": tmp_path / "b"})
     (r,) = common.read_rows(tmp_path / "b" / "bench.csv")
     assert r["correct"].startswith("unavailable") and r["p50"] == ""
-    bench_model.run(configs=["eager"], step_fn="unavailable: no train.loop", **{**kw, "out": tmp_path / "c"})
-    assert common.read_rows(tmp_path / "c" / "bench.csv")[0]["correct"] == "unavailable: no train.loop"
+    bench_model.run(configs=["eager"], step_fn="unavailable: no train.loop", **{**kw, "out": tmp_path / "c",
+                                                                                 "max_batch": True})
+    thr, mb = common.read_rows(tmp_path / "c" / "bench.csv")
+    assert thr["correct"] == "unavailable: no train.loop" and thr["metric"] == "images_per_s"
+    assert mb["metric"] == "max_batch" and mb["p50"] == ""
+    assert mb["correct"] == "unchecked; stop: B=2 did not run (unavailable: no train.loop)"
     with pytest.raises(ValueError, match="unknown config"):
         bench_model.run(configs=["jax"], **kw)
 
