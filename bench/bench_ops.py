@@ -68,9 +68,15 @@ def _short(e: BaseException) -> str:
 @functools.cache
 def _compiled(op: str) -> Provider:
     # AOTAutograd's donated buffers (on by default) forbid backward(retain_graph=True), which the bwd mode needs.
+    # A long run compiles one graph per shape family and dtype; a low recompile limit would fall back to eager
+    # silently and the rows would time eager under the name "compile".
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     return torch.compile(OPS[op].reference)
 
 
@@ -370,12 +376,12 @@ def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[
           f"-> {csv_path}", flush=True)
     skipped = 0
     for dtype in dtypes:
+        loaded: dict[str, dict[str, Provider | str]] = {}
         for op in ops:
             spec = specs[op]
             names = [p for p in PROVIDERS.get(op, ("eager",)) if providers is None or p in providers]
-            fns = {p: load_provider(spec, p, st.device) for p in names}
-            selected = [c for c in spec.select(*tags) if cases is None or c.name in cases]
-            for case in selected:
+            fns = loaded[op] = {p: load_provider(spec, p, st.device) for p in names}
+            for case in [c for c in spec.select(*tags) if cases is None or c.name in cases]:
                 if budget.exhausted():
                     skipped += 1
                     continue
@@ -383,21 +389,21 @@ def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[
                 for p in names:
                     common.write_rows(csv_path, bench_provider(spec, case, dtype, p, fns[p], ref, st, env))
                 ref = None
-            if max_batch and op == "contrastive_loss":
-                base_cases = [c for c in spec.cases
-                              if c.dims.get("B") == max_batch_start and c.dims.get("K", 1) in max_batch_ks]
-                if not base_cases:
-                    print(f"# max-batch search skipped: no {op} case with B={max_batch_start}, K in "
-                          f"{tuple(max_batch_ks)} in the registry", flush=True)
-                for base in base_cases:
-                    for p in names:
-                        if budget.exhausted():
-                            skipped += 1
-                            continue
-                        per = min(max_batch_budget_s, budget.left())
-                        common.write_rows(csv_path, max_batch_search(
-                            spec, base, p, fns[p], dtype, st, env, start=max_batch_start, cap=max_batch_cap,
-                            budget_s=per))
+        if max_batch and "contrastive_loss" in loaded:  # after every op's cases: a short budget cuts this first
+            spec = specs["contrastive_loss"]
+            base_cases = [c for c in spec.cases
+                          if c.dims.get("B") == max_batch_start and c.dims.get("K", 1) in max_batch_ks]
+            if not base_cases:
+                print(f"# max-batch search skipped: no contrastive_loss case with B={max_batch_start}, K in "
+                      f"{tuple(max_batch_ks)} in the registry", flush=True)
+            for base in base_cases:
+                for p, fn in loaded["contrastive_loss"].items():
+                    if budget.exhausted():
+                        skipped += 1
+                        continue
+                    common.write_rows(csv_path, max_batch_search(
+                        spec, base, p, fn, dtype, st, env, start=max_batch_start, cap=max_batch_cap,
+                        budget_s=min(max_batch_budget_s, budget.left())))
     if skipped:
         print(f"# time budget of {budget_s:g} s exhausted: {skipped} case(s) skipped", flush=True)
     print(f"# done in {budget.elapsed():.1f} s", flush=True)
