@@ -300,7 +300,8 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     if INTERPRET:
         want = 2  # exercise the cross-split merge in CI while keeping few programs
     else:
-        want = max(1, triton.cdiv(4 * _num_sms(image.device.index or 0), n_row))
+        index = image.device.index if image.device.index is not None else torch.cuda.current_device()
+        want = max(1, triton.cdiv(4 * _num_sms(index), n_row))  # ~4 programs per SM
     per_split = triton.cdiv(n_col, min(n_col, want))
     n_split = triton.cdiv(n_col, per_split)
     row_part = torch.empty(n_split, b, device=image.device, dtype=cd)  # [S, B]
