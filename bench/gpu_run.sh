@@ -23,9 +23,10 @@ DRY=${GPU_RUN_DRY:-0}
 [[ "${2:-}" == "--dry-run" ]] && DRY=1
 PY=${PYTHON:-python3}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO" || exit 1
 mkdir -p "$OUT/logs" || exit 1
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)  # absolute, relative to the caller's directory
+[[ -n "${GPU_RUN_EXPORT:-}" ]] && { mkdir -p "$GPU_RUN_EXPORT" && GPU_RUN_EXPORT=$(cd "$GPU_RUN_EXPORT" && pwd); }
+cd "$REPO" || exit 1
 LOGS=$OUT/logs
 SUMMARY=$OUT/summary.txt
 SITE=${GPU_RUN_SITE:-/tmp/groupvit_bench_site}
