@@ -44,7 +44,8 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
 def gumbel_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Gumbel(0, 1) noise shaped like ``x`` in fp32: ``-log(-log u)``, ``u`` clamped to [tiny, 1 - eps]."""
     fi = torch.finfo(torch.float32)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    kw = {} if generator is None else {"generator": generator}  # generator=None breaks dynamic-shape compile
+    u = torch.rand(x.shape, device=x.device, dtype=torch.float32, **kw)
     u = u.clamp_(fi.tiny, 1.0 - fi.eps)
     return -torch.log(-torch.log(u))
 
