@@ -29,7 +29,7 @@ def _tiny_model(seed: int = 0) -> groupvit.GroupViT:
 
 def _batch(b: int = 6, seed: int = 0, ctx: int = 16) -> dict[str, torch.Tensor]:
     """Random images with a caption + 3 prompts per image built from a small colour/shape vocabulary."""
-    from train.tokenizer import tokenize
+    from groupvit.tokenizer import tokenize
 
     rng = random.Random(seed)
     colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
@@ -236,3 +236,145 @@ def test_rng_state_round_trip_and_resume_resolution(tmp_path):
     assert resolve_resume(str(tmp_path), "elsewhere") == tmp_path / LATEST
     with pytest.raises(FileNotFoundError):
         resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+
+
+# ---- the driver on synthetic shards -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from train.synthetic import write_synthetic_shards
+
+    out = write_synthetic_shards(tmp_path_factory.mktemp("shapes"), n_train=96, n_val=0, seed=0, size=32,
+                                 shard_size=16)
+    return out.train_pattern
+
+
+def _run_cfg(shards: str, out: Path, **kw) -> TrainConfig:
+    ov = {"data.train_shards": [shards], "data.batch_size": 8, "data.num_workers": 0, "data.img_size": 32,
+          "data.shuffle_buffer": 32, "data.augment": True, "data.multi_label": 0, "model.preset": TINY,
+          "optim.steps_per_epoch": 4, "optim.epochs": 2, "optim.warmup_epochs": 0.5, "optim.lr_ref_batch": 8,
+          "output_dir": str(out), "log_interval": 1, "ckpt_interval": 100, "progress": False, "seed": 3}
+    ov.update(kw)
+    return load_config(overrides=ov)
+
+
+def test_kill_and_resume_gives_identical_losses(shards, tmp_path):
+    from train.loop import train
+
+    full = train(_run_cfg(shards, tmp_path / "full"))
+    losses = [h["loss"] for h in full["history"]]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    # "killed" after 3 steps (mid-epoch 0), then resumed from latest.pt: crosses the epoch boundary afterwards
+    part = train(_run_cfg(shards, tmp_path / "cut", max_steps=3))
+    assert [h["step"] for h in part["history"]] == [0, 1, 2] and load_training_checkpoint(
+        tmp_path / "cut" / LATEST)["batch"] == 3
+    rest = train(_run_cfg(shards, tmp_path / "cut", resume="auto"))
+    assert [h["step"] for h in rest["history"]] == list(range(3, 8))
+    resumed = [h["loss"] for h in part["history"] + rest["history"]]
+    assert resumed == pytest.approx(losses, abs=1e-6, rel=0), (resumed, losses)
+    # the final weights agree as well, and the resumed run's JSONL continues the step sequence
+    a = load_training_checkpoint(tmp_path / "full" / LATEST)
+    b = load_training_checkpoint(tmp_path / "cut" / LATEST)
+    assert a["step"] == b["step"] == 8 and (a["epoch"], a["batch"]) == (b["epoch"], b["batch"]) == (2, 0)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))
+
+
+def test_driver_decreases_loss_and_logs(shards, tmp_path, shared_data):
+    from train.loop import build_loader, seed_everything, setup_distributed, train
+
+    cfg = _run_cfg(shards, tmp_path, **{"data.multi_label": 3, "optim.steps_per_epoch": 6, "optim.epochs": 2,
+                                         "log_interval": 5, "ckpt_interval": 4, "data.augment": False})
+    # held-out check batch: 16 samples of the same stream (eval mode: no Gumbel noise, BN running stats)
+    ref = dataclasses_replace(cfg, data=dataclasses_replace(cfg.data, batch_size=16), seed=99)
+    batch = next(build_loader(ref, setup_distributed("cpu"), steps_per_epoch=1, context_length=16).iter_epoch(0))
+    seed_everything(cfg.seed)
+    init = groupvit.create_model(TINY, **cfg.model_overrides())  # the trainer's initialisation (same seed)
+
+    def eval_loss(m):
+        m.eval()
+        with torch.no_grad():
+            return groupvit.GroupViTLoss()(m(batch["images"], batch["texts"]))["loss"].item()
+
+    s = train(cfg)
+    trained = groupvit.load_checkpoint(tmp_path / LATEST)
+    before, after = eval_loss(init), eval_loss(trained)
+    assert after < before - 0.3, (before, after)
+    losses = [h["loss"] for h in s["history"]]
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [4, 9, 11]
+    for r in recs:
+        assert {"loss", "loss_itc", "loss_ml", "lr", "logit_scale", "images_per_s", "data_wait", "data"} <= set(r)
+        assert math.isfinite(r["loss_ml"]) and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+        assert r["loss"] == pytest.approx(r["loss_itc"] + r["loss_ml"], rel=1e-6)
+    assert recs[0]["loss"] == pytest.approx(np.mean(losses[:5]), rel=1e-9)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["stopped_by"] == "completed" and summary["data"]["skipped"] == 0
+    ck = load_training_checkpoint(tmp_path / LATEST)
+    assert ck["step"] == 12 and ck["train_config"]["data"]["multi_label"] == 3 and (ck["epoch"], ck["batch"]) == (2, 0)
+
+
+def test_driver_skips_bad_data_and_nonfinite_steps(shards, tmp_path, monkeypatch):
+    """A shard with a corrupt image and an empty caption is counted, and a poisoned step is skipped, not fatal."""
+    import io
+
+    from PIL import Image
+
+    import train.loop as loop
+    from train.data import write_shards
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 30)]
+    good = [(f"g{i}", Image.new("RGB", (32, 32), colours[i % 4]), f"a {['red', 'green', 'blue', 'yellow'][i % 4]} "
+             f"square") for i in range(24)]
+    paths = write_shards([("k0", b"\xff\xd8 not a jpeg", "a red square"), ("k1", good[0][1], "  "),
+                          ("k2", good[0][1], None), *good], tmp_path / "bad", "bad", maxcount=27)
+    trunc = write_shards(good[:8], tmp_path / "bad", "cut", maxcount=8)[0]
+    Path(trunc).write_bytes(Path(trunc).read_bytes()[:5000])  # a truncated shard
+    cfg = _run_cfg(shards, tmp_path / "run", **{"data.train_shards": [paths[0], trunc], "optim.steps_per_epoch": 3,
+                                                 "optim.epochs": 1, "skip_nonfinite": True})
+    real = loop.train_step
+    calls = []
+
+    def poisoned(model, *a, **k):  # step 1 gets an inf parameter, restored afterwards
+        calls.append(k["step"])
+        if k["step"] != 1:
+            return real(model, *a, **k)
+        p = loop.unwrap(model).logit_scale
+        keep = p.detach().clone()
+        with torch.no_grad():
+            p.fill_(float("nan"))
+        try:
+            return real(model, *a, **k)
+        finally:
+            with torch.no_grad():
+                p.copy_(keep)
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    s = loop.train(cfg)
+    assert calls == [0, 1, 2] and [h["skipped"] for h in s["history"]] == [False, True, False]
+    assert s["skipped_steps"] == 1 and s["steps"] == 3
+    d = s["data"]  # every raw sample is read before the first batch (shuffle buffer): all kinds are counted
+    assert d["empty_captions"] >= 1 and d["missing_captions"] >= 1 and d["shard_errors"] >= 1, d
+    assert d["corrupt_images"] <= d["samples"] and d["batches"] == 3
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        loop.train(dataclasses_replace(cfg, skip_nonfinite=False, output_dir=str(tmp_path / "run2")))
+
+
+def dataclasses_replace(cfg: TrainConfig, **kw) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_cli_print_config_and_errors(capsys):
+    from train.__main__ import main
+
+    assert main(["--preset", "demo", "--print-config", "optim.epochs=3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["optim"]["epochs"] == 3 and cfg["data"]["img_size"] == 64
+    with pytest.raises(SystemExit):
+        main(["--preset", "demo", "optim.nope=1"])
+    assert "unknown config key 'optim.nope'" in capsys.readouterr().err

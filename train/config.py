@@ -39,7 +39,10 @@ class DataConfig:
     multi_label: int = 3  # K noun prompts per caption (0: captions only); also sets the model's multi_label
     shuffle_buffer: int = 10000  # sample shuffle buffer per worker
     augment: bool = True  # recipe augmentation (random resized crop, flip, RandAugment, erasing); False: resize only
-    synthetic_samples: int = 0  # >0: generate this many synthetic shape samples into train_shards on first use
+    synthetic_train: int = 0  # >0: generate this many coloured-shape samples (train.synthetic) on first use and
+    #                           add their shards to train_shards
+    synthetic_val: int = 0  # held-out synthetic samples written beside them (for zero-shot segmentation)
+    synthetic_dir: str = ""  # where the synthetic shards go ("" = output_dir/data)
 
 
 @dataclass
@@ -104,9 +107,9 @@ class TrainConfig:
                         ("ckpt_interval", self.ckpt_interval), ("optim.lr_ref_batch", o.lr_ref_batch)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        if d.num_workers < 0 or d.shuffle_buffer < 0 or d.multi_label < 0 or d.synthetic_samples < 0:
-            raise ValueError("data.num_workers, data.shuffle_buffer, data.multi_label and data.synthetic_samples "
-                             "must be >= 0")
+        if min(d.num_workers, d.shuffle_buffer, d.multi_label, d.synthetic_train, d.synthetic_val) < 0:
+            raise ValueError("data.num_workers, shuffle_buffer, multi_label, synthetic_train and synthetic_val must "
+                             "be >= 0")
         if o.warmup_epochs < 0 or o.warmup_epochs > o.epochs:
             raise ValueError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, epochs={o.epochs}]")
         if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
@@ -173,18 +176,18 @@ _GCC_YFCC = dict(
 
 # The embedded CPU default (train/demo.py): a small GroupViT on generated coloured shapes at 64x64.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
-    "vision.patch_size": 8, "vision.embed_dim": 96, "vision.depths": (2, 1, 1), "vision.num_heads": 3,
-    "vision.num_group_tokens": (8, 4, 0), "vision.num_output_groups": (8, 4),
-    "text.width": 64, "text.layers": 2, "text.heads": 2, "text.context_length": 16,
+    "vision.patch_size": 8, "vision.embed_dim": 96, "vision.depths": [2, 1, 1], "vision.num_heads": 3,
+    "vision.num_group_tokens": [16, 4, 0], "vision.num_output_groups": [16, 4],
+    "text.width": 64, "text.layers": 2, "text.heads": 2, "text.context_length": 24,
     "output_dim": 64, "proj_hidden_dim": 256,
 }
 _DEMO = dict(
     data=dict(
-        train_shards=["runs/demo/data/train-{000000..000003}.tar"], dataset_length=8192, batch_size=64,
-        num_workers=0, img_size=64, multi_label=3, shuffle_buffer=512, augment=False, synthetic_samples=8192,
+        train_shards=[], batch_size=64, num_workers=0, img_size=64, multi_label=3, shuffle_buffer=1000,
+        augment=False, synthetic_train=8000, synthetic_val=200,
     ),
     model=dict(preset="groupvit-tiny", overrides=DEMO_MODEL_OVERRIDES),
-    # Small batches: the lr reference is scaled down so the effective peak lr stays useful (about 1.6e-3 x 64/256).
+    # lr reference batch 256 instead of 4096: at global batch 64 the peak lr is 1.6e-3 / 4 = 4e-4
     optim=dict(epochs=6, warmup_epochs=1, lr_ref_batch=256, clip_grad=5.0),
     precision="fp32", output_dir="runs/demo", log_interval=10, ckpt_interval=200, time_limit_s=480,
 )
@@ -217,37 +220,53 @@ def load_config(path: str | Path | None = None, *, preset: str | None = None,
         if not isinstance(loaded, Mapping):
             raise ValueError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
         _merge(d, loaded)
-    cfg = TrainConfig.from_dict(d)
     items = overrides.items() if isinstance(overrides, Mapping) else (_split(o) for o in overrides)
-    for key, value in items:
-        cfg = apply_override(cfg, key, value)
+    model_touched = False
+    for key, value in items:  # all overrides first, then one validation (intermediate states may be invalid)
+        _set_dotted(d, key, value)
+        model_touched |= key.startswith("model.")
+    cfg = TrainConfig.from_dict(d)
+    if model_touched:
+        check_model_overrides(cfg)
     return cfg
 
 
 def apply_override(cfg: TrainConfig, key: str, value: Any) -> TrainConfig:
     """Return a copy of ``cfg`` with the dotted ``key`` set to ``value`` (a string is parsed as YAML)."""
-    if isinstance(value, str):
-        value = parse_value(value)
     d = cfg.to_dict()
-    parts = key.split(".")
-    if parts[0] == "model" and len(parts) >= 2 and parts[1] not in ("preset", "overrides"):
-        d["model"]["overrides"][".".join(parts[1:])] = value  # model.vision.depths=... -> GroupViTConfig override
-    elif parts[:2] == ["model", "overrides"] and len(parts) > 2:
-        d["model"]["overrides"][".".join(parts[2:])] = value
-    else:
-        node: Any = d
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-                raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])!r} is not a section; "
-                                 f"sections: {sorted(k for k, v in d.items() if isinstance(v, dict))}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r}; known keys here: {sorted(node)}")
-        node[parts[-1]] = value
+    _set_dotted(d, key, value)
     new = TrainConfig.from_dict(d)
-    if parts[0] == "model":
+    if key.startswith("model."):
         check_model_overrides(new)
     return new
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` (dotted) in the nested config dict ``d``; unknown keys raise ``ValueError``."""
+    if isinstance(value, str):
+        value = parse_value(value)
+    parts = key.split(".")
+    d.setdefault("model", {}).setdefault("overrides", {})
+    if parts[0] == "model" and len(parts) >= 2 and parts[1] not in ("preset", "overrides"):
+        d["model"]["overrides"][".".join(parts[1:])] = value  # model.vision.depths=... -> GroupViTConfig override
+        return
+    if parts[:2] == ["model", "overrides"] and len(parts) > 2:
+        d["model"]["overrides"][".".join(parts[2:])] = value
+        return
+    node: Any = d
+    spec: Any = TrainConfig  # keys are checked against the dataclass fields (d may be partial)
+    for i, part in enumerate(parts[:-1]):
+        hint = typing.get_type_hints(spec).get(part)
+        if hint is None or not dataclasses.is_dataclass(hint):
+            sections = [n for n, h in typing.get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(h)]
+            raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])!r} is not a section; "
+                             f"sections: {sections}")
+        spec = hint
+        node = node.setdefault(part, {})
+    known = sorted(f.name for f in fields(spec))
+    if parts[-1] not in known:
+        raise ValueError(f"unknown config key {key!r}; known keys here: {known}")
+    node[parts[-1]] = value
 
 
 def check_model_overrides(cfg: TrainConfig) -> None:

@@ -16,6 +16,7 @@ non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -327,17 +328,27 @@ def _loader_stats(loader: Any) -> dict[str, int]:
     return {k: int(v) for k, v in st.as_dict().items()} if st is not None else {}
 
 
-def _prepare_synthetic(cfg: TrainConfig, ctx: DistContext) -> None:
-    """Generate the synthetic shape shards on first use (rank 0 writes, the others wait)."""
-    n = cfg.data.synthetic_samples
-    if n <= 0:
-        return
-    from train import synthetic
+def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> TrainConfig:
+    """With ``data.synthetic_train > 0``: write the coloured-shapes shards on first use (rank 0 writes, the others
+    wait; idempotent) and return a config whose ``train_shards`` include them (and ``dataset_length`` defaults to
+    their size). Otherwise ``cfg`` unchanged."""
+    d = cfg.data
+    if d.synthetic_train <= 0:
+        return cfg
+    from train.synthetic import write_synthetic_shards
 
-    if ctx.is_main:
-        synthetic.ensure_shards(cfg.data.train_shards, num_samples=n, img_size=cfg.data.img_size, seed=cfg.seed)
-    if ctx.distributed:
+    root = d.synthetic_dir or str(Path(cfg.output_dir) / "data")
+    args = dict(n_train=d.synthetic_train, n_val=d.synthetic_val, seed=cfg.seed, size=d.img_size,
+                shard_size=min(1000, max(1, d.synthetic_train // 8)))
+    if ctx is None or ctx.is_main:
+        shards = write_synthetic_shards(root, **args)
+    if ctx is not None and ctx.distributed:
         dist.barrier()
+    if ctx is not None and not ctx.is_main:
+        shards = write_synthetic_shards(root, **args)  # reads the manifest rank 0 wrote; writes nothing
+    new = dataclasses.replace(d, train_shards=[*d.train_shards, shards.train_pattern],
+                              dataset_length=d.dataset_length or d.synthetic_train, synthetic_train=0)
+    return dataclasses.replace(cfg, data=new)
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------------
@@ -370,7 +381,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
-    _prepare_synthetic(cfg, ctx)
+    cfg = prepare_synthetic(cfg, ctx)
 
     # model, loss, optimizer, schedule
     model = groupvit.create_model(cfg.model.preset, **cfg.model_overrides()).to(ctx.device)
