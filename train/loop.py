@@ -129,32 +129,48 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
 # ---- distributed helpers ------------------------------------------------------------------------------------------
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of a summed quantity is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
 class CPUSyncBatchNorm(nn.BatchNorm1d):
     """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), where ``nn.SyncBatchNorm``
-    raises. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``. Input ``[B, C]`` or ``[B, C, L]``."""
+    raises. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``. Input ``[B, C]`` or ``[B, C, L]``.
+    Two-pass statistics (mean, then centred squares), so large means do not cost precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, x.dim()))
-        n_local = x.numel() // x.shape[1]
-        xf = x.float()
-        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([float(n_local)])])  # [2C+1]
-        tot = all_reduce(local)  # differentiable sum over ranks
         c = x.shape[1]
-        n = tot[-1]
-        mean = tot[:c] / n
-        var = (tot[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, for normalisation
+        shape = [1, c] + [1] * (x.dim() - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        n_local = float(x.numel() // c)
+        tot = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([n_local])]))  # [C + 1]
+        n = tot[-1].detach()
+        mean = tot[:c] / n  # [C]
+        centred = xf - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n  # biased, for normalisation [C]
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
@@ -363,7 +379,8 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training described by ``cfg``; returns the summary (also written to ``summary.json``).
 
-    The summary's ``history`` lists this rank's per-step local losses (``step``, ``loss``, ``skipped``).
+    The returned dict adds ``history`` (this rank's per-step local losses: ``step``, ``loss``, ``skipped``) and
+    ``model`` (the trained bare :class:`groupvit.GroupViT`, still on its device).
     """
     ctx = setup_distributed(cfg.device)
     try:
@@ -526,6 +543,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.message(_format_summary(summary))
     summary["history"] = history
+    summary["model"] = unwrap(model)
     return summary
 
 
