@@ -277,10 +277,13 @@ def check_model_overrides(cfg: TrainConfig) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """YAML scalar/list parsing plus numbers YAML 1.1 leaves as strings (``1e-3``)."""
+    """YAML scalar/list parsing plus numbers YAML 1.1 leaves as strings (``1e-3``) and lists of brace patterns."""
     try:
         v = yaml.safe_load(text)
     except yaml.YAMLError:
+        t = text.strip()
+        if t.startswith("[") and t.endswith("]"):  # e.g. [a-{000..009}.tar, b.tar]: braces break YAML flow lists
+            return [parse_value(x.strip()) for x in t[1:-1].split(",") if x.strip()]
         return text
     if isinstance(v, str):
         try:
