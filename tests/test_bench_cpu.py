@@ -67,17 +67,9 @@ def test_bench_attention_math(benchmark, case):
     assert out.shape == args[0].shape and bool(torch.isfinite(out).all())
 
 
-def _tokenizer_module():
-    for name in ("groupvit.tokenizer", "train.tokenizer"):
-        try:
-            return __import__(name, fromlist=["tokenize"])
-        except ImportError:
-            continue
-    pytest.skip("tokenizer not present yet")
-
-
 def test_bench_tokenizer(benchmark):
-    tok_mod = _tokenizer_module()
+    import groupvit.tokenizer as tok_mod
+
     tok = tok_mod.ClipTokenizer()
     rng = random.Random(0)
     words = ["a", "photo", "of", "the", "cat", "dog", "sitting", "on", "red", "chair", "in", "kitchen", "two",
