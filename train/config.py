@@ -174,22 +174,25 @@ _GCC_YFCC = dict(
     output_dir="runs/gcc-yfcc", log_interval=10, ckpt_interval=2000,
 )
 
-# The embedded CPU default (train/demo.py): a small GroupViT on generated coloured shapes at 64x64.
+# The embedded CPU default (train/demo.py): a small GroupViT on generated coloured shapes at 64x64, sized for about
+# 1500 steps in < 8 minutes on 2 CPU cores. One grouping stage (64 patches -> 16 segments) and no transformer
+# blocks after it: in our tuning runs (train/demo.py docstring) per-segment naming emerged with this layout and
+# not with the two-stage 16 -> 4 layout or with blocks mixing the segments after grouping.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
-    "vision.patch_size": 8, "vision.embed_dim": 96, "vision.depths": [2, 1, 1], "vision.num_heads": 3,
-    "vision.num_group_tokens": [16, 4, 0], "vision.num_output_groups": [16, 4],
+    "vision.patch_size": 8, "vision.embed_dim": 64, "vision.depths": [2, 0], "vision.num_heads": 2,
+    "vision.num_group_tokens": [16, 0], "vision.num_output_groups": [16],
     "text.width": 64, "text.layers": 2, "text.heads": 2, "text.context_length": 24,
     "output_dim": 64, "proj_hidden_dim": 256,
 }
 _DEMO = dict(
     data=dict(
-        train_shards=[], batch_size=64, num_workers=0, img_size=64, multi_label=3, shuffle_buffer=1000,
+        train_shards=[], batch_size=64, num_workers=1, img_size=64, multi_label=3, shuffle_buffer=1000,
         augment=False, synthetic_train=8000, synthetic_val=200,
     ),
     model=dict(preset="groupvit-tiny", overrides=DEMO_MODEL_OVERRIDES),
-    # lr reference batch 256 instead of 4096: at global batch 64 the peak lr is 1.6e-3 / 4 = 4e-4
-    optim=dict(epochs=6, warmup_epochs=1, lr_ref_batch=256, clip_grad=5.0),
-    precision="fp32", output_dir="runs/demo", log_interval=10, ckpt_interval=200, time_limit_s=480,
+    # lr reference batch 64 instead of 4096: the recipe's 1.6e-3 peak at this small global batch
+    optim=dict(epochs=12, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0),
+    precision="fp32", output_dir="runs/demo", log_interval=25, ckpt_interval=250, time_limit_s=480,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {"demo": _DEMO, "gcc-yfcc": _GCC_YFCC}
