@@ -48,11 +48,11 @@ def test_config_overrides_file_and_errors(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data:\n  batch_size: 12\n  train_shards: ['a-{0..1}.tar', b.tar]\noptim:\n  epochs: 3\nseed: 5\n")
     cfg = load_config(f, preset="demo", overrides=["optim.base_lr=1e-3", "optim.betas=[0.8, 0.9]",
-                                                   "model.vision.depths=[1,1,1]", "resume=auto", "max_steps=null"])
+                                                   "model.vision.depths=[1,0]", "resume=auto", "max_steps=null"])
     assert cfg.data.batch_size == 12 and cfg.data.train_shards == ["a-{0..1}.tar", "b.tar"]
     assert cfg.optim.epochs == 3 and cfg.seed == 5 and cfg.resume == "auto" and cfg.max_steps is None
     assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float) and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.model.overrides["vision.depths"] == [1, 1, 1] and cfg.model.preset == "groupvit-tiny"
+    assert cfg.model.overrides["vision.depths"] == [1, 0] and cfg.model.preset == "groupvit-tiny"
     # JSON round trip through to_dict
     j = tmp_path / "c.json"
     j.write_text(json.dumps(cfg.to_dict()))

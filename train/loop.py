@@ -429,6 +429,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, epoch, batch_idx = ck["step"], ck["epoch"], ck["batch"]
+        saved = ck.get("train_config", {}).get("data", {})
+        changed = [k for k in ("batch_size", "num_workers", "train_shards", "shuffle_buffer")
+                   if k in saved and saved[k] != getattr(cfg.data, k)]
+        if changed and ctx.is_main:
+            warnings.warn(f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
+                          f"(and so the losses) will differ from an uninterrupted run")
         counters.update(ck.get("counters", {}))
         if ck["world_size"] == ctx.world_size:
             set_rng_state(ck["rng"][ctx.rank])
