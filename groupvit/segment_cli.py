@@ -9,8 +9,8 @@ For each image ``<name>.<ext>`` it writes ``<out>/<name>_mask.png`` (palette PNG
 indices: 0 = background, then the classes in the order given) and ``<out>/<name>_overlay.png`` (the image tinted by
 class with a legend of the classes found), and prints the classes found with their share of the pixels.
 ``--checkpoint demo`` uses the model the training demo (``python -m train.demo``) writes, ``runs/demo/latest.pt``,
-with the demo's settings unless given: short side = the model's training size, whole-image mode, background
-threshold 0.5. Also runnable as
+with the demo's settings unless given: short side = twice the model's training size, whole-image mode, background
+threshold 0.9. Also runnable as
 ``python -m groupvit.segment_cli``. Exit status: 0 on success, 1 if some images failed (the others are still
 written), 2 on a usage, checkpoint or configuration error.
 """
@@ -33,7 +33,8 @@ __all__ = ["DEMO_CHECKPOINT", "load_model", "main", "overlay_with_legend", "pale
            "save_mask"]
 
 DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # where the training demo (train/demo.py) writes its model
-DEMO_BG_THRESH = 0.5  # the demo's threshold (train/demo.py)
+DEMO_BG_THRESH = 0.9  # the demo's threshold (train/demo.py BG_THRESH)
+DEMO_EVAL_SCALE = 2  # the demo segments at twice the training size (train/demo.py EVAL_SCALE)
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +43,7 @@ class CliError(ValueError):
 
 
 def demo_checkpoint_path() -> Path:
-    """The demo model: ``runs/demo/final.pt`` under the working directory, else under the repository."""
+    """The demo model: ``runs/demo/latest.pt`` under the working directory, else under the repository."""
     for p in (DEMO_CHECKPOINT, _REPO / DEMO_CHECKPOINT):
         if p.is_file():
             return p
@@ -157,10 +158,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. cat,dog,sofa")
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--preset", default=None, help="check the checkpoint against this architecture preset")
-    ap.add_argument("--bg-thresh", type=float, default=None, help="background threshold (default 0.95; demo 0.5)")
+    ap.add_argument("--bg-thresh", type=float, default=None, help="background threshold (default 0.95; demo 0.9)")
     ap.add_argument("--no-background", action="store_true", help="no background label: every pixel gets a class")
     ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default slide (demo: whole)")
-    ap.add_argument("--short-side", type=int, default=None, help="resize target (default 448; demo: training size)")
+    ap.add_argument("--short-side", type=int, default=None, help="resize target (default 448; demo: 2x the training size)")
     ap.add_argument("--crop", type=int, default=448, help="sliding-window size (default 448)")
     ap.add_argument("--stride", type=int, default=224, help="sliding-window step (default 224)")
     ap.add_argument("--template", action="append", default=None,
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo = args.checkpoint == "demo"
         cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),
                         mode=_pick(args.mode, "whole" if demo else "slide"),
-                        short_side=_pick(args.short_side, model.cfg.vision.img_size if demo else 448),
+                        short_side=_pick(args.short_side, DEMO_EVAL_SCALE * model.cfg.vision.img_size if demo else 448),
                         crop=args.crop, stride=args.stride, background=not args.no_background,
                         **({"templates": tuple(args.template)} if args.template else {}))
         if args.backend:

