@@ -161,7 +161,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bg-thresh", type=float, default=None, help="background threshold (default 0.95; demo 0.9)")
     ap.add_argument("--no-background", action="store_true", help="no background label: every pixel gets a class")
     ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default slide (demo: whole)")
-    ap.add_argument("--short-side", type=int, default=None, help="resize target (default 448; demo: 2x the training size)")
+    ap.add_argument("--short-side", type=int, default=None,
+                    help="resize target (default 448; demo: 2x the training size)")
     ap.add_argument("--crop", type=int, default=448, help="sliding-window size (default 448)")
     ap.add_argument("--stride", type=int, default=224, help="sliding-window step (default 224)")
     ap.add_argument("--template", action="append", default=None,
@@ -191,9 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_backend(args.backend, args.device)
         model = load_model(args.checkpoint, args.preset).to(args.device)
         demo = args.checkpoint == "demo"
+        demo_side = DEMO_EVAL_SCALE * model.cfg.vision.img_size
         cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),
                         mode=_pick(args.mode, "whole" if demo else "slide"),
-                        short_side=_pick(args.short_side, DEMO_EVAL_SCALE * model.cfg.vision.img_size if demo else 448),
+                        short_side=_pick(args.short_side, demo_side if demo else 448),
                         crop=args.crop, stride=args.stride, background=not args.no_background,
                         **({"templates": tuple(args.template)} if args.template else {}))
         if args.backend:

@@ -10,8 +10,8 @@
 3. zero-shot segmentation of the held-out images with :class:`groupvit.segmentation.ZeroShotSegmenter`
    (soft maps multiplied down the stages -> argmax group per pixel -> group embeddings vs the class prompts
    "a photo of a {colour}." -> background by threshold; images resized to twice the training size, as the official
-   protocol), for the trained model and for its untrained
-   initialisation (same seed), mIoU over background + 6 colours;
+   protocol), for the trained model and for its untrained initialisation (same seed), mIoU over background +
+   6 colours;
 4. writes overlay pictures (image | ground truth | untrained | trained) to ``<out>/overlays``.
 
 No class label is ever seen in training: grouping and naming emerge from the captions alone.
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "miou_untrained": u_miou, "miou_trained": t_miou, "iou_untrained": u_iou.tolist(), "iou_trained": t_iou.tolist(),
         "miou_text_background_untrained": results["text"][0][0], "miou_text_background_trained": results["text"][1][0],
-        "classes": names, "val_images": len(val), "bg_thresh": args.bg_thresh, "steps": summary["steps"],
+        "classes": names, "val_images": len(val), "bg_thresh": args.bg_thresh, "eval_scale": EVAL_SCALE, "steps": summary["steps"],
         "stopped_by": summary["stopped_by"], "train_s": summary["train_s"], "data_s": t_data, "wall_s": wall,
         "final_loss": summary["final_loss"], "multi_label": cfg.data.multi_label, "threads": args.threads,
     }
