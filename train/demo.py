@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "miou_untrained": u_miou, "miou_trained": t_miou, "iou_untrained": u_iou.tolist(), "iou_trained": t_iou.tolist(),
         "miou_text_background_untrained": results["text"][0][0], "miou_text_background_trained": results["text"][1][0],
-        "classes": names, "val_images": len(val), "bg_thresh": args.bg_thresh, "eval_scale": EVAL_SCALE, "steps": summary["steps"],
+        "classes": names, "val_images": len(val), "bg_thresh": args.bg_thresh, "eval_scale": EVAL_SCALE,
+        "steps": summary["steps"],
         "stopped_by": summary["stopped_by"], "train_s": summary["train_s"], "data_s": t_data, "wall_s": wall,
         "final_loss": summary["final_loss"], "multi_label": cfg.data.multi_label, "threads": args.threads,
     }
