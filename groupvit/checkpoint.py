@@ -153,15 +153,20 @@ def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
                        if f"img_encoder.layers.{i}.group_token" in sd else 0 for i in stages)
         outputs = tuple(sd[f"img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0]
                         for i in stages if tokens[i] > 0)
+        if tokens[-1] > 0:  # a last stage without blocks has no parameters of its own
+            depths, tokens = depths + (0,), tokens + (0,)
         heads_guess = max(1, dim // 64)
         width = sd["text_encoder.token_embedding.weight"].shape[1]
         layers = len({m.group(1) for k in sd if (m := re.match(r"text_encoder\.transformer\.resblocks\.(\d+)\.", k))})
         hidden_keys = [k for k in sd if re.fullmatch(r"img_projector\.linear_hidden\.\d+\.weight", k)]
         proj_layers = 1 + sum(1 for k in hidden_keys if sd[k].dim() == 3)
         proj_hidden = sd["img_projector.linear_out.weight"].shape[1] if proj_layers > 1 else 4096
+        fc1 = next((v for k, v in sd.items() if re.fullmatch(r"img_encoder\.layers\.\d+\.blocks\.\d+\.mlp\.fc1\.weight", k)),
+                   None)
+        pre_assign = any(".downsample.pre_assign_attn." in k for k in sd)
         vision = VisionConfig(img_size=grid * patch, patch_size=patch, in_chans=conv.shape[1], embed_dim=dim,
                               depths=depths, num_heads=heads_guess, num_group_tokens=tokens, num_output_groups=outputs,
-                              mlp_ratio=sd["img_encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim)
+                              mlp_ratio=fc1.shape[0] / dim if fc1 is not None else 4.0, pre_assign_attn=pre_assign)
         text = TextConfig(context_length=sd["text_encoder.positional_embedding"].shape[0],
                           vocab_size=sd["text_encoder.token_embedding.weight"].shape[0], width=width, layers=layers,
                           heads=max(1, width // 64))
@@ -257,13 +262,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _check_hf_compatible(cfg: GroupViTConfig) -> None:
+    if not cfg.vision.pre_assign_attn:
+        raise ValueError("HF GroupViT always has the pre-assign cross-attention; a model built with "
+                         "vision.pre_assign_attn=False (the demo preset) has no HuggingFace equivalent")
+
+
 def export_hf(model: GroupViT) -> StateDict:
     """The model's weights in the HuggingFace ``GroupViTModel`` layout."""
+    _check_hf_compatible(model.cfg)
     return to_hf_state_dict(model.state_dict())
 
 
 def hf_config_kwargs(cfg: GroupViTConfig) -> dict[str, Any]:
     """Keyword arguments for ``transformers.GroupViTConfig`` describing the same architecture."""
+    _check_hf_compatible(cfg)
     v, t = cfg.vision, cfg.text
     return dict(
         projection_dim=cfg.output_dim, projection_intermediate_dim=cfg.proj_hidden_dim,

@@ -29,6 +29,9 @@ class VisionConfig:
     hard_assignment: bool = True
     gumbel_tau: float = 1.0
     assign_eps: float = 1.0
+    # The group tokens cross-attend to the image before the assignment (official: always). Off only in the toy demo
+    # preset, where that global read-out lets the contrastive loss ignore the segments (README, "The demo").
+    pre_assign_attn: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))

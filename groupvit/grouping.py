@@ -61,20 +61,20 @@ class AssignAttention(nn.Module):
 class GroupingBlock(nn.Module):
     """Merge image tokens ``x [B, N, C]`` into G segments, guided by group tokens ``t [B, G_in, C]``.
 
-    Order: LN both; token-mix the group tokens G_in -> G; cross-attend them to the image tokens; assign image
-    tokens to the resulting G queries (AssignAttention); residual add; channel MLP.
+    Order: LN both; token-mix the group tokens G_in -> G; cross-attend them to the image tokens (unless
+    ``pre_assign=False``); assign image tokens to the resulting G queries (AssignAttention); residual add; channel MLP.
     """
 
     def __init__(self, dim: int, heads: int, num_group_tokens: int, num_output_groups: int,
                  mlp_ratio: tuple[float, float] = (0.5, 4.0), hard: bool = True, tau: float = 1.0,
-                 eps: float = 1.0) -> None:
+                 eps: float = 1.0, pre_assign: bool = True) -> None:
         super().__init__()
         tokens_hidden, channels_hidden = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.norm_tokens = nn.LayerNorm(dim)
         self.mlp_inter = MixerMlp(num_group_tokens, tokens_hidden, num_output_groups)
         self.norm_post_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
-        self.pre_assign_attn = CrossAttnBlock(dim, heads, mlp_ratio=mlp_ratio[1])
+        self.pre_assign_attn = CrossAttnBlock(dim, heads, mlp_ratio=mlp_ratio[1]) if pre_assign else None
         self.assign = AssignAttention(dim, hard=hard, tau=tau, eps=eps)
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_hidden)
@@ -84,7 +84,8 @@ class GroupingBlock(nn.Module):
         t = self.norm_tokens(group_tokens)  # [B, G_in, C]
         x = self.norm_x(x)  # [B, N, C]
         p = self.norm_post_tokens(self.mlp_inter(t))  # [B, G, C]
-        p = self.pre_assign_attn(p, x)  # [B, G, C]
+        if self.pre_assign_attn is not None:
+            p = self.pre_assign_attn(p, x)  # [B, G, C]
         o, maps = self.assign(p, x, return_maps=return_maps, noise=noise)  # [B, G, C]
         o = o + p
         o = o + self.mlp_channels(self.norm_new_x(o))

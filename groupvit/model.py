@@ -53,7 +53,7 @@ class GroupingStage(nn.Module):
             out_groups = cfg.num_output_groups[stage]
             self.downsample = GroupingBlock(c, cfg.num_heads, self.num_group_token, out_groups,
                                             mlp_ratio=cfg.group_mlp_ratio, hard=cfg.hard_assignment,
-                                            tau=cfg.gumbel_tau, eps=cfg.assign_eps)
+                                            tau=cfg.gumbel_tau, eps=cfg.assign_eps, pre_assign=cfg.pre_assign_attn)
         else:
             self.downsample = None
         if stage > 0 and self.num_group_token > 0:

@@ -188,3 +188,48 @@ def test_train_mode_forward_backward_with_fixed_noise():
     hard = groups.maps[0].hard
     assert torch.allclose(hard.sum(1), torch.ones_like(hard.sum(1)), atol=1e-6)
     assert ((hard - hard.round()).abs() < 1e-6).all()
+
+
+
+@pytest.mark.parametrize("pre_assign", [False, True])
+def test_grouping_block_without_pre_assign_reads_only_assigned_tokens(pre_assign):
+    """Without the pre-assign cross-attention a group's output depends on the image only through the tokens assigned
+    to it: perturbing one group's tokens (assignment unchanged) leaves every other group's output as it was. With
+    the official cross-attention the other groups do change (the check can fail)."""
+    from groupvit.grouping import GroupingBlock
+
+    torch.manual_seed(0)
+    block = GroupingBlock(32, 2, num_group_tokens=6, num_output_groups=4, pre_assign=pre_assign).eval()
+    assert (block.pre_assign_attn is not None) == pre_assign
+    x, t = torch.randn(2, 21, 32), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        o, maps = block(x, t, return_maps=True)
+        group = maps.hard.argmax(1)  # [B, N]
+        k = int(group[0, 0])
+        x2 = x.clone()
+        x2[0, group[0] == k] += 1e-3 * torch.randn_like(x2[0, group[0] == k])
+        o2, maps2 = block(x2, t, return_maps=True)
+    assert torch.equal(maps2.hard.argmax(1), group)
+    others = [g for g in range(4) if g != k]
+    assert not torch.allclose(o2[0, k], o[0, k])
+    assert torch.equal(o2[1], o[1])
+    assert torch.allclose(o2[0, others], o[0, others], atol=1e-6) != pre_assign
+
+
+def test_demo_preset_model_without_pre_assign_attention():
+    """The demo preset (``vision.pre_assign_attn=False``): no cross-attention weights, the architecture survives a bare
+    state dict, and HF export refuses (HF GroupViT always has the cross-attention)."""
+    from train.config import load_config
+
+    cfg = load_config(preset="demo")
+    model = groupvit.create_model(cfg.model.preset, **cfg.model_overrides())
+    assert not model.cfg.vision.pre_assign_attn
+    assert not any("pre_assign_attn" in k for k in model.state_dict())
+    inferred = load_checkpoint(model.state_dict())
+    v, w = inferred.cfg.vision, model.cfg.vision
+    assert (v.pre_assign_attn, v.depths, v.num_group_tokens, v.embed_dim) == (False, w.depths, w.num_group_tokens,
+                                                                             w.embed_dim)
+    with pytest.raises(ValueError, match="pre-assign"):
+        groupvit.export_hf(model)
+    with pytest.raises(ValueError, match="pre-assign"):
+        hf_config_kwargs(model.cfg)
