@@ -175,7 +175,7 @@ _GCC_YFCC = dict(
 )
 
 # The embedded CPU default (train/demo.py): a small GroupViT on generated coloured shapes at 64x64, 750 steps in about
-# 4 minutes on 2 CPU cores. The image tower is cut down to what makes the image embedding a linear average of its
+# 2.5 minutes on 2 CPU cores. The image tower is cut down to what makes the image embedding a linear average of its
 # segments: patch embedding -> one grouping block (256 patches -> 16 segments) -> mean -> linear projector, with no
 # transformer blocks and no pre-assign cross-attention (both let every group token read the whole image). With any
 # of these global read-outs back, the contrastive loss is solved on this toy data without pure segments (README,
