@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -141,3 +142,20 @@ def test_train_images_decode_close_to_generator(tmp_path):
         ref = np.asarray(img).astype(float)
         blocks = lambda a: a.reshape(12, 4, 12, 4, 3).mean((1, 3))  # noqa: E731 - JPEG keeps low frequencies
         assert np.abs(blocks(dec) - blocks(ref)).mean() < 3 and np.abs(dec - ref).mean() < 12
+
+
+def test_load_val_names_an_incomplete_shard(tmp_path):
+    """A held-out shard whose sample lacks a member (e.g. half-written) is reported with the shard, key and fix."""
+    import tarfile
+
+    res = write_synthetic_shards(tmp_path / "syn", n_train=0, n_val=3, seed=1, size=32, shard_size=8)
+    src = Path(res.val[0])
+    with tarfile.open(src) as tin:
+        members = [(m, tin.extractfile(m).read()) for m in tin.getmembers()]
+    dropped = next(m.name for m, _ in members if m.name.endswith(".txt"))
+    with tarfile.open(src, "w") as tout:
+        for m, data in members:
+            if m.name != dropped:
+                tout.addfile(m, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"val-000000\.tar.*lacks \['txt'\].*regenerate"):
+        load_val(res)

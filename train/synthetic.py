@@ -263,6 +263,10 @@ def load_val(shards: SyntheticShards | str | os.PathLike, kind: str = "color"
         paths = shards.val
     out = []
     for s in wds.tariterators.tarfile_samples({"url": p} for p in paths):
+        missing = [k for k in ("png", "mask.png", "txt") if k not in s]
+        if missing:
+            raise ValueError(f"{s.get('__url__')}: held-out sample {s.get('__key__')!r} lacks {missing}; the shard is "
+                             f"incomplete or was written by another process -- delete the folder to regenerate it")
         img = Image.open(io.BytesIO(s["png"])).convert("RGB")
         mask = np.array(Image.open(io.BytesIO(s["mask.png"])), dtype=np.uint8)
         out.append((s["__key__"], img, s["txt"].decode("utf-8"), remap_mask(mask, kind)))
