@@ -161,8 +161,8 @@ def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
         hidden_keys = [k for k in sd if re.fullmatch(r"img_projector\.linear_hidden\.\d+\.weight", k)]
         proj_layers = 1 + sum(1 for k in hidden_keys if sd[k].dim() == 3)
         proj_hidden = sd["img_projector.linear_out.weight"].shape[1] if proj_layers > 1 else 4096
-        fc1 = next((v for k, v in sd.items() if re.fullmatch(r"img_encoder\.layers\.\d+\.blocks\.\d+\.mlp\.fc1\.weight", k)),
-                   None)
+        fc1_key = re.compile(r"img_encoder\.layers\.\d+\.blocks\.\d+\.mlp\.fc1\.weight")
+        fc1 = next((v for k, v in sd.items() if fc1_key.fullmatch(k)), None)  # None: no transformer blocks at all
         pre_assign = any(".downsample.pre_assign_attn." in k for k in sd)
         vision = VisionConfig(img_size=grid * patch, patch_size=patch, in_chans=conv.shape[1], embed_dim=dim,
                               depths=depths, num_heads=heads_guess, num_group_tokens=tokens, num_output_groups=outputs,

@@ -190,7 +190,6 @@ def test_train_mode_forward_backward_with_fixed_noise():
     assert ((hard - hard.round()).abs() < 1e-6).all()
 
 
-
 @pytest.mark.parametrize("pre_assign", [False, True])
 def test_grouping_block_without_pre_assign_reads_only_assigned_tokens(pre_assign):
     """Without the pre-assign cross-attention a group's output depends on the image only through the tokens assigned
