@@ -33,8 +33,8 @@ __all__ = ["DEMO_CHECKPOINT", "load_model", "main", "overlay_with_legend", "pale
            "save_mask"]
 
 DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # where the training demo (train/demo.py) writes its model
-DEMO_BG_THRESH = 0.9  # the demo's threshold (train/demo.py BG_THRESH)
-DEMO_EVAL_SCALE = 2  # the demo segments at twice the training size (train/demo.py EVAL_SCALE)
+DEMO_BG_THRESH = 0.9  # the training demo's background threshold (train/demo.py uses these two)
+DEMO_EVAL_SCALE = 2  # the demo segments at twice the training size, as the official protocol
 _REPO = Path(__file__).resolve().parents[1]
 
 
