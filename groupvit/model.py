@@ -297,23 +297,36 @@ class GroupViT(nn.Module):
     # ---- training forward ---------------------------------------------------------------------------------------
 
     def forward(self, images: Tensor, texts: Tensor) -> GroupViTOutput:
-        """Normalised embeddings for the losses.
+        """Normalised embeddings for the losses: :meth:`project` of :meth:`forward_towers`.
 
         Args:
             images: ``[B, 3, H, W]``.
             texts: ``[B, L]`` captions, or ``[B, 1+K, L]`` caption followed by K noun prompts.
         """
+        features = self.forward_towers(images, texts)  # validates the shapes
+        return self.project(*features, num_texts=texts.shape[1] if texts.dim() == 3 else 1)
+
+    def forward_towers(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor]:
+        """The two towers up to their pooled outputs, before the projectors (the only cross-sample layers: their
+        BatchNorm): image features ``[B, C]`` (mean over the final groups) and text features ``[B*(1+K), W]``
+        (row ``b*(1+K) + j``: caption ``j = 0``, prompts ``j >= 1`` of image b). Arguments as :meth:`forward`."""
         if texts.dim() == 2:
             texts = texts[:, None]
         if texts.dim() != 3 or texts.shape[0] != images.shape[0]:
             raise ValueError(f"texts must be [B, L] or [B, 1+K, L] with B = {images.shape[0]}, "
                              f"got {tuple(texts.shape)}")
-        k = texts.shape[1] - 1
-        if k > 0 and self.multi_label_logit_scale is None:
-            raise ValueError(f"texts carry {k} prompts but the model has multi_label=0")
-        img = F.normalize(self.encode_image(images), dim=-1)  # [B, D]
-        txt = F.normalize(self.encode_text(texts), dim=-1)  # [B, 1+K, D]
-        prompts = txt[:, 1:].reshape(-1, txt.shape[-1]) if k > 0 else None
+        if texts.shape[1] > 1 and self.multi_label_logit_scale is None:
+            raise ValueError(f"texts carry {texts.shape[1] - 1} prompts but the model has multi_label=0")
+        z, _, _ = self.img_encoder(images)  # [B, G_last, C]
+        return z.mean(dim=1), self.text_encoder(texts.reshape(-1, texts.shape[-1]))
+
+    def project(self, image_features: Tensor, text_features: Tensor, *, num_texts: int) -> GroupViTOutput:
+        """Projectors and L2 normalisation of :meth:`forward_towers`' outputs ``[B, C]``, ``[B*num_texts, W]``
+        (``num_texts`` = 1+K); BatchNorm statistics span all the rows given."""
+        k = num_texts - 1
+        img = F.normalize(self.img_projector(image_features), dim=-1)  # [B, D]
+        txt = F.normalize(self.text_projector(text_features), dim=-1).reshape(-1, num_texts, img.shape[-1])
+        prompts = txt[:, 1:].reshape(-1, txt.shape[-1]) if k > 0 else None  # [B*K, D]
         return GroupViTOutput(img, txt[:, 0], prompts, self.logit_scale,
                               self.multi_label_logit_scale if k > 0 else None)
 
