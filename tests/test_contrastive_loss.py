@@ -46,8 +46,8 @@ NAMES = ("loss", "d_image", "d_text", "d_theta")
 
 
 @pytest.mark.parametrize("case", SMOKE)
-def test_parity_fp32(case):
-    img, txt, theta, kw = _inputs(case)
+def test_parity_fp32(case, device):
+    img, txt, theta, kw = _inputs(case, device=device)
     out = _run(cl.contrastive_loss, img, txt, theta, **kw)
     eager = _run(reference.contrastive_loss, img, txt, theta, **kw)
     ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), **kw)
@@ -61,8 +61,8 @@ def test_parity_fp32(case):
         assert out[3].abs().item() > 1e-4  # the logit scale does get a gradient
 
 
-def test_parity_fp16():
-    img, txt, theta, kw = _inputs("b67-d40-k3", torch.float16)
+def test_parity_fp16(device):
+    img, txt, theta, kw = _inputs("b67-d40-k3", torch.float16, device)
     out = _run(cl.contrastive_loss, img, txt, theta, **kw)
     eager = _run(reference.contrastive_loss, img, txt, theta, **kw)
     ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), **kw)
@@ -71,6 +71,7 @@ def test_parity_fp16():
         assert_parity(o, e, r, name=f"fp16 {name}")
 
 
+@pytest.mark.interpreter
 def test_parity_bf16_upcast_path():
     """bf16 loads are upcast in-kernel under the interpreter (GPU: native bf16 dots, see the GPU tests)."""
     img, txt, theta, kw = _inputs("b67-d40-k3", torch.bfloat16)
@@ -82,10 +83,10 @@ def test_parity_bf16_upcast_path():
         assert_parity(o, e, r, atol=1e-5, name=f"bf16 {name}")  # default bf16 atol (1e-2) would exceed the grads
 
 
-def test_triton_backend_through_ops_switch():
+def test_triton_backend_through_ops_switch(device):
     from groupvit import ops
 
-    img, txt, theta, kw = _inputs("b67-d40-k3")
+    img, txt, theta, kw = _inputs("b67-d40-k3", device=device)
     with ops.use_backend("triton"):
         out = _run(ops.contrastive_loss, img, txt, theta, **kw)
     direct = _run(cl.contrastive_loss, img, txt, theta, **kw)
@@ -97,20 +98,20 @@ def test_triton_backend_through_ops_switch():
 
 
 @pytest.mark.parametrize("theta,k", [(1.0, 2), (4.7, 1)])
-def test_gradcheck_fp64(theta, k):
+def test_gradcheck_fp64(theta, k, device):
     g = torch.Generator().manual_seed(3)
     b, d = 3, 16
-    img = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
-    txt = F.normalize(torch.randn(b * k, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
-    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    img = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).to(device).requires_grad_(True)
+    txt = F.normalize(torch.randn(b * k, d, generator=g, dtype=torch.float64), dim=-1).to(device).requires_grad_(True)
+    th = torch.tensor(theta, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda i, t, s: cl.contrastive_loss(i, t, s, num_prompts=k), (img, txt, th))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("theta", [math.log(100.0), 5.5])
-def test_clamp_boundary_matches_reference(dtype, theta):
-    img, txt, _, kw = _inputs("b5-d16", dtype)
-    th = torch.tensor(theta, dtype=dtype)
+def test_clamp_boundary_matches_reference(dtype, theta, device):
+    img, txt, _, kw = _inputs("b5-d16", dtype, device)
+    th = torch.tensor(theta, dtype=dtype, device=device)
     assert reference.clamped_scale(th).item() == 100.0  # scale exactly at the cap (log 100) and above it
     out = _run(cl.contrastive_loss, img, txt, th, **kw)
     ref = _run(reference.contrastive_loss, img, txt, th, **kw)
@@ -119,12 +120,12 @@ def test_clamp_boundary_matches_reference(dtype, theta):
         assert_close(o, r, atol=1e-5 if dtype == torch.float32 else 1e-12, name=name)
 
 
-def test_extreme_logits_identical_features():
+def test_extreme_logits_identical_features(device):
     """Scale 100 and identical features: every logit is 100, so the loss is 0.5*(log M + log B) exactly."""
     b, k, d = 70, 3, 16
-    v = F.normalize(torch.randn(1, d), dim=-1)
+    v = F.normalize(torch.randn(1, d), dim=-1).to(device)
     img, txt = v.expand(b, d).contiguous(), v.expand(b * k, d).contiguous()
-    theta = torch.tensor(4.7)
+    theta = torch.tensor(4.7, device=device)
     out = _run(cl.contrastive_loss, img, txt, theta, num_prompts=k)
     assert all(bool(torch.isfinite(t).all()) for t in out)
     assert abs(out[0].item() - 0.5 * (math.log(b * k) + math.log(b))) < 1e-4
@@ -134,9 +135,9 @@ def test_extreme_logits_identical_features():
         assert_parity(o, e, r, name=name)
 
 
-def test_extreme_logits_large_norm():
+def test_extreme_logits_large_norm(device):
     """Unnormalised features (logits up to ~3000): a running max is required, a fixed shift would overflow."""
-    img, txt, theta, kw = _inputs("b100-d16")
+    img, txt, theta, kw = _inputs("b100-d16", device=device)
     img, txt = img * 30.0, txt * 0.9 + 0.1  # some rows far more peaked than others
     out = _run(cl.contrastive_loss, img, txt, theta, **kw)
     assert all(bool(torch.isfinite(t).all()) for t in out)
@@ -149,9 +150,9 @@ def test_extreme_logits_large_norm():
 # ---- buffers, determinism --------------------------------------------------------------------------------------
 
 
-def test_guard_filled_buffers(monkeypatch):
+def test_guard_filled_buffers(monkeypatch, device):
     """Every intermediate buffer starts as NaN: an element the kernels forget to write poisons the result."""
-    img, txt, theta, kw = _inputs("b67-d40-k3")
+    img, txt, theta, kw = _inputs("b67-d40-k3", device=device)
     ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), **kw)
     eager = _run(reference.contrastive_loss, img, txt, theta, **kw)
     real_empty = torch.empty
@@ -166,8 +167,8 @@ def test_guard_filled_buffers(monkeypatch):
         assert_parity(o, e, r, name=name)
 
 
-def test_deterministic():
-    img, txt, theta, kw = _inputs("b67-d40-k3")
+def test_deterministic(device):
+    img, txt, theta, kw = _inputs("b67-d40-k3", device=device)
     a = _run(cl.contrastive_loss, img, txt, theta, **kw)
     b = _run(cl.contrastive_loss, img, txt, theta, **kw)
     for name, x, y in zip(NAMES, a, b):
@@ -177,9 +178,10 @@ def test_deterministic():
 # ---- bad inputs -------------------------------------------------------------------------------------------------
 
 
-def _good():
+def _good(device: torch.device | str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g), torch.tensor(1.0)
+    return tuple(t.to(device) for t in (torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g),
+                                        torch.tensor(1.0)))
 
 
 def _nan_at(t: Tensor, value: float) -> Tensor:
@@ -194,26 +196,26 @@ BAD = {
     "K mismatch": (lambda i, t, s: (i, t, s), {"num_prompts": 3}, ValueError, "B*K"),
     "empty batch": (lambda i, t, s: (i[:0], t[:0], s), {"num_prompts": 2}, ValueError, "empty batch"),
     "1-d image": (lambda i, t, s: (i[0], t, s), {"num_prompts": 2}, ValueError, "expected image [B,D]"),
-    "non-scalar scale": (lambda i, t, s: (i, t, torch.ones(2)), {"num_prompts": 2}, ValueError, "scalar"),
+    "non-scalar scale": (lambda i, t, s: (i, t, s.new_ones(2)), {"num_prompts": 2}, ValueError, "scalar"),
     "NaN image": (lambda i, t, s: (_nan_at(i, float("nan")), t, s), {"num_prompts": 2}, ValueError, "in image"),
     "Inf text": (lambda i, t, s: (i, _nan_at(t, float("inf")), s), {"num_prompts": 2}, ValueError, "in text"),
     "NaN theta": (lambda i, t, s: (i, t, torch.tensor(float("nan"))), {"num_prompts": 2}, ValueError, "logit scale"),
     "int features": (lambda i, t, s: (i.long(), t.long(), s), {"num_prompts": 2}, TypeError, "floating-point"),
-    "D too large": (lambda i, t, s: (torch.randn(4, 600), torch.randn(8, 600), s), {"num_prompts": 2}, ValueError,
+    "D too large": (lambda i, t, s: (i.new_ones(4, 600), t.new_ones(8, 600), s), {"num_prompts": 2}, ValueError,
                     "embedding dim 600"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_inputs(name):
+def test_bad_inputs(name, device):
     make, kw, exc, msg = BAD[name]
     with pytest.raises(exc, match="contrastive_loss") as info:
-        cl.contrastive_loss(*make(*_good()), **kw)
+        cl.contrastive_loss(*make(*_good(device)), **kw)
     assert msg in str(info.value)
 
 
-def test_check_finite_can_be_disabled():
-    img, txt, theta = _good()
+def test_check_finite_can_be_disabled(device):
+    img, txt, theta = _good(device)
     cl.set_check_finite(False)
     try:
         loss = cl.contrastive_loss(_nan_at(img, float("nan")), txt, theta, num_prompts=2)
@@ -237,6 +239,7 @@ DIST_CASES = [
 ]
 
 
+@pytest.mark.interpreter  # gloo moves CPU tensors: the kernels run under the interpreter in the workers
 def test_distributed_gloo_two_ranks(tmp_path):
     """Rank r's loss is its local-row loss L_r of the global problem, so with W ranks:
 
@@ -286,8 +289,8 @@ def test_distributed_gloo_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_compile():
-    img, txt, theta, kw = _inputs("b67-d40-k3")
+def test_torch_compile(device):
+    img, txt, theta, kw = _inputs("b67-d40-k3", device=device)
 
     @torch.compile(fullgraph=True)
     def f(i, t, s):

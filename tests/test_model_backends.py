@@ -11,12 +11,12 @@ from groupvit import ops
 from tests.helpers import assert_close, assert_parity
 
 
-def _batch(b: int = 4, k: int = 3, length: int = 16):
+def _batch(device: torch.device, b: int = 4, k: int = 3, length: int = 16):
     g = torch.Generator().manual_seed(21)
     images = torch.randn(b, 3, 32, 32, generator=g)
     texts = torch.randint(1, 49000, (b, 1 + k, length), generator=g)
     texts[..., -1] = 49407  # EOT
-    return images, texts
+    return images.to(device), texts.to(device)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
@@ -24,9 +24,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     assert_close(a, b, atol=2e-5 * max(scale, 1.0), rtol=1e-4, name=name)
 
 
-def test_eval_mode_parity():
-    model = groupvit.create_model("groupvit-tiny").eval()
-    images, texts = _batch()
+def test_eval_mode_parity(device):
+    model = groupvit.create_model("groupvit-tiny").to(device).eval()
+    images, texts = _batch(device)
     outs = {}
     with torch.no_grad():
         for backend in ("eager", "triton"):
@@ -46,11 +46,11 @@ def _train_step(model, images, texts, backend):
     return {k: v.detach() for k, v in losses.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_train_mode_parity_loss_and_every_gradient():
+def test_train_mode_parity_loss_and_every_gradient(device):
     """Same seed, same Gumbel noise (the eager path draws the kernel's Philox stream): the triton loss and every
     parameter gradient are as close to an fp64 eager run as the fp32 eager run is (kernels_notes.md §6 rule)."""
-    model = groupvit.create_model("groupvit-tiny").train()
-    images, texts = _batch()
+    model = groupvit.create_model("groupvit-tiny").to(device).train()
+    images, texts = _batch(device)
     ref_l, ref_g = _train_step(copy.deepcopy(model).double(), images.double(), texts, "eager")
     eag_l, eag_g = _train_step(model, images, texts, "eager")
     tri_l, tri_g = _train_step(model, images, texts, "triton")
@@ -73,9 +73,9 @@ def test_train_mode_parity_loss_and_every_gradient():
     assert ref_g["img_encoder.layers.0.downsample.assign.q_proj.weight"].abs().sum() > 0
 
 
-def test_gumbel_noise_changes_between_steps_under_triton():
-    model = groupvit.create_model("groupvit-tiny").train()
-    images, texts = _batch()
+def test_gumbel_noise_changes_between_steps_under_triton(device):
+    model = groupvit.create_model("groupvit-tiny").to(device).train()
+    images, texts = _batch(device)
     with ops.use_backend("triton"), torch.no_grad():
         torch.manual_seed(1)
         a = model.encode_image(images)
