@@ -39,6 +39,9 @@ class DataConfig:
     multi_label: int = 3  # K noun prompts per caption (0: captions only); also sets the model's multi_label
     shuffle_buffer: int = 10000  # sample shuffle buffer per worker
     augment: bool = True  # recipe augmentation (random resized crop, flip, RandAugment, erasing); False: resize only
+    augment_on: str = "cpu"  # "cpu": whole transform in the workers (timm semantics); "gpu": workers decode + crop
+    #                          to uint8, flip/RandAugment/normalise/erasing run batched on the device (train.gpu_augment)
+    max_pixels: int = 64_000_000  # images above this many pixels (decompression bombs) are skipped and counted
     synthetic_train: int = 0  # >0: generate this many coloured-shape samples (train.synthetic) on first use and
     #                           add their shards to train_shards
     synthetic_val: int = 0  # held-out synthetic samples written beside them (for zero-shot segmentation)
@@ -88,6 +91,8 @@ class TrainConfig:
     time_limit_s: float | None = None  # stop (with a checkpoint) after this much training wall time
     tensorboard: bool = False  # also log to output_dir/tb (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar on rank 0
+    micro_batch: int | None = None  # run the towers this many samples at a time (train.gradcache): the contrastive
+    #                                 batch stays data.batch_size per rank at the memory of micro_batch; None/0: off
 
     def __post_init__(self) -> None:
         for name, cls in (("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig)):
@@ -110,6 +115,10 @@ class TrainConfig:
         if min(d.num_workers, d.shuffle_buffer, d.multi_label, d.synthetic_train, d.synthetic_val) < 0:
             raise ValueError("data.num_workers, shuffle_buffer, multi_label, synthetic_train and synthetic_val must "
                              "be >= 0")
+        if d.augment_on not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment_on {d.augment_on!r}: choose 'cpu' or 'gpu'")
+        if d.max_pixels < 1:
+            raise ValueError(f"data.max_pixels must be >= 1, got {d.max_pixels}")
         if o.warmup_epochs < 0 or o.warmup_epochs > o.epochs:
             raise ValueError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, epochs={o.epochs}]")
         if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
@@ -118,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"optim.betas must have two entries, got {o.betas}")
         if o.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0, got {o.clip_grad}")
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0 or null: off), got {self.micro_batch}")
 
     # ---- derived quantities ------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from groupvit import ops
 from train.checkpoint import (LATEST, load_training_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
                               set_rng_state, unwrap)
 from train.config import TrainConfig
+from train.gradcache import gradcache_backward
 from train.optim import CosineSchedule, LRStepper, build_optimizer
 
 
@@ -50,11 +51,14 @@ class NonFiniteLossError(RuntimeError):
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any], *,
                scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
-               clip_grad: float = 5.0, skip_nonfinite: bool = False, step: int | None = None) -> dict[str, Any]:
+               clip_grad: float = 5.0, skip_nonfinite: bool = False, step: int | None = None,
+               micro_batch: int | None = None) -> dict[str, Any]:
     """One optimizer step on ``batch = {"images": [B,3,H,W], "texts": [B,1+K,L], ...}``.
 
     Forward (under autocast when ``autocast_dtype`` is given) -> ``loss_fn`` (``loss``, ``loss_itc``, ``loss_ml``) ->
     backward (through ``scaler`` for fp16) -> grad-norm clip to ``clip_grad`` (0: measure only) -> optimizer step.
+    With ``0 < micro_batch < B`` the forward and backward run through :func:`train.gradcache.gradcache_backward`
+    (the same loss and gradients over the whole batch, tower activations of ``micro_batch`` samples at a time).
 
     A step whose loss or global gradient norm is not finite is never applied: gradients are dropped and the
     BatchNorm running statistics restored. With ``skip_nonfinite`` it is skipped (``skipped=True`` returned);
@@ -76,11 +80,15 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics (small), restored on a bad step
 
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = model(images, texts)
-        losses = loss_fn(out)
+    if micro_batch and micro_batch < images.shape[0]:
+        losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
+                                    autocast_dtype=autocast_dtype)
+    else:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = model(images, texts)
+            losses = loss_fn(out)
+        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     loss = losses["loss"]
-    (scaler.scale(loss) if scaler is not None else loss).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
@@ -328,6 +336,7 @@ def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, co
         multi_label=d.multi_label, img_size=d.img_size, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
         seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, epoch_len=steps_per_epoch,
         pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if d.num_workers > 0 else None,
+        augment_on=d.augment_on, device=ctx.device, max_pixels=d.max_pixels,
     )
 
 
@@ -449,7 +458,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         log.message(f"GroupViT {cfg.model.preset} ({n_params / 1e6:.2f} M params) on {ctx.world_size} x {ctx.device}, "
                     f"backend {cfg.backend}, precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
-                    f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}, peak lr "
+                    f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
+                    + (f" (towers in micro-batches of {cfg.micro_batch})"
+                       if cfg.micro_batch and cfg.micro_batch < cfg.data.batch_size else "") + ", peak lr "
                     f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else ""))
 
     history: list[dict[str, Any]] = []
@@ -487,7 +498,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 try:
                     r = train_step(model, loss_fn, optimizer, batch, scaler=scaler, autocast_dtype=amp_dtype,
-                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step)
+                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step,
+                                   micro_batch=cfg.micro_batch)
                 except NonFiniteLossError as e:
                     log.message(f"[step {step}] {e}")
                     raise
