@@ -9,9 +9,13 @@ is bit-identical). Key mapping facts: groupvit_spec.md §11.1.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -177,39 +181,192 @@ def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
         raise ValueError(f"cannot infer the architecture: key {e} missing; pass model= explicitly") from e
 
 
-def _read(path_or_sd: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(path_or_sd, Mapping):
-        return path_or_sd
-    path = Path(path_or_sd)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # official files pickle an OmegaConf config: retry with full unpickling
+# ---- reading files: weights only, never code ----------------------------------------------------------------------
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint that cannot be read safely: not a checkpoint, truncated, or pickling objects outside the
+    allow-list (loading those would run code from the file)."""
+
+
+class _Inert:
+    """Stand-in for a class named in an official release file's pickled OmegaConf config. The weights-only unpickler
+    creates it instead of the original class (nothing is imported, no code of the file's choosing runs); it only
+    records the pickled state, which :func:`_plain_config` turns into plain values."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+# The globals an official release file's config pickles (OmegaConf 2.0/2.1 containers, value nodes, their metadata
+# and the type markers inside it), each read as an inert record. Measured by pickling an OmegaConf 2.1.1 DictConfig.
+_OFFICIAL_CONFIG_GLOBALS = (
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.Metadata",
+    "omegaconf.base.ContainerMetadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "typing.Any",
+    "collections.defaultdict", "builtins.dict", "builtins.list", "builtins.int", "builtins.float", "builtins.str",
+    "builtins.bool", "builtins.object",
+)
+_TRUST_HINT = ("if you trust the file's source, pass trust_checkpoint=True (CLI: --trust-checkpoint), which unpickles "
+               "it fully and so runs any code it contains")
+
+
+def _plain_config(obj: Any) -> Any:
+    """Inert OmegaConf records -> plain dicts / lists / values (containers keep ``_content``, nodes ``_val``;
+    metadata and parent links are dropped)."""
+    if isinstance(obj, _Inert):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        for key in ("_val", "_content"):
+            if key in state:
+                return _plain_config(state[key])
+        return None
+    if isinstance(obj, dict):
+        return {k: _plain_config(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain_config(v) for v in obj)
+    return obj
+
+
+def safe_torch_load(path: str | os.PathLike, trust: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the official config classes read as inert records; full
+    unpickling only with ``trust`` (and a warning). Raises :class:`CheckpointReadError` naming the problem."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip archive or a protocol-2+ pickle
+        raise CheckpointReadError(f"{path} is not a torch checkpoint (it starts with bytes {head!r}; an image or "
+                                  f"text file?): give a .pt/.pth/.bin/.safetensors file or a HuggingFace model folder")
+    if trust:
+        warnings.warn(f"trust_checkpoint: unpickling {path} fully; a crafted file can run arbitrary code",
+                      stacklevel=3)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
-        except ModuleNotFoundError as e:
-            raise RuntimeError(f"{path}: the checkpoint pickles objects from {e.name!r}; pip install {e.name}") from e
         except Exception as e:
-            raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {first}") from e
+            raise CheckpointReadError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+    try:
+        with torch.serialization.safe_globals([(_Inert, name) for name in _OFFICIAL_CONFIG_GLOBALS]):
+            return _plain_config(torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as e:
+        parts = [p.strip() for p in str(e).split("\n\n")  # drop torch's advice to set weights_only=False
+                 if p.strip() and not p.strip().startswith(("Weights only load failed", "Check the documentation"))]
+        detail = (parts[0] if parts else str(e)).removeprefix("WeightsUnpickler error:").strip()
+        found = re.search(r"GLOBAL (\S+)", detail)
+        if found or "reduce for unrecognized function" in detail:
+            what = f"the object {found.group(1)}" if found else "a call of a function"
+            raise CheckpointReadError(
+                f"{path} pickles {what}, which is neither a tensor nor part of an official GroupViT release file; "
+                f"it was not loaded, because unpickling it could run code from the file. {_TRUST_HINT}") from None
+        raise CheckpointReadError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {detail}") from None
+    except Exception as e:
+        raise CheckpointReadError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise CheckpointReadError(f"{path}: reading .safetensors files needs the safetensors package "
+                                  f"(pip install safetensors)") from e
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointReadError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _read_hf_folder(folder: Path, trust: bool) -> dict[str, Any]:
+    """A folder as ``save_pretrained`` writes it -> ``{"model": HF state dict, "hf_config": config.json}``."""
+    config = folder / "config.json"
+    weights = next((folder / n for n in _HF_WEIGHTS if (folder / n).is_file()), None)
+    if not config.is_file() or weights is None:
+        raise CheckpointReadError(f"{folder} is a folder but not a HuggingFace model folder: expected config.json and "
+                                  f"one of {', '.join(_HF_WEIGHTS)} (as GroupViTModel.save_pretrained writes)")
+    try:
+        hf_config = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointReadError(f"{config} is not valid JSON: {e}") from e
+    files = [weights]
+    if weights.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
+        files = [folder / n for n in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+    sd: StateDict = {}
+    for f in files:
+        sd.update(_load_safetensors(f) if f.suffix == ".safetensors" else safe_torch_load(f, trust))
+    return {"model": sd, "hf_config": hf_config}
+
+
+def _download_hf(repo_id: str) -> Path:
+    """``hf:ORG/NAME`` -> a local folder with its ``config.json`` and weights (from the HuggingFace Hub cache)."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:
+        raise CheckpointReadError(f"hf:{repo_id} needs the huggingface_hub package (pip install huggingface_hub), or "
+                                  f"download the model folder yourself and pass its path") from None
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json"))
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                hf_hub_download(repo_id, name)
+                return config.parent
+            except EntryNotFoundError:
+                continue
+    except Exception as e:
+        raise CheckpointReadError(f"cannot fetch hf:{repo_id} from the HuggingFace Hub (offline, or no such "
+                                  f"repository?): {type(e).__name__}: {e}. With network access run "
+                                  f"`huggingface-cli download {repo_id} --local-dir DIR` and pass DIR") from None
+    raise CheckpointReadError(f"hf:{repo_id} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _read(spec: str | os.PathLike | Mapping[str, Any], trust_checkpoint: bool = False) -> Mapping[str, Any]:
+    """A checkpoint spec -> its payload (a mapping). See :func:`load_checkpoint` for the accepted specs."""
+    if isinstance(spec, Mapping):
+        return spec
+    if isinstance(spec, str) and spec.startswith("hf:"):
+        return _read_hf_folder(_download_hf(spec[3:]), trust_checkpoint)
+    path = Path(spec)
+    if path.is_dir():
+        return _read_hf_folder(path, trust_checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    obj = safe_torch_load(path, trust_checkpoint)
+    if not isinstance(obj, Mapping):
+        raise CheckpointReadError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    return obj
 
 
 def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], model: GroupViT | None = None,
-                    *, strict: bool = True) -> GroupViT:
+                    *, strict: bool = True, trust_checkpoint: bool = False) -> GroupViT:
     """Load weights into ``model`` (or into a new model built from the checkpoint's config) and return it.
 
-    Accepts (a) an official release ``.pth`` (a dict with ``model`` and ``config``), (b) a bare official state dict,
-    (c) a HuggingFace transformers ``GroupViTModel`` state dict, (d) this project's checkpoints. Keys are checked
-    strictly: missing or unexpected keys raise ``ValueError`` listing them. The one documented exception: HF weights
-    have no ``multi_label_logit_scale``; a multi-label model keeps its initial value for it.
+    Accepts (a) an official release ``.pth`` (a dict with ``model`` and an OmegaConf ``config``), (b) a bare official
+    state dict, (c) a HuggingFace transformers ``GroupViTModel`` state dict, as a mapping, a torch file or a
+    ``.safetensors`` file, (d) a HuggingFace model folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``, as ``save_pretrained`` writes), (e) ``"hf:ORG/NAME"``, fetched with ``huggingface_hub``,
+    (f) this project's checkpoints. Files are read with ``torch.load(weights_only=True)`` (tensors and plain values;
+    an official file's config classes become plain dicts); a file pickling anything else raises
+    :class:`CheckpointReadError` unless ``trust_checkpoint=True``, which unpickles fully and so can run code from
+    the file. Keys are checked strictly: missing or unexpected keys raise ``ValueError`` listing them. The one
+    documented exception: HF weights have no ``multi_label_logit_scale``; a multi-label model keeps its initial value.
     """
-    obj = _read(path_or_state_dict)
+    obj = _read(path_or_state_dict, trust_checkpoint)
     cfg: GroupViTConfig | None = None
     sd: Mapping[str, Any] = obj
     if "model" in obj and isinstance(obj["model"], Mapping):
         sd = obj["model"]
         if obj.get("format") == FORMAT:
             cfg = GroupViTConfig.from_dict(obj["config"])
+        elif isinstance(obj.get("hf_config"), Mapping):
+            cfg = config_from_hf(obj["hf_config"])
         elif obj.get("config") is not None:
             raw = obj["config"]
             section = raw.get("model") if hasattr(raw, "get") else None
@@ -268,10 +425,27 @@ def _check_hf_compatible(cfg: GroupViTConfig) -> None:
                          "vision.pre_assign_attn=False (the demo preset) has no HuggingFace equivalent")
 
 
-def export_hf(model: GroupViT) -> StateDict:
-    """The model's weights in the HuggingFace ``GroupViTModel`` layout."""
+def export_hf(model: GroupViT, folder: str | os.PathLike | None = None) -> StateDict:
+    """The model's weights in the HuggingFace ``GroupViTModel`` layout. With ``folder``, also written there as
+    ``save_pretrained`` does (``config.json`` + ``model.safetensors``): ``transformers.GroupViTModel.from_pretrained``
+    and :func:`load_checkpoint` read it. HF GroupViT has no ``multi_label_logit_scale``: it is dropped, with a warning.
+    """
     _check_hf_compatible(model.cfg)
-    return to_hf_state_dict(model.state_dict())
+    sd = model.state_dict()
+    if "multi_label_logit_scale" in sd:
+        warnings.warn(f"export_hf: HuggingFace GroupViT has no multi-label temperature; multi_label_logit_scale "
+                      f"(exp = {sd['multi_label_logit_scale'].exp().item():.4g}) is not exported", stacklevel=2)
+    hf = to_hf_state_dict(sd)
+    if folder is not None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"architectures": ["GroupViTModel"], "model_type": "groupvit", **hf_config_kwargs(model.cfg)}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return hf
 
 
 def hf_config_kwargs(cfg: GroupViTConfig) -> dict[str, Any]:
@@ -290,3 +464,31 @@ def hf_config_kwargs(cfg: GroupViTConfig) -> dict[str, Any]:
                            image_size=v.img_size, patch_size=v.patch_size, num_channels=v.in_chans,
                            assign_eps=v.assign_eps, assign_mlp_ratio=list(v.group_mlp_ratio)),
     )
+
+
+# transformers.GroupViTConfig defaults (save_pretrained writes only the values that differ from them)
+_HF_TEXT = dict(vocab_size=49408, hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
+                max_position_embeddings=77)
+_HF_VISION = dict(hidden_size=384, intermediate_size=1536, depths=[6, 3, 3], num_attention_heads=6,
+                  num_group_tokens=[64, 8, 0], num_output_groups=[64, 8, 8], image_size=224, patch_size=16,
+                  num_channels=3, assign_eps=1.0, assign_mlp_ratio=[0.5, 4])
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> GroupViTConfig:
+    """A ``transformers.GroupViTConfig`` as a dict (a model folder's ``config.json``) -> our config (the inverse of
+    :func:`hf_config_kwargs`; no multi-label head: HF has none)."""
+    t = {**_HF_TEXT, **hf.get("text_config", {})}
+    v = {**_HF_VISION, **hf.get("vision_config", {})}
+    tokens = tuple(v["num_group_tokens"])
+    vision = VisionConfig(
+        img_size=v["image_size"], patch_size=v["patch_size"], in_chans=v["num_channels"], embed_dim=v["hidden_size"],
+        depths=tuple(v["depths"]), num_heads=v["num_attention_heads"], num_group_tokens=tokens,
+        num_output_groups=tuple(o for o, g in zip(v["num_output_groups"], tokens) if g > 0),
+        mlp_ratio=v["intermediate_size"] / v["hidden_size"], group_mlp_ratio=tuple(v["assign_mlp_ratio"]),
+        assign_eps=v["assign_eps"], drop_path_rate=0.0)  # HF GroupViT has no stochastic depth
+    text = TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"], width=t["hidden_size"],
+                      layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
+                      mlp_ratio=t["intermediate_size"] / t["hidden_size"])
+    return GroupViTConfig(vision=vision, text=text, output_dim=hf.get("projection_dim", 256),
+                          proj_hidden_dim=hf.get("projection_intermediate_dim", 4096), multi_label=0,
+                          contrast_temperature=math.exp(-hf.get("logit_scale_init_value", 2.6592)))

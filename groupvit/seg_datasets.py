@@ -357,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     ap.add_argument("--root", required=True, help="dataset folder (see the module docstring for layouts)")
     ap.add_argument("--split", default=None, help="split name (default: val / val2017)")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint file (any format load_checkpoint reads) or 'demo'")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint file, HF model folder, hf:ORG/NAME (any spec "
+                    "load_checkpoint reads) or 'demo'")
+    ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
+                    "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
     ap.add_argument("--preset", default=None, help="architecture preset; without --checkpoint: random weights")
     ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
     ap.add_argument("--bg-thresh", type=float, default=None, help="default: the dataset's (VOC/COCO 0.95, Context 0.35)")
@@ -373,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_backend(args.backend, args.device)
         ds = build_dataset(args.dataset, args.root, args.split)
-        model = load_model(args.checkpoint, args.preset).to(args.device)
+        model = load_model(args.checkpoint, args.preset, args.trust_checkpoint).to(args.device)
         cfg = ds.seg_config(mode=args.mode, short_side=args.short_side, crop=args.crop, stride=args.stride,
                             batch_size=args.batch_size,
                             **({} if args.bg_thresh is None else {"bg_thresh": args.bg_thresh}))

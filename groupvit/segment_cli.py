@@ -51,11 +51,13 @@ def demo_checkpoint_path() -> Path:
                    f"train it first with the training demo (python -m train.demo), or pass --checkpoint FILE")
 
 
-def load_model(checkpoint: str | None, preset: str | None = None):
-    """A GroupViT in eval mode from a checkpoint file (any format :func:`groupvit.load_checkpoint` reads) or
-    ``"demo"``; with ``preset`` the weights are loaded into that architecture (a mismatch is an error); with a
-    preset and no checkpoint the weights are random."""
+def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoint: bool = False):
+    """A GroupViT in eval mode from a checkpoint (any spec :func:`groupvit.load_checkpoint` reads: file, HF model
+    folder, ``hf:ORG/NAME``) or ``"demo"``; with ``preset`` the weights are loaded into that architecture (a mismatch
+    is an error); with a preset and no checkpoint the weights are random. ``trust_checkpoint``: see
+    :func:`groupvit.load_checkpoint` (it can run code from the file)."""
     from groupvit import create_model, load_checkpoint
+    from groupvit.checkpoint import CheckpointReadError
 
     if checkpoint is None and preset is None:
         raise CliError("give --checkpoint FILE (or 'demo'), or --preset NAME for a randomly initialised model")
@@ -65,11 +67,13 @@ def load_model(checkpoint: str | None, preset: str | None = None):
         raise CliError(str(e)) from e
     if checkpoint is None:
         return model.eval()
-    path = demo_checkpoint_path() if checkpoint == "demo" else Path(checkpoint)
-    if not path.is_file():
+    path = demo_checkpoint_path() if checkpoint == "demo" else checkpoint
+    if not str(path).startswith("hf:") and not Path(path).exists():
         raise CliError(f"checkpoint {str(path)!r} does not exist")
     try:
-        model = load_checkpoint(path, model)
+        model = load_checkpoint(path, model, trust_checkpoint=trust_checkpoint)
+    except CheckpointReadError as e:
+        raise CliError(f"cannot load checkpoint {str(path)!r}: {e}") from e
     except ValueError as e:
         arch = f" and the --preset {preset!r} architecture" if preset else ""
         raise CliError(f"checkpoint {str(path)!r}{arch} do not match: {e}") from e
@@ -154,7 +158,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="groupvit-segment", description=__doc__.split("\n\n")[0],
                                  epilog="Writes <out>/<name>_mask.png and <out>/<name>_overlay.png per image.")
     ap.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint file (official, HF or ours) or 'demo'")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint file (official, HF or ours; .pth/.pt/.bin/"
+                    ".safetensors), HuggingFace model folder, hf:ORG/NAME (needs huggingface_hub) or 'demo'")
+    ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
+                    "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
     ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. cat,dog,sofa")
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--preset", default=None, help="check the checkpoint against this architecture preset")
@@ -190,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         names = parse_classes(args.classes)
         check_backend(args.backend, args.device)
-        model = load_model(args.checkpoint, args.preset).to(args.device)
+        model = load_model(args.checkpoint, args.preset, args.trust_checkpoint).to(args.device)
         demo = args.checkpoint == "demo"
         demo_side = DEMO_EVAL_SCALE * model.cfg.vision.img_size
         cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),

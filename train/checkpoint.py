@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from groupvit.checkpoint import FORMAT, atomic_save
+from groupvit.checkpoint import FORMAT, atomic_save, safe_torch_load
 
 LATEST = "latest.pt"
 TRAIN_FORMAT = "groupvit-triton-train/1"
@@ -97,10 +97,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable training checkpoint (truncated or corrupt?): {e}") from e
+    ckpt = safe_torch_load(path)  # weights only: a crafted file runs no code
     if not isinstance(ckpt, dict) or ckpt.get("train_format") != TRAIN_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of this project (no train_format {TRAIN_FORMAT!r}); "
                          f"use groupvit.load_checkpoint for model-only files")
@@ -113,10 +110,15 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         return None
     if resume == "auto":
         p = Path(output_dir) / LATEST
-        return p if p.is_file() else None
-    p = Path(resume)
-    if p.is_dir():
-        p = p / LATEST
+        if not p.exists():
+            return None
+    else:
+        p = Path(resume)
+        if p.is_dir() and not p.name == LATEST:
+            p = p / LATEST
+        if not p.exists():
+            raise FileNotFoundError(f"resume checkpoint {p} does not exist")
     if not p.is_file():
-        raise FileNotFoundError(f"resume checkpoint {p} does not exist")
+        raise ValueError(f"resume checkpoint {p} is not a file (a directory?): move it away or give resume=PATH of a "
+                         f"checkpoint file")
     return p
