@@ -63,8 +63,9 @@ def pytest_report_collectionfinish(config, start_path, items):
     for item in items:
         reason = skip_reason(item)
         where = "device" if "device" in getattr(item, "fixturenames", ()) else "-"
-        lines.append(f"selection: {'skip' if reason else 'run'} {where} {item.nodeid}" + (f" :: {reason}" if reason
-                                                                                           else ""))
+        marks = ",".join(m for m in ("gpu", "interpreter") if m in item.keywords) or "-"
+        lines.append(f"selection: {'skip' if reason else 'run'} {where} {marks} {item.nodeid}"
+                     + (f" :: {reason}" if reason else ""))
     return lines
 
 

@@ -374,6 +374,7 @@ def test_checkpoint_formats_give_same_segmentation(tiny, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=path)
 
 
+@pytest.mark.interpreter  # the CPU model through the kernels
 @pytest.mark.skipif(importlib.util.find_spec("kernels.assign_attention") is None, reason="triton kernel not present")
 def test_triton_backend_matches_eager(tiny):
     img = _image(40, 40, 12)
