@@ -483,3 +483,47 @@ def assign_attention(
         mode, seed = 0, 0
     out, _ = _fwd_op(q, k, v, noise, seed, 0, float(tau), bool(hard), mode, float(eps), s)
     return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# variants(): keep in sync with the launchers (compiled-code report, kernels/variants.py; python -m bench.kernel_report)
+# ----------------------------------------------------------------------------------------------------------------
+
+_MODES = {"train": (1, True), "eval": (0, True), "soft": (1, False), "noise": (2, True)}  # name -> (NOISE, HARD)
+
+
+def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132) -> list:
+    """One :class:`kernels.variants.Variant` per config the launchers can pick at ``shape`` (registry dims
+    ``B, G, N, C``) and input ``dtype`` (fp32: both matmul precisions): forward and backward, every mode."""
+    from kernels.registry import OPS
+    from kernels.variants import Variant
+
+    del num_sms  # the grid does not depend on the GPU
+    b, g, n, c = shape["B"], shape["G"], shape["N"], shape["C"]
+    spec = OPS["assign_attention"]
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    es = torch.empty((), dtype=dtype).element_size()
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    out = []
+    for prec in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+        label = f"{name}-{prec}" if dtype == torch.float32 else name
+        floor = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32" if prec == "tf32" else "fp32")
+        for mode, (noise, hard) in _MODES.items():
+            for kname, bwd in (("fwd", False), ("bwd", True)):
+                blk = _blocks(g, n, c, backward=bwd)
+                warps, stages = blk.pop("num_warps"), blk.pop("num_stages")
+                chunks = triton.cdiv(c, blk["BLOCK_C"])
+                ptrs = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, noise_ptr=torch.float32 if noise == 2 else dtype,
+                            out_ptr=dtype, d_ptr=cd, do_ptr=dtype, dq_ptr=dtype, dk_ptr=dtype, dv_ptr=dtype)
+                fn = _assign_bwd_kernel if bwd else _assign_fwd_kernel
+                args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
+                args.update(seed=12345, offset=0, G=g, N=n, C=c, scale=c ** -0.5, inv_tau=1.0, eps=1.0, NOISE=noise,
+                            HARD=hard, DOT_T=_TL_DTYPE[dtype], CD=_TL_DTYPE[cd], PREC=prec, **blk)
+                out.append(Variant(
+                    op="assign_attention", kernel=kname, case=f"B{b}-G{g}-N{n}-C{c}", dtype=label, fn=fn,
+                    args=args, num_warps=warps, num_stages=stages, grid=(chunks, b),
+                    flops=spec.flops(shape, kname), bytes=spec.bytes(shape, kname, es),
+                    logits_per_iter=g * blk["BLOCK_N"] / chunks, inner_trips=triton.cdiv(c, blk["BLOCK_K"]),
+                    floor_dtype=floor, meta=dict(mode=mode),
+                    config=" ".join(f"{k[6:]}={v}" for k, v in blk.items()) + f" w{warps} s{stages}"))
+    return out

@@ -473,3 +473,63 @@ def contrastive_loss(
     scale = reference.clamped_scale(logit_scale.to(device=image.device, dtype=cd)).reshape(1)  # [1], autograd
     return _ContrastiveLoss.apply(image.to(dt).contiguous(), text.to(dt).contiguous(), scale, num_prompts, group,
                                   world, rank, _check_finite)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every config the launchers and autotuners above can pick (compiled-code report: kernels/variants.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132) -> list:
+    """One :class:`kernels.variants.Variant` per launchable config at ``shape`` (registry dims ``B, D, K``) and
+    input ``dtype`` (fp32: both matmul precisions), for a GPU with ``num_sms`` SMs. Keep in sync with the launchers."""
+    from kernels.variants import Variant
+
+    b, d, k = shape["B"], shape["D"], shape.get("K", 1)
+    m = b * k
+    es = torch.empty((), dtype=dtype).element_size()
+    block_d = max(16, triton.next_power_of_2(d))
+    precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    floor = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    out = []
+    for prec in precisions:
+        label = f"{name}-{prec}" if dtype == torch.float32 else name
+        fl = floor.get(dtype, "tf32" if prec == "tf32" else "fp32")
+        consts = dict(BLOCK_D=block_d, UPCAST=False, PRECISION=prec, ACC=acc)
+        case = dict(op="contrastive_loss", case=f"B{b}-D{d}-K{k}", dtype=label, floor_dtype=fl,
+                    meta=dict(mode=f"K={k}"))
+        # forward: tiles fixed by _fwd_block, autotuned warps x stages; grid as in _lse_op
+        blk = _fwd_block(block_d, es)
+        n_row, n_col = triton.cdiv(b, blk), triton.cdiv(m, blk)
+        per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_row))))
+        n_split = triton.cdiv(n_col, per_split)
+        for c in _fwd_launch.configs:
+            out.append(Variant(
+                kernel="fwd", fn=_fwd_kernel, num_warps=c.num_warps, num_stages=c.num_stages, grid=(n_row, n_split),
+                args=dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, row_part_ptr=torch.float32,
+                          col_part_ptr=torch.float32, B=b, M=m, D=d, stride_i=d, stride_t=d, n_col_tiles=n_col,
+                          tiles_per_split=per_split, BLOCK_M=blk, BLOCK_N=blk, **consts),
+                flops=2.0 * b * m * d, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                logits_per_iter=blk * blk, config=f"BM={blk} BN={blk} w{c.num_warps} s{c.num_stages}", **case))
+        # backward: the autotuned configs that survive _prune_bwd
+        for kname, fn, launch in (("bwd_rows", _bwd_rows_kernel, _rows_launch), ("bwd_cols", _bwd_cols_kernel,
+                                                                                 _cols_launch)):
+            rows = kname == "bwd_rows"
+            mock = {"img_ptr": torch.empty(0, dtype=dtype, device="meta"), **({"di_ptr": None} if rows else {})}
+            for c in _prune_bwd(launch.configs, mock, BLOCK_D=block_d):
+                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                ptrs = dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, r2_ptr=torch.float32,
+                            c2_ptr=torch.float32, roww_ptr=torch.float32, colw_ptr=torch.float32,
+                            out_scale_ptr=torch.float32, rowsum_ptr=torch.float32, colsum_ptr=torch.float32,
+                            di_ptr=dtype, dt_ptr=dtype)
+                args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
+                out.append(Variant(
+                    kernel=kname, fn=fn, num_warps=c.num_warps, num_stages=c.num_stages,
+                    grid=(triton.cdiv(b, bm) if rows else triton.cdiv(m, bn),),
+                    args=dict(args, B=b, M=m, D=d, stride_i=d, stride_t=d, col0=0, K=k, BLOCK_M=bm, BLOCK_N=bn,
+                              **consts),
+                    flops=4.0 * b * m * d, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
+                    logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{c.num_warps} s{c.num_stages}", **case))
+    return out
