@@ -64,10 +64,14 @@ class TextConfig:
     layers: int = 12
     heads: int = 4
     mlp_ratio: float = 4.0
+    trim_multiple: int = 16  # run each sequence only up to its EOT, rounded up to a multiple of this (exact; few
+    #                          shapes for torch.compile); 0: always the full padded length
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text width {self.width} not divisible by heads {self.heads}")
+        if self.trim_multiple < 0:
+            raise ValueError(f"text trim_multiple must be >= 0 (0: no trimming), got {self.trim_multiple}")
 
 
 @dataclass(frozen=True)

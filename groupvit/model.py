@@ -161,8 +161,38 @@ class TextTransformerStack(nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class TextPlan:
+    """Which rows of a token batch ``[N, L]`` run at which length: the exact text trimming of :class:`TextEncoder`.
+
+    With causal attention and the feature read at the EOT token, the positions after a sequence's EOT change
+    nothing, so each sequence runs only up to its EOT + 1, rounded up to a multiple of ``text.trim_multiple`` (a few
+    bucket lengths: few shapes for torch.compile). Built on the host by :meth:`TextEncoder.plan` -- from CPU tokens
+    before they are moved, so the training step needs no host read of device memory -- then moved with :meth:`to`.
+
+    Attributes:
+        groups: per bucket ``(rows [n] or None for all rows in order, EOT positions [n], length)``.
+        inverse: ``[N]`` row of each sequence in the concatenated group outputs (None: already in order).
+    """
+
+    groups: tuple[tuple[Tensor | None, Tensor, int], ...]
+    inverse: Tensor | None
+
+    def to(self, device: torch.device | str) -> "TextPlan":
+        """The same plan with its index tensors on ``device``: one transfer, then views."""
+        parts = [t for rows, eot, _ in self.groups for t in (rows, eot) if t is not None]
+        parts += [self.inverse] if self.inverse is not None else []
+        flat = torch.cat(parts).to(device, non_blocking=True)
+        views = iter(flat.split([t.numel() for t in parts]))
+        groups = tuple((None if rows is None else next(views), next(views), length) for rows, _, length in self.groups)
+        return TextPlan(groups, next(views) if self.inverse is not None else None)
+
+
 class TextEncoder(nn.Module):
-    """CLIP-style causal transformer; the feature is taken at the largest token id (EOT) of each sequence."""
+    """CLIP-style causal transformer; the feature is taken at the largest token id (EOT) of each sequence.
+
+    Each sequence runs only up to its EOT (rounded up to ``cfg.trim_multiple``, see :class:`TextPlan`); the result
+    equals the full-length computation up to float rounding."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -172,22 +202,57 @@ class TextEncoder(nn.Module):
         self.transformer = TextTransformerStack(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        self._check(tokens)
-        length = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # [B, L, W]
-        x = self.ln_final(self.transformer(x))
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, W]
+    def forward(self, tokens: Tensor, plan: TextPlan | None = None) -> Tensor:
+        """Features ``[N, W]`` of token ids ``[N, L]``. ``plan``: from :meth:`plan` of these very tokens (moved to
+        their device); without it the plan is made here, with one host read of ``tokens`` (a sync on a GPU)."""
+        if plan is None:
+            plan = self.plan(tokens).to(tokens.device)
+        elif tokens.dim() != 2 or sum(eot.shape[0] for _, eot, _ in plan.groups) != tokens.shape[0]:
+            raise ValueError(f"the text plan covers {sum(e.shape[0] for _, e, _ in plan.groups)} rows but the tokens "
+                             f"are {tuple(tokens.shape)}; make it with plan() of these tokens")
+        feats = []
+        for rows, eot, length in plan.groups:
+            t = (tokens if rows is None else tokens.index_select(0, rows))[:, :length]  # [n, l]
+            x = self.token_embedding(t) + self.positional_embedding[:length]  # [n, l, W]
+            x = self.transformer(x)
+            feats.append(x[torch.arange(x.shape[0], device=x.device), eot])  # [n, W]
+        x = feats[0] if len(feats) == 1 else torch.cat(feats)
+        if plan.inverse is not None:
+            x = x.index_select(0, plan.inverse)
+        return self.ln_final(x)  # row-wise: the same as normalising every position, then picking the EOT
 
-    def _check(self, tokens: Tensor) -> None:
+    @torch.compiler.disable  # host-side planning: runs before the compiled step (train.loop), never inside it
+    def plan(self, tokens: Tensor) -> TextPlan:
+        """Check token ids ``[N, L]`` and plan their trimmed run; one host read (free for CPU tokens). The plan's
+        tensors are on the CPU: move it with :meth:`TextPlan.to`."""
         cfg = self.cfg
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token ids must be an integer tensor [B, L], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.shape[1] > cfg.context_length:
-            raise ValueError(f"text length {tokens.shape[1]} exceeds the context length {cfg.context_length}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got range "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(f"token ids must be an integer tensor [N, L], got {tuple(tokens.shape)} {tokens.dtype}")
+        n, length = tokens.shape
+        if length > cfg.context_length:
+            raise ValueError(f"text length {length} exceeds the context length {cfg.context_length}")
+        if n == 0 or length == 0:
+            raise ValueError(f"empty token batch {tuple(tokens.shape)}")
+        cpu = tokens.detach().cpu()
+        lo, hi = int(cpu.min()), int(cpu.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got range [{lo}, {hi}]")
+        eot = cpu.argmax(dim=-1)  # [N] the EOT is the largest id
+        m = cfg.trim_multiple
+        if m == 0:
+            return TextPlan(((None, eot, length),), None)
+        bucket = ((eot + m) // m * m).clamp(max=length)  # EOT + 1 rounded up to a multiple of m, at most L
+        lengths = bucket.unique().tolist()  # ascending
+        if len(lengths) == 1:
+            return TextPlan(((None, eot, lengths[0]),), None)
+        groups, order = [], []
+        for v in lengths:
+            rows = (bucket == v).nonzero().flatten()
+            groups.append((rows, eot[rows], v))
+            order.append(rows)
+        inverse = torch.empty(n, dtype=torch.int64)
+        inverse[torch.cat(order)] = torch.arange(n)
+        return TextPlan(tuple(groups), inverse)
 
 
 class ProjectMLP(nn.Module):
@@ -288,6 +353,10 @@ class GroupViT(nn.Module):
         x = self.text_encoder(tokens.reshape(-1, tokens.shape[-1]))
         return self.text_projector(x).reshape(*lead, -1)
 
+    def plan_text(self, texts: Tensor) -> TextPlan:
+        """:meth:`TextEncoder.plan` of the rows of ``texts [..., L]`` (as :meth:`forward` flattens them), on the CPU."""
+        return self.text_encoder.plan(texts.reshape(-1, texts.shape[-1]))
+
     def logits_per_image(self, images: Tensor, tokens: Tensor) -> Tensor:
         """``min(exp(theta), 100) * normalize(image) @ normalize(text)^T``, ``[B_img, B_txt]``."""
         img = F.normalize(self.encode_image(images), dim=-1)
@@ -296,17 +365,20 @@ class GroupViT(nn.Module):
 
     # ---- training forward ---------------------------------------------------------------------------------------
 
-    def forward(self, images: Tensor, texts: Tensor) -> GroupViTOutput:
+    def forward(self, images: Tensor, texts: Tensor, *, text_plan: TextPlan | None = None) -> GroupViTOutput:
         """Normalised embeddings for the losses: :meth:`project` of :meth:`forward_towers`.
 
         Args:
             images: ``[B, 3, H, W]``.
             texts: ``[B, L]`` captions, or ``[B, 1+K, L]`` caption followed by K noun prompts.
+            text_plan: :meth:`plan_text` of ``texts`` (made on the host before they moved: no host read here);
+                None: planned here, with one host read of ``texts``.
         """
-        features = self.forward_towers(images, texts)  # validates the shapes
+        features = self.forward_towers(images, texts, text_plan=text_plan)  # validates the shapes
         return self.project(*features, num_texts=texts.shape[1] if texts.dim() == 3 else 1)
 
-    def forward_towers(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_towers(self, images: Tensor, texts: Tensor, *, text_plan: TextPlan | None = None
+                       ) -> tuple[Tensor, Tensor]:
         """The two towers up to their pooled outputs, before the projectors (the only cross-sample layers: their
         BatchNorm): image features ``[B, C]`` (mean over the final groups) and text features ``[B*(1+K), W]``
         (row ``b*(1+K) + j``: caption ``j = 0``, prompts ``j >= 1`` of image b). Arguments as :meth:`forward`."""
@@ -318,7 +390,7 @@ class GroupViT(nn.Module):
         if texts.shape[1] > 1 and self.multi_label_logit_scale is None:
             raise ValueError(f"texts carry {texts.shape[1] - 1} prompts but the model has multi_label=0")
         z, _, _ = self.img_encoder(images)  # [B, G_last, C]
-        return z.mean(dim=1), self.text_encoder(texts.reshape(-1, texts.shape[-1]))
+        return z.mean(dim=1), self.text_encoder(texts.reshape(-1, texts.shape[-1]), text_plan)
 
     def project(self, image_features: Tensor, text_features: Tensor, *, num_texts: int) -> GroupViTOutput:
         """Projectors and L2 normalisation of :meth:`forward_towers`' outputs ``[B, C]``, ``[B*num_texts, W]``

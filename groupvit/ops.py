@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 from typing import Callable, Iterator, Literal
 
@@ -47,6 +48,7 @@ def _validated(name: str, allowed: tuple[str, ...], what: str) -> str:
 _backend: str = _validated(os.environ.get("GROUPVIT_BACKEND", "eager"), BACKENDS, "GROUPVIT_BACKEND")
 _attention: str = _validated(os.environ.get("GROUPVIT_ATTENTION", "auto"), ATTENTION_IMPLS, "GROUPVIT_ATTENTION")
 _kernel_noise: bool = False
+_check_finite: bool = True
 
 
 def set_backend(name: str) -> None:
@@ -85,6 +87,31 @@ def use_attention(name: str) -> Iterator[None]:
         set_attention(prev)
 
 
+def set_check_finite(enabled: bool) -> None:
+    """Turn the fused contrastive loss's own non-finite input check on (default) or off.
+
+    On, a NaN/Inf in the loss inputs raises a ``ValueError`` naming the input, at the price of one host sync per
+    loss call on a GPU. Training turns it off (``TrainConfig.check_finite``): its step checks the loss and the
+    gradient norm itself, with the step's one sync. The eager backend has no such check (non-finite in, out)."""
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def get_check_finite() -> bool:
+    return _check_finite
+
+
+@contextlib.contextmanager
+def use_check_finite(enabled: bool) -> Iterator[None]:
+    """Temporarily set :func:`set_check_finite` (restored on exit, also on error)."""
+    prev = _check_finite
+    set_check_finite(enabled)
+    try:
+        yield
+    finally:
+        set_check_finite(prev)
+
+
 @contextlib.contextmanager
 def use_kernel_noise(enabled: bool = True) -> Iterator[None]:
     """Make the eager backend draw its Gumbel noise from the fused kernel's Philox stream.
@@ -109,6 +136,12 @@ def _triton_impl(op: str) -> Callable[..., Tensor]:
     except ImportError as e:  # triton missing or broken: say so instead of falling back
         raise RuntimeError(f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
                            f"Install triton (see README) or use ops.set_backend('eager').") from e
+
+
+@functools.cache
+def _triton_module(op: str):
+    _triton_impl(op)  # the same clear error when triton cannot be loaded
+    return importlib.import_module(OPS[op].triton.split(":")[0])
 
 
 def _impl(op: str) -> Callable[..., Tensor]:
@@ -138,7 +171,12 @@ def assignment_maps(
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None) -> Tensor:
-    """Image-text (K=1) or multi-label (K>1) loss of this rank; spec: :func:`kernels.reference.contrastive_loss`."""
+    """Image-text (K=1) or multi-label (K>1) loss of this rank; spec: :func:`kernels.reference.contrastive_loss`.
+    With the triton backend, :func:`set_check_finite` decides whether non-finite inputs raise."""
+    if _backend == "triton":
+        mod = _triton_module("contrastive_loss")
+        if mod._check_finite != _check_finite:
+            mod.set_check_finite(_check_finite)
     return _impl("contrastive_loss")(image, text, logit_scale, num_prompts=num_prompts, group=group)
 
 
