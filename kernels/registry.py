@@ -5,7 +5,8 @@ lazily so that this module needs torch only), an input factory, named shape case
 dimensions, and the FLOP / byte model used to report % of the physical floor (kernels_notes.md §4).
 
 Case tags: ``smoke`` (tiny odd shapes, run under the Triton interpreter in CI), ``model`` (real GroupViT shapes;
-a handful run in CI with B <= 2), ``sweep`` (benchmarks only).
+a handful run in CI with B <= 2), ``sweep`` (benchmarks only), ``headline`` (the decisive shapes that
+``python -m bench.verdict`` checks and times first on a GPU).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def _assign_bytes(d: dict[str, int], mode: str, es: int) -> float:
 
 _SMOKE = frozenset({"smoke"})
 _MODEL = frozenset({"model", "sweep"})
+_HEADLINE = _MODEL | {"headline"}
 
 ASSIGN_ATTENTION = OpSpec(
     name="assign_attention",
@@ -101,8 +103,8 @@ ASSIGN_ATTENTION = OpSpec(
         Case("g8-n37-c40", dict(B=1, G=8, N=37, C=40), _SMOKE),
         Case("g16-n37-c24-soft", dict(B=2, G=16, N=37, C=24), _SMOKE, dict(hard=False)),
         Case("stage1-b2", dict(B=2, G=64, N=196, C=384), frozenset({"model"})),
-        Case("stage1", dict(B=256, G=64, N=196, C=384), _MODEL),
-        Case("stage2", dict(B=256, G=8, N=64, C=384), _MODEL),
+        Case("stage1", dict(B=256, G=64, N=196, C=384), _HEADLINE),
+        Case("stage2", dict(B=256, G=8, N=64, C=384), _HEADLINE),
         Case("crop448", dict(B=64, G=64, N=784, C=384), _MODEL),
     )
     + tuple(Case(f"stage1-b{b}", dict(B=b, G=64, N=196, C=384)) for b in (64, 128, 512)),
@@ -155,7 +157,8 @@ CONTRASTIVE_LOSS = OpSpec(
         _cl("b67-d16-clamp", 67, 16, 1, _SMOKE, theta=4.7),  # exp(4.7) > 100: clamp active
         _cl("gpu256", 256, 256, 1, frozenset({"model"})),
     )
-    + tuple(_cl(f"b{b}-k{k}", b, 256, k, _MODEL) for b in (256, 4096, 8192, 16384, 32768, 65536) for k in (1, 3)),
+    + tuple(_cl(f"b{b}-k{k}", b, 256, k, _HEADLINE if b == 32768 else _MODEL)
+            for b in (256, 4096, 8192, 16384, 32768, 65536) for k in (1, 3)),
     flops=_contrastive_flops,
     bytes=_contrastive_bytes,
 )

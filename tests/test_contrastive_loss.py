@@ -356,33 +356,7 @@ def test_kernels_compile_for_sm90():
 # ---- GPU: large-batch parity against a chunked fp64 oracle ------------------------------------------------------
 
 
-def chunked_oracle(img: Tensor, txt: Tensor, theta: Tensor, k: int, cd: torch.dtype, chunk: int = 2048
-                   ) -> tuple[Tensor, ...]:
-    """Single-process loss and gradients (image, text, theta), all in ``cd``, from kernels_notes.md §3, ``chunk`` rows
-    at a time (the reference needs several B x M matrices: ~26 GB each at B = 32768, K = 3, fp64)."""
-    i, t = img.to(cd), txt.to(cd)
-    b, m = i.shape[0], t.shape[0]
-    th = theta.detach().to(cd).requires_grad_(True)
-    s = reference.clamped_scale(th)
-    (ds_dth,) = torch.autograd.grad(s, th)
-    s = s.detach()
-    r = torch.cat([torch.logsumexp(s * i[a : a + chunk] @ t.T, dim=1) for a in range(0, b, chunk)])  # [B]
-    c = torch.cat([torch.logsumexp(s * t[a : a + chunk] @ i.T, dim=1) for a in range(0, m, chunk)])  # [M]
-    pos = (i.view(b, 1, -1) * t.view(b, k, -1)).sum(-1)  # [B, K]
-    loss = 0.5 * ((r - s * pos.mean(1)).mean() + (c.view(b, k) - s * pos).mean())
-    alpha, beta = 0.5 / b, 0.5 / m
-    d_i, d_t, d_s = torch.empty_like(i), torch.zeros_like(t), torch.zeros((), dtype=cd, device=i.device)
-    for a in range(0, b, chunk):
-        rows = torch.arange(a, min(a + chunk, b), device=i.device)
-        raw = i[rows] @ t.T  # [chunk, M]
-        x = s * raw
-        gx = alpha * torch.exp(x - r[rows, None]) + beta * torch.exp(x - c[None, :])
-        cols = rows[:, None] * k + torch.arange(k, device=i.device)  # positives of these rows
-        gx.scatter_add_(1, cols, torch.full(cols.shape, -(alpha / k + beta), dtype=cd, device=i.device))
-        d_i[rows] = s * gx @ t
-        d_t += s * gx.T @ i[rows]
-        d_s += (gx * raw).sum()
-    return loss, d_i, d_t, d_s * ds_dth
+chunked_oracle = reference.contrastive_loss_chunked  # the large-batch oracle (kernels/reference.py)
 
 
 @pytest.mark.parametrize("case", ["b67-d40-k3", "b100-d16", "b67-d16-clamp"])
