@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from kernels.reference import clamped_scale
+from groupvit.imageio import decode_image, to_rgb
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageLike", "SegConfig", "ZeroShotSegmenter", "class_embeddings", "crop_scores",
@@ -255,13 +256,11 @@ def load_image(src: ImageLike) -> np.ndarray:
         if not path.is_file():
             raise ValueError(f"cannot read image {str(path)!r}: no such file")
         try:
-            with Image.open(path) as im:
-                im.load()
-                return np.array(im.convert("RGB"))
+            return np.array(decode_image(path))  # 16-bit grey scaled to 8 bits, pixel cap (groupvit.imageio)
         except Exception as e:  # PIL raises UnidentifiedImageError / OSError / SyntaxError on bad files
             raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
     if isinstance(src, Image.Image):
-        return np.array(src.convert("RGB"))
+        return np.array(to_rgb(src))
     if isinstance(src, np.ndarray):
         if src.dtype != np.uint8:
             raise TypeError(f"image arrays must be uint8 RGB [H, W, 3], got {src.dtype}")

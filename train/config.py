@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,7 @@ import yaml
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("eager", "triton")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -86,7 +88,14 @@ class TrainConfig:
     ckpt_interval: int = 1000  # steps between checkpoints (latest.pt); one is also written at the end
     seed: int = 0  # process seed = seed + rank; data order depends on (seed, epoch) only
     resume: str | None = None  # path to a checkpoint, 'auto' (output_dir/latest.pt if present) or None
+    overwrite: bool = False  # a run without resume may replace a checkpoint already in output_dir
     skip_nonfinite: bool = False  # skip (and count) steps whose loss or gradient norm is not finite; else raise
+    check_finite: bool = False  # also check the fused loss's inputs (raises naming the non-finite input; one more
+    #                             host sync per loss call on a GPU); the step's own check (above) is always on
+    compile: bool = False  # torch.compile the forward + losses (train.loop.compile_forward_loss)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    threads: int | None = None  # torch intra-op CPU threads; None: the CPU cores of this process (split between
+    #                             ranks on one machine) minus data.num_workers, at least 1
     max_steps: int | None = None  # stop after this many global steps (the schedule still spans all epochs)
     time_limit_s: float | None = None  # stop (with a checkpoint) after this much training wall time
     tensorboard: bool = False  # also log to output_dir/tb (needs the tensorboard package)
@@ -127,6 +136,15 @@ class TrainConfig:
             raise ValueError(f"optim.betas must have two entries, got {o.betas}")
         if o.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0, got {o.clip_grad}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or null: the whole schedule), got {self.max_steps}")
+        if self.check_finite and self.skip_nonfinite:
+            raise ValueError("check_finite=true raises at the first non-finite loss input, so skip_nonfinite=true "
+                             "could never skip: set one of them (the step's own check catches NaN/Inf either way)")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r}: choose one of {COMPILE_MODES}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null: cores minus data workers), got {self.threads}")
         if self.micro_batch is not None and self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0 or null: off), got {self.micro_batch}")
 
@@ -148,6 +166,14 @@ class TrainConfig:
         """``(base, warmup, min)`` lr scaled linearly by ``global_batch / lr_ref_batch``."""
         s = self.data.batch_size * world_size / self.optim.lr_ref_batch
         return self.optim.base_lr * s, self.optim.warmup_lr * s, self.optim.min_lr * s
+
+    def torch_threads(self, local_ranks: int = 1) -> int:
+        """Intra-op threads for this process: ``threads``, or the usable CPU cores divided between the ranks on this
+        machine (``local_ranks``) minus the data workers, at least 1 (workers and torch threads do not oversubscribe)."""
+        if self.threads is not None:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // max(1, local_ranks) - self.data.num_workers)
 
     def model_overrides(self) -> dict[str, Any]:
         """Overrides for ``groupvit.create_model``: the user's plus ``vision.img_size`` and ``multi_label`` from
@@ -206,6 +232,7 @@ _DEMO = dict(
     # lr reference batch 64 instead of 4096: the recipe's 1.6e-3 peak at this small global batch
     optim=dict(epochs=6, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0),
     precision="fp32", output_dir="runs/demo", log_interval=25, ckpt_interval=250, time_limit_s=420,
+    overwrite=True,  # `make demo` retrains from scratch each time (resume=auto continues instead)
 )
 
 PRESETS: dict[str, dict[str, Any]] = {"demo": _DEMO, "gcc-yfcc": _GCC_YFCC}

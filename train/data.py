@@ -51,6 +51,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import glob
+
 import braceexpand
 import numpy as np
 import torch
@@ -58,15 +60,18 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.prompts import load_tagger, make_prompts
+from groupvit.imageio import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 from groupvit.tokenizer import CONTEXT_LENGTH, get_tokenizer
-from train.transforms import TrainTransform
+from train.gpu_augment import DeviceAugment
+from train.prompts import NOUNS_KEY, load_tagger, make_prompts, parse_nouns
+from train.transforms import TrainTransform, decode_crop
 
 __all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_train_loader", "expand_urls",
            "write_shards"]
 
 log = logging.getLogger(__name__)
 
+AUGMENT_ON = ("cpu", "gpu")
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 TEXT_KEYS = ("txt", "text")
 _MAX_WARNINGS = 10  # per kind of problem and consumer; everything is still counted
@@ -148,12 +153,14 @@ class DataStats:
     missing_captions: int = 0  # no txt/text member
     empty_captions: int = 0    # caption empty after stripping whitespace
     corrupt_images: int = 0    # image bytes PIL cannot decode
+    oversized_images: int = 0  # images above the pixel cap (max_pixels: decompression bombs), not decoded
     shard_errors: int = 0      # shards that could not be opened/read to the end (truncated, missing, bad tar)
 
     @property
     def skipped(self) -> int:
         """Samples dropped for bad data."""
-        return self.missing_images + self.missing_captions + self.empty_captions + self.corrupt_images
+        return (self.missing_images + self.missing_captions + self.empty_captions + self.corrupt_images
+                + self.oversized_images)
 
     def __add__(self, other: "DataStats") -> "DataStats":
         return DataStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
@@ -170,7 +177,10 @@ def _is_local(url: str) -> bool:
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand one pattern or a list of patterns (several datasets) into one shard list, in order.
+    """Expand one pattern or a list of patterns (several datasets) into one shard list, in order.
+
+    A pattern is brace-expanded (``gcc-{000000..000436}.tar``); a local pattern holding glob characters
+    (``*``, ``?``, ``[...]``) is then matched against the file system (sorted), so ``data/*.tar`` works too.
 
     Raises:
         ValueError: no pattern given; FileNotFoundError: a local pattern none of whose shards exists.
@@ -181,10 +191,18 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for pat in patterns:
         pat = os.fspath(pat)
-        shards = list(braceexpand.braceexpand(pat))
+        shards = []
+        for s in braceexpand.braceexpand(pat):
+            path = s.removeprefix("file:")
+            if _is_local(s) and glob.has_magic(path):
+                shards.extend(sorted(glob.glob(path)))
+            else:
+                shards.append(s)
         local = [s for s in shards if _is_local(s)]
-        if local and not any(os.path.exists(s.removeprefix("file:")) for s in local):
-            raise FileNotFoundError(f"build_train_loader: no shard of pattern {pat!r} exists")
+        if not shards or (local and not any(os.path.exists(s.removeprefix("file:")) for s in local)):
+            raise FileNotFoundError(f"build_train_loader: no shard of pattern {pat!r} exists (patterns are "
+                                    f"brace-expanded, e.g. 'dir/name-{{000000..000099}}.tar', or globbed, e.g. "
+                                    f"'dir/*.tar')")
         out.extend(shards)
     return out
 
@@ -236,20 +254,51 @@ def _shuffled(items: Iterator[Any], bufsize: int, rng: random.Random, initial: i
     yield from buf
 
 
-def _decode_image(data: bytes) -> Image.Image:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. PIL's palette-transparency and decompression-bomb warnings
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
+def _why_undecodable(exn: Exception) -> str:
+    """One line on a decoder failure, without PIL's ``<_io.BytesIO object at 0x...>`` stand-in for the file."""
+    msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(exn))[:200]
+    return f"{type(exn).__name__}: {msg}"
+
+
+class _CpuPath:
+    """``augment_on=cpu``: decode fully in the worker, then ``transform(PIL image, rng) -> float [3, S, S]``."""
+
+    def __init__(self, transform: Callable[[Image.Image, random.Random], torch.Tensor], max_pixels: int | None):
+        self.transform, self.max_pixels = transform, max_pixels
+
+    def decode(self, data: bytes, rng: random.Random) -> Image.Image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's palette-transparency notes
+            return to_rgb(open_image(data, self.max_pixels))
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
+        return {"images": self.transform(img, rng)}
+
+
+class _GpuPath:
+    """``augment_on=gpu``: decode + crop to ``uint8 [3, S, S]`` in the worker and draw the per-sample parameters
+    of :class:`train.gpu_augment.DeviceAugment`, which the main process applies batched on the device."""
+
+    def __init__(self, device_aug: DeviceAugment, max_pixels: int | None):
+        self.device_aug, self.max_pixels = device_aug, max_pixels
+
+    def decode(self, data: bytes, rng: random.Random) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return decode_crop(data, self.device_aug.img_size, rng, augment=self.device_aug.augment,
+                               max_pixels=self.max_pixels)  # [S, S, 3] uint8
+
+    def __call__(self, arr: np.ndarray, rng: random.Random) -> dict[str, torch.Tensor]:
+        return {"images": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),  # [3, S, S] uint8
+                "aug_params": torch.from_numpy(self.device_aug.sample_params(rng))}  # [P] float64
 
 
 class _ShardStream(IterableDataset):
     """IterableDataset yielding finished batches (dicts) of one consumer; see the module docstring."""
 
     def __init__(self, shards: list[str], *, batch_size: int, context_length: int, multi_label: int,
-                 transform: Callable[[Image.Image, random.Random], torch.Tensor], shuffle_buffer: int, seed: int,
-                 rank: int, world_size: int, repeat: bool):
+                 transform: _CpuPath | _GpuPath, shuffle_buffer: int, seed: int, rank: int, world_size: int,
+                 repeat: bool):
         super().__init__()
         self.shards, self.batch_size, self.context_length, self.multi_label = shards, batch_size, context_length, \
             multi_label
@@ -288,7 +337,9 @@ class _ShardStream(IterableDataset):
             yield {"url": u}
 
     @staticmethod
-    def _with_caption(samples: Iterator[dict[str, Any]], problems: _Problems) -> Iterator[tuple[str, bytes, str]]:
+    def _with_caption(samples: Iterator[dict[str, Any]],
+                      problems: _Problems) -> Iterator[tuple[str, str, bytes, str, list[str] | None]]:
+        """``(key, shard, image bytes, caption, precomputed candidate nouns or None)`` of the good samples."""
         for s in samples:
             key = str(s.get("__key__", "?"))
             img = next((s[k] for k in IMAGE_KEYS if k in s), None)
@@ -302,7 +353,8 @@ class _ShardStream(IterableDataset):
                 if not caption:
                     problems("empty_captions", f"{key} ({s.get('__url__')})")
                 else:
-                    yield key, img, caption
+                    nouns = parse_nouns(s[NOUNS_KEY], caption) if NOUNS_KEY in s else None
+                    yield key, str(s.get("__url__")), img, caption, nouns
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -325,19 +377,24 @@ class _ShardStream(IterableDataset):
         good = _shuffled(self._with_caption(raw, problems), self.shuffle_buffer,
                          random.Random(f"shuffle/{worker_seed}/{self.epoch}"))
         tok = get_tokenizer()
-        pending: list[tuple[int, str, Image.Image, str]] = []
+        pending: list[tuple[random.Random, str, Any, str, list[str] | None]] = []
         n_decoded = 0
-        for idx, (key, data, caption) in enumerate(good):
+        for idx, (key, url, data, caption, nouns) in enumerate(good):
+            # the i-th good sample's own stream: crop (gpu path) then augmentation, then prompts
+            rng = random.Random(f"sample/{worker_seed}/{self.epoch}/{idx}")
             try:
-                img = _decode_image(data)
+                img = self.transform.decode(data, rng)
+            except ImageTooLarge as exn:
+                problems("oversized_images", f"{url}: sample {key}: {exn}")
+                continue
             except Exception as exn:  # noqa: BLE001 - any decoder failure means a corrupt image
-                problems("corrupt_images", f"{key}: {type(exn).__name__}: {str(exn)[:200]}")
+                problems("corrupt_images", f"{url}: sample {key}: {_why_undecodable(exn)}")
                 if n_decoded == 0 and stats.corrupt_images >= 10_000:  # a repeating stream would spin forever
                     raise RuntimeError(f"data consumer {consumer}: the first {stats.corrupt_images} images were "
                                        f"all undecodable; stats {stats}") from None
                 continue
             n_decoded += 1
-            pending.append((idx, key, img, caption))
+            pending.append((rng, key, img, caption, nouns))
             if len(pending) < self.batch_size:
                 continue
             batch, pending = pending, []
@@ -346,16 +403,16 @@ class _ShardStream(IterableDataset):
             if skip > 0:
                 skip -= 1
                 continue
-            images, texts = [], []
-            for i, _, im, cap in batch:
-                rng = random.Random(f"sample/{worker_seed}/{self.epoch}/{i}")
-                images.append(self.transform(im, rng))
-                texts.extend([cap] + make_prompts(cap, self.multi_label, rng))
+            parts: list[dict[str, torch.Tensor]] = []
+            texts = []
+            for rng, _, im, cap, nouns in batch:
+                parts.append(self.transform(im, rng))
+                texts.extend([cap] + make_prompts(cap, self.multi_label, rng, words=nouns))
             ids = tok(texts, context_length=self.context_length)  # [B * (1 + K), L]
             yield {
-                "images": torch.stack(images),  # [B, 3, S, S]
+                **{name: torch.stack([p[name] for p in parts]) for name in parts[0]},  # images [B, 3, S, S], ...
                 "texts": ids.view(len(batch), 1 + self.multi_label, self.context_length),  # [B, 1 + K, L]
-                "keys": [k for _, k, _, _ in batch],
+                "keys": [k for _, k, _, _, _ in batch],
                 "_stats": (consumer, dataclasses.replace(stats)),
             }
         yield {"_stats": (consumer, dataclasses.replace(stats))}  # final counts (one-pass mode), no batch
@@ -369,13 +426,16 @@ class TrainLoader:
 
     ``set_epoch(epoch, start_batch)`` selects what the next ``iter()`` yields; after a completed epoch the loader
     moves on to ``epoch + 1`` from batch 0 by itself. ``stats`` sums the counters over all epochs iterated so far
-    (as last reported by each worker).
+    (as last reported by each worker). With ``device_augment`` (``augment_on=gpu``) the workers' ``uint8`` batches
+    are moved to ``device`` and augmented there (in the main process) before they are yielded.
     """
 
     def __init__(self, dataset: _ShardStream, *, num_workers: int, epoch_len: int | None, pin_memory: bool,
-                 prefetch_factor: int | None):
+                 prefetch_factor: int | None, device_augment: DeviceAugment | None = None,
+                 device: torch.device | str = "cpu"):
         self.dataset, self.num_workers, self.epoch_len = dataset, num_workers, epoch_len
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.device_augment, self.device = device_augment, torch.device(device)
         self.epoch, self.start_batch = 0, 0
         self._done = DataStats()     # stats of finished iterations
         self._live: dict[int, DataStats] = {}  # latest snapshot per consumer of the running iteration
@@ -433,6 +493,9 @@ class TrainLoader:
                 if discard > 0:
                     discard -= 1
                     continue
+                if self.device_augment is not None and "aug_params" in batch:
+                    images = batch["images"].to(self.device, non_blocking=True)  # uint8 [B, 3, S, S]
+                    batch["images"] = self.device_augment.apply(images, batch.pop("aug_params"))
                 yield batch
                 n += 1
                 if self.epoch_len is not None and n >= self.epoch_len:
@@ -450,7 +513,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
                        augment: bool = True, shuffle_buffer: int = 10_000, seed: int = 0, rank: int = 0,
                        world_size: int = 1, epoch_len: int | None = None,
                        transform: Callable[[Image.Image, random.Random], torch.Tensor] | None = None,
-                       pin_memory: bool = False, prefetch_factor: int | None = None) -> TrainLoader:
+                       pin_memory: bool = False, prefetch_factor: int | None = None, augment_on: str = "cpu",
+                       device: torch.device | str = "cpu", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> TrainLoader:
     """Training loader over webdataset shards (see the module docstring).
 
     Args:
@@ -463,8 +527,13 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
         shuffle_buffer: samples per consumer in the shuffle buffer (0 = no sample shuffling).
         seed, rank, world_size: seeding and distributed split.
         epoch_len: batches per epoch per rank (stream repeats forever), or ``None`` for one pass over the shards.
-        transform: ``f(img, rng) -> [3, S, S]`` replacing ``TrainTransform(img_size, augment)``.
+        transform: ``f(img, rng) -> [3, S, S]`` replacing ``TrainTransform(img_size, augment)`` (cpu path only).
         pin_memory, prefetch_factor: passed to torch's DataLoader.
+        augment_on: ``"cpu"`` (workers run the whole timm-semantics transform) or ``"gpu"`` (workers decode and crop
+            to uint8; flip, RandAugment, normalisation and erasing run batched on ``device``, see
+            :mod:`train.gpu_augment`).
+        device: where ``augment_on="gpu"`` augments (and leaves) the images.
+        max_pixels: pixel cap per image; larger ones are skipped and counted (``oversized_images``), ``None``: none.
     Returns:
         a :class:`TrainLoader` yielding ``{"images": [B,3,S,S] float32, "texts": [B,1+K,L] int64, "keys": list}``.
     """
@@ -477,12 +546,21 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
         raise ValueError(f"build_train_loader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if epoch_len is not None and (not isinstance(epoch_len, int) or epoch_len < 1):
         raise ValueError(f"build_train_loader: epoch_len must be None or an int >= 1, got {epoch_len!r}")
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"build_train_loader: augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
+    if augment_on == "gpu" and transform is not None:
+        raise ValueError("build_train_loader: a custom transform runs on the CPU: use augment_on='cpu' with it")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"build_train_loader: max_pixels must be None or an int >= 1, got {max_pixels!r}")
     shards = expand_urls(urls)
     get_tokenizer()      # build once here so forked workers inherit it
     if multi_label > 0:
         load_tagger()    # fail fast (with instructions) if the NLTK tagger is missing
+    device_aug = DeviceAugment(img_size, augment) if augment_on == "gpu" else None
+    path = _GpuPath(device_aug, max_pixels) if device_aug is not None else \
+        _CpuPath(transform or TrainTransform(img_size, augment), max_pixels)
     ds = _ShardStream(shards, batch_size=batch_size, context_length=context_length, multi_label=multi_label,
-                      transform=transform or TrainTransform(img_size, augment), shuffle_buffer=shuffle_buffer,
-                      seed=seed, rank=rank, world_size=world_size, repeat=epoch_len is not None)
+                      transform=path, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+                      repeat=epoch_len is not None)
     return TrainLoader(ds, num_workers=num_workers, epoch_len=epoch_len, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor)
+                       prefetch_factor=prefetch_factor, device_augment=device_aug, device=device)

@@ -16,6 +16,7 @@ non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+import weakref
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ import groupvit
 from groupvit import ops
 from train.checkpoint import (LATEST, load_training_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
                               set_rng_state, unwrap)
+from train import rundir
 from train.config import TrainConfig
 from train.gradcache import gradcache_backward
 from train.optim import CosineSchedule, LRStepper, build_optimizer
@@ -52,13 +55,20 @@ class NonFiniteLossError(RuntimeError):
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any], *,
                scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
                clip_grad: float = 5.0, skip_nonfinite: bool = False, step: int | None = None,
-               micro_batch: int | None = None) -> dict[str, Any]:
+               micro_batch: int | None = None, check_finite: bool = False,
+               forward: Callable[..., dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """One optimizer step on ``batch = {"images": [B,3,H,W], "texts": [B,1+K,L], ...}``.
 
     Forward (under autocast when ``autocast_dtype`` is given) -> ``loss_fn`` (``loss``, ``loss_itc``, ``loss_ml``) ->
     backward (through ``scaler`` for fp16) -> grad-norm clip to ``clip_grad`` (0: measure only) -> optimizer step.
     With ``0 < micro_batch < B`` the forward and backward run through :func:`train.gradcache.gradcache_backward`
     (the same loss and gradients over the whole batch, tower activations of ``micro_batch`` samples at a time).
+
+    The texts are planned for exact trimming (:class:`groupvit.model.TextPlan`) on the host *before* they move to
+    the device, so no step reads device memory for it; ``forward(model, loss_fn, images, texts, text_plan)`` runs the
+    forward and the losses (default :func:`forward_loss`; :func:`compile_forward_loss` for ``compile=true``).
+    ``check_finite``: the fused loss's own input check (:func:`groupvit.ops.set_check_finite`; one more host sync
+    per loss call on a GPU), off by default: the non-finite protection is the step's own check below.
 
     A step whose loss or global gradient norm is not finite is never applied: gradients are dropped and the
     BatchNorm running statistics restored. With ``skip_nonfinite`` it is skipped (``skipped=True`` returned);
@@ -69,31 +79,33 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     Returns:
         floats ``loss``, ``loss_itc``, ``loss_ml`` (NaN when absent), ``grad_norm``, ``logit_scale`` and
         ``multi_label_logit_scale`` (the clamped ``exp``, NaN when absent), and bools ``finite``, ``skipped``.
-        The values are read with one host sync.
+        The values are read with one host sync, the only one of the step (no GradScaler; ``check_finite`` off).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_step: the model has no trainable parameters")
     device = params[0].device
+    bare = unwrap(model)
+    text_plan = bare.plan_text(batch["texts"]).to(device)  # host-side for CPU batches (the loader's)
     images = batch["images"].to(device, non_blocking=True)
     texts = batch["texts"].to(device, non_blocking=True)
-    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics (small), restored on a bad step
+    buffers, saved = _snapshot_buffers(model)  # BatchNorm statistics (small), restored on a bad step
 
     optimizer.zero_grad(set_to_none=True)
-    if micro_batch and micro_batch < images.shape[0]:
-        losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
-                                    autocast_dtype=autocast_dtype)
-    else:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = model(images, texts)
-            losses = loss_fn(out)
-        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+    with ops.use_check_finite(check_finite):
+        if micro_batch and micro_batch < images.shape[0]:
+            losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
+                                        autocast_dtype=autocast_dtype)
+        else:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                losses = (forward or forward_loss)(model, loss_fn, images, texts, text_plan)
+            (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     loss = losses["loss"]
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
 
-    bare = unwrap(model)
     nan = torch.tensor(float("nan"), device=device)
     ml_scale = getattr(bare, "multi_label_logit_scale", None)
     stats = torch.stack([
@@ -120,9 +132,9 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
             optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
         where = f"step {step}" if step is not None else "this step"
         msg = f"non-finite loss at {where}: loss={loss_v}, loss_itc={itc}, loss_ml={ml}, grad_norm={gnorm}"
         if not skip_nonfinite:
@@ -132,6 +144,35 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         skipped = True
     return {"loss": loss_v, "loss_itc": itc, "loss_ml": ml, "grad_norm": gnorm, "logit_scale": scale,
             "multi_label_logit_scale": ml_s, "finite": ok, "skipped": skipped}
+
+
+def forward_loss(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor,
+                 text_plan: Any = None) -> dict[str, torch.Tensor]:
+    """``loss_fn(model(images, texts, text_plan=text_plan))``: the part of a step that ``compile=true`` compiles."""
+    return loss_fn(model(images, texts, text_plan=text_plan))
+
+
+def compile_forward_loss(mode: str | None = None) -> Callable[..., dict[str, torch.Tensor]]:
+    """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs). The fused kernels are
+    custom ops (one node each); the graph breaks left are the Philox seed draw of the triton assignment
+    (:func:`kernels.assign_attention.draw_seed`, a CPU-generator read kept eager so compiled and eager runs draw the
+    same seeds) and, in distributed runs, DDP's bucketed all-reduce (its optimizer split)."""
+    return torch.compile(forward_loss, mode=mode)
+
+
+_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _snapshot_buffers(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The model's buffers and a copy of them, refilled in place every step (no per-step allocation)."""
+    buffers = [b for b in model.buffers()]
+    saved = _SNAPSHOTS.get(model)
+    if saved is None or [s.shape for s in saved] != [b.shape for b in buffers]:
+        saved = _SNAPSHOTS[model] = [b.detach().clone() for b in buffers]
+    elif buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(saved, buffers)
+    return buffers, saved
 
 
 # ---- distributed helpers ------------------------------------------------------------------------------------------
@@ -299,7 +340,7 @@ class Logger:
     def record(self, rec: dict[str, Any]) -> None:
         if not self.active:
             return
-        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.write(json.dumps(rundir.json_safe(rec), allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
@@ -366,7 +407,8 @@ def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> Train
     args = dict(n_train=d.synthetic_train, n_val=d.synthetic_val, seed=cfg.seed, size=d.img_size,
                 shard_size=min(1000, max(1, d.synthetic_train // 8)))
     if ctx is None or ctx.is_main:
-        shards = write_synthetic_shards(root, **args)
+        with rundir.FolderLock(root, "synthetic-data folder", name=".synthetic.lock"):
+            shards = write_synthetic_shards(root, **args)
     if ctx is not None and ctx.distributed:
         dist.barrier()
     if ctx is not None and not ctx.is_main:
@@ -393,19 +435,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     ctx = setup_distributed(cfg.device)
     try:
-        return _train(cfg, ctx)
+        lock = rundir.FolderLock(cfg.output_dir, "output directory") if ctx.is_main else contextlib.nullcontext()
+        with lock, rundir.StopSignal() as stop:  # one run per output_dir; SIGTERM: checkpoint and stop
+            return _train(cfg, ctx, stop)
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     seed_everything(cfg.seed + ctx.rank)
     ops.set_backend(cfg.backend)
+    torch.set_num_threads(cfg.torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
     out_dir = Path(cfg.output_dir)
+    resume_path = resolve_resume(cfg.resume, out_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        rundir.check_fresh_start(out_dir, resuming=resume_path is not None, overwrite=cfg.overwrite)
+        rundir.clean_temp_files(out_dir)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     cfg = prepare_synthetic(cfg, ctx)
 
@@ -416,6 +464,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     loss_fn = groupvit.GroupViTLoss()
+    forward = compile_forward_loss(None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile else None
     steps_per_epoch = cfg.steps_per_epoch(ctx.world_size)
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -428,8 +477,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
     # resume
     step, epoch, batch_idx = 0, 0, 0
-    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0}  # carried across resumes
-    resume_path = resolve_resume(cfg.resume, out_dir)
+    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "data": {}}  # carried across resumes
     if resume_path is not None:
         ck = load_training_checkpoint(resume_path)
         unwrap(model).load_state_dict(ck["model"])
@@ -452,12 +500,16 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                           f"streams are re-seeded, so the run will not repeat the original exactly")
             seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
 
+    data_base = dict(counters["data"])  # data counts of the earlier segments of a resumed run
+    if ctx.is_main:
+        rundir.truncate_metrics(out_dir, step)  # records past the checkpoint are re-run: no duplicate steps
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     log = Logger(cfg, ctx, total=stop_at, initial=step)
     if ctx.is_main:
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         log.message(f"GroupViT {cfg.model.preset} ({n_params / 1e6:.2f} M params) on {ctx.world_size} x {ctx.device}, "
-                    f"backend {cfg.backend}, precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
+                    f"backend {cfg.backend}{' (compiled)' if cfg.compile else ''}, {torch.get_num_threads()} threads, "
+                    f"precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
                     f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
                     + (f" (towers in micro-batches of {cfg.micro_batch})"
                        if cfg.micro_batch and cfg.micro_batch < cfg.data.batch_size else "") + ", peak lr "
@@ -477,10 +529,12 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         rngs = _gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
+        counters["data"] = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # collective too
         if ctx.is_main:
             save_training_checkpoint(out_dir / LATEST, model=model, optimizer=optimizer, scheduler=stepper,
                                      scaler=scaler, train_config=cfg.to_dict(), step=step, epoch=epoch,
                                      batch=batch_idx, rng=rngs, counters=counters)
+            rundir.clean_temp_files(out_dir)  # temp files of saves killed earlier
         last_ckpt_step = step
 
     model.train()
@@ -497,7 +551,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                                        f"{epoch}; check data.dataset_length / optim.steps_per_epoch") from None
                 t1 = time.perf_counter()
                 try:
-                    r = train_step(model, loss_fn, optimizer, batch, scaler=scaler, autocast_dtype=amp_dtype,
+                    r = train_step(model, loss_fn, optimizer, batch, forward=forward, check_finite=cfg.check_finite,
+                                   scaler=scaler, autocast_dtype=amp_dtype,
                                    clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step,
                                    micro_batch=cfg.micro_batch)
                 except NonFiniteLossError as e:
@@ -513,7 +568,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 wait, dt = t1 - t0, t2 - t0
                 tot_wait, tot_time, steps_run = tot_wait + wait, tot_time + dt, steps_run + 1
                 counters["train_time_s"] = float(counters["train_time_s"]) + dt
-                rec = {"step": step, "epoch": epoch, "lr": lr, "wait": wait, "dt": dt,
+                rec = {"step": step + 1, "epoch": epoch, "lr": lr, "wait": wait, "dt": dt,  # steps done, as the bar
                        **{k: r[k] for k in ("loss", "loss_itc", "loss_ml", "grad_norm", "logit_scale",
                                             "multi_label_logit_scale")}}
                 history.append({"step": step, "loss": r["loss"], "skipped": r["skipped"]})
@@ -523,21 +578,22 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                     epoch, batch_idx = epoch + 1, 0
                 log.bar_update({**rec, "images_per_s": global_batch / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9)})
                 if step % cfg.log_interval == 0 or step == stop_at:
-                    _log_window(window, ctx, log, counters, _loader_stats(loader), global_batch)
+                    _log_window(window, ctx, log, counters, _loader_stats(loader), global_batch, data_base)
                     window = []
                 over_time = cfg.time_limit_s is not None and time.perf_counter() - t_train0 > cfg.time_limit_s
-                if ctx.distributed and cfg.time_limit_s is not None:  # all ranks must stop together
-                    over_time = _mean_over_ranks([float(over_time)], ctx)[0] > 0
-                if step % cfg.ckpt_interval == 0 or step == stop_at or over_time:
+                signalled = stop is not None and stop.requested is not None
+                if ctx.distributed:  # all ranks must stop together
+                    over_time, signalled = (v > 0 for v in _mean_over_ranks([float(over_time), float(signalled)], ctx))
+                if step % cfg.ckpt_interval == 0 or step == stop_at or over_time or signalled:
                     checkpoint()
-                if over_time:
-                    stopped_by = "time_limit"
-                    log.message(f"time limit of {cfg.time_limit_s} s reached at step {step}; stopping (resume with "
-                                f"resume=auto)")
+                if over_time or signalled:
+                    stopped_by = "time_limit" if over_time else "signal"
+                    why = f"time limit of {cfg.time_limit_s} s reached" if over_time else "SIGTERM received"
+                    log.message(f"{why} at step {step}: checkpoint written, stopping (resume with resume=auto)")
                     break
             if hasattr(it, "close"):
                 it.close()  # end this epoch's iteration (and its workers) before the next one starts
-            if stopped_by == "time_limit":
+            if stopped_by in ("time_limit", "signal"):
                 break
         if step >= total_steps:
             stopped_by = "completed"
@@ -546,7 +602,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     finally:
         log.close()
 
-    data_stats = _sum_over_ranks(_loader_stats(loader), ctx)
+    data_stats = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # the whole run, all segments
     wall = time.perf_counter() - t_start
     summary = {
         "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
@@ -558,7 +614,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         "checkpoint": str(out_dir / LATEST), "world_size": ctx.world_size, "device": str(ctx.device),
     }
     if ctx.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "summary.json").write_text(json.dumps(rundir.json_safe(summary), indent=2, allow_nan=False))
         log.message(_format_summary(summary))
     summary["history"] = history
     summary["model"] = unwrap(model)
@@ -573,14 +629,19 @@ def _sum_over_ranks(counts: dict[str, int], ctx: DistContext) -> dict[str, int]:
     return {k: int(round(v * ctx.world_size)) for k, v in zip(keys, vals)}
 
 
+def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
+
+
 def _log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, counters: dict[str, Any],
-                data_stats: dict[str, int], global_batch: int) -> None:
+                data_stats: dict[str, int], global_batch: int, data_base: Mapping[str, int] | None = None) -> None:
     """One JSONL record per log interval: losses averaged over the window's steps and over ranks, rates over the
-    window, data counters summed over ranks (a collective: every rank calls it)."""
+    window, data counters summed over ranks plus ``data_base`` (earlier segments of a resumed run; a collective:
+    every rank calls it)."""
     keys = ("loss", "loss_itc", "loss_ml")
     local = [float(np.mean([w[k] for w in window])) for k in keys]
     mean = _mean_over_ranks(local, ctx)
-    data_stats = _sum_over_ranks(data_stats, ctx)
+    data_stats = _add_counts(data_base or {}, _sum_over_ranks(data_stats, ctx))
     last = window[-1]
     dt = sum(w["dt"] for w in window)
     rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],

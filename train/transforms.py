@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from groupvit.imageio import DEFAULT_MAX_PIXELS, open_image, to_rgb
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandAugment", "TrainTransform", "ValTransform", "center_crop",
-           "normalize", "random_erasing", "random_resized_crop", "random_resized_crop_params", "resize_short_side",
-           "to_tensor"]
+           "decode_crop", "normalize", "random_erasing", "random_resized_crop", "random_resized_crop_params",
+           "resize_short_side", "to_tensor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,6 +102,31 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
         raise ValueError(f"center_crop: image {w}x{h} is smaller than the crop {size}x{size}")
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
+
+
+def decode_crop(data: bytes, size: int, rng: random.Random, *, augment: bool = True,
+                scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes straight to a ``size × size`` crop: ``uint8 [size, size, 3]``.
+
+    ``augment``: :func:`random_resized_crop` (crop drawn from the header's size with ``rng``); else resize short side
+    + center crop. JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) at the smallest scale that keeps
+    the crop at least ``size`` pixels each way, so a large JPEG is never fully decoded for a small crop.
+    """
+    img = open_image(data, max_pixels)
+    w0, h0 = img.size
+    if augment:
+        top, left, h, w = random_resized_crop_params(w0, h0, scale, ratio, rng)
+    else:
+        short = min(w0, h0)
+        h = w = short
+        top, left = int(round((h0 - short) / 2.0)), int(round((w0 - short) / 2.0))
+    if img.format == "JPEG" and min(w, h) >= 2 * size:
+        img.draft("RGB", (math.ceil(w0 * size / w), math.ceil(h0 * size / h)))
+    img = to_rgb(img)
+    fx, fy = img.width / w0, img.height / h0  # 1 unless draft mode scaled the decode
+    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+    return np.asarray(img.resize((size, size), _BILINEAR, box=box))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Data-pipeline throughput per CPU core: each stage and the whole loader, for both augmentation paths.
+
+    python -m bench.bench_data                      # VOC-sized and 1024-px JPEG shards, 1 and 2 workers
+    python -m bench.bench_data --samples 300 --workers 1,2,4 --rate 8000 --json runs/bench_data.json
+
+Shards are written to a temporary folder from the VOC images in ``../shared/data/vocmini`` (or ``--images``):
+``voc`` stores them as they are (500x375, 513x513, quality 95), ``1024`` upscales each to a 1024-px long side
+(bicubic, quality 90), so the large-JPEG case has real image content.
+
+Stages (CPU time per sample in this process with one torch thread, median of ``--repeats`` passes):
+
+* ``decode``: full JPEG decode to RGB; ``crop``: RandomResizedCrop to 224 of the decoded image;
+* ``augment_cpu``: flip + RandAugment m9 + normalise + erasing (PIL + torch, the ``cpu`` path);
+* ``decode_crop_gpu``: the ``gpu`` path's whole CPU half: DCT-scaled decode + crop to uint8 + parameter draws;
+* ``device_augment``: the ``gpu`` path's batched augmentation run on the CPU (on a GPU it costs no CPU time; shown
+  for scale only);
+* ``prompts_tagged`` / ``prompts_precomputed``: K = 3 noun prompts with NLTK tagging / from ``.nouns`` members;
+* ``tokens``: tokenising caption + 3 prompts; ``collate``: stacking one sample into a batch of 32.
+
+Loader (``num_workers=0``: everything in this process, CPU time, so one core's rate): ``cpu`` path with on-the-fly
+tagging (today's default) against the ``gpu`` path's CPU half with precomputed nouns, on the same shards.
+Worker scaling (wall clock): the ``gpu`` path with 1, 2, ... workers (a worker is a process: samples/s grows with the workers
+until the cores run out, so on N free cores expect about N x the one-worker rate; measure with
+``--workers 1,2,4,8`` on the training machine). ``cores per GPU`` = R pairs/s / (loader samples/s per core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import git_sha
+from groupvit.imageio import decode_image
+from groupvit.tokenizer import get_tokenizer
+from train.data import build_train_loader, write_shards
+from train.gpu_augment import DeviceAugment
+from train.prompts import add_nouns, candidate_words, make_prompts
+from train.transforms import RandAugment, _to_normalized_tensor, decode_crop, random_erasing, random_resized_crop
+
+__all__ = ["CAPTIONS", "make_shards", "measure_loader", "measure_stages", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+VOC_DIR = ROOT.parent / "shared" / "data" / "vocmini" / "JPEGImages"
+_SHARED_NLTK = ROOT.parent / "shared" / "data" / "nltk_data"
+CAPTIONS = (  # caption-like texts (GCC/YFCC style), cycled over the images
+    "a man riding a horse along a dirt road next to a wooden fence",
+    "two dogs playing with a ball on the grass in the park",
+    "a red car parked in front of an old brick building",
+    "people sitting at a table with bottles and glasses of wine",
+    "a cat sleeping on a sofa beside the window",
+    "a boat sailing on the lake under a cloudy sky",
+    "a woman holding an umbrella while walking down the street",
+    "a train crossing a bridge over the river at sunset",
+    "children watching television in the living room",
+    "a bird perched on a branch of a tree in winter",
+    "an airplane flying above the mountains",
+    "a bicycle leaning against a wall with a potted plant",
+    "sheep grazing in a green field near a farmhouse",
+    "a bus stopping at a station in the city centre",
+    "a chair and a dining table in an empty kitchen",
+)
+
+
+def _images(src: Path, long_side: int | None) -> list[bytes]:
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"bench_data: no JPEG in {src} (pass --images DIR)")
+    out = []
+    for p in files:
+        if long_side is None:
+            out.append(p.read_bytes())
+            continue
+        im = Image.open(p).convert("RGB")
+        s = long_side / max(im.size)
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def make_shards(out_dir: str | os.PathLike, n: int, *, src: Path = VOC_DIR, long_side: int | None = None,
+                per_shard: int = 100) -> str:
+    """``n`` (jpg, txt) samples cycling over ``src``'s JPEGs (re-encoded at ``long_side`` if given); returns a
+    glob pattern of the shards."""
+    images = _images(Path(src), long_side)
+    samples = ((f"s{i:06d}", images[i % len(images)], CAPTIONS[i % len(CAPTIONS)]) for i in range(n))
+    write_shards(samples, out_dir, "bench", maxcount=per_shard)
+    return os.path.join(os.fspath(out_dir), "bench-*.tar")
+
+
+def _cpu_per_sample(fn: Callable[[Any], Any], items: Sequence[Any], repeats: int) -> float:
+    """Median over ``repeats`` passes of process CPU seconds per item."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for it in items:
+            fn(it)
+        times.append((time.process_time() - t0) / len(items))
+    return statistics.median(times)
+
+
+def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> dict[str, float]:
+    """CPU ms per sample of each stage (see the module docstring)."""
+    rngs = lambda: iter(random.Random(i) for i in range(10 ** 9))  # noqa: E731 - a fresh seed per call
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    decoded = [decode_image(b) for b in images]
+    g = rngs()
+    crops = [random_resized_crop(im, size, next(g)) for im in decoded]
+
+    def augment_cpu(im: Image.Image, g=rngs()) -> torch.Tensor:
+        rng = next(g)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = _to_normalized_tensor(ra(im, rng), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        return random_erasing(x, rng)
+
+    dev_aug = DeviceAugment(size)
+
+    def decode_crop_gpu(b: bytes, g=rngs()) -> np.ndarray:
+        rng = next(g)
+        arr = decode_crop(b, size, rng)
+        dev_aug.sample_params(rng)
+        return arr
+
+    batch = torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in crops][:16])
+    params = torch.from_numpy(np.stack([dev_aug.sample_params(random.Random(i)) for i in range(len(batch))]))
+    caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(len(images), 60))]
+    words = {c: candidate_words(c) for c in caps}
+    tok = get_tokenizer()
+    one = torch.zeros(3, size, size)
+    ms = {
+        "decode": _cpu_per_sample(decode_image, images, repeats),
+        "crop": _cpu_per_sample(lambda im, g=rngs(): random_resized_crop(im, size, next(g)), decoded, repeats),
+        "augment_cpu": _cpu_per_sample(augment_cpu, crops, repeats),
+        "decode_crop_gpu": _cpu_per_sample(decode_crop_gpu, images, repeats),
+        "device_augment": _cpu_per_sample(lambda _: dev_aug.apply(batch, params), [0], repeats) / len(batch),
+        "prompts_tagged": _cpu_per_sample(lambda c, g=rngs(): make_prompts(c, 3, next(g)), caps, repeats),
+        "prompts_precomputed": _cpu_per_sample(lambda c, g=rngs(): make_prompts(c, 3, next(g), words=words[c]),
+                                               caps, repeats),
+        "tokens": _cpu_per_sample(lambda c, g=rngs(): tok([c] + make_prompts(c, 3, next(g), words=words[c])), caps,
+                                  repeats),
+        "collate": _cpu_per_sample(lambda _: torch.stack([one] * 32), [0], repeats) / 32,
+    }
+    return {k: 1000 * v for k, v in ms.items()}
+
+
+def measure_loader(pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32,
+                   batches: int = 8) -> float:
+    """Samples/s of the training loader (K = 3 prompts) over ``batches`` batches after one warm-up batch, per CPU
+    second of this process with ``num_workers=0`` (one core's rate, robust to other load), per wall second with
+    workers; with ``augment_on="gpu"`` only its CPU half runs (the device step is switched off)."""
+    loader = build_train_loader(pattern, batch_size=batch_size, num_workers=num_workers, multi_label=3,
+                                shuffle_buffer=0, seed=0, epoch_len=batches + 1, augment_on=augment_on)
+    loader.device_augment = None  # measure the CPU side only: the workers' uint8 batches
+    it = iter(loader)
+    next(it)
+    clock = time.process_time if num_workers == 0 else time.perf_counter
+    t0 = clock()
+    n = sum(len(b["keys"]) for b in it)
+    return n / (clock() - t0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    if "NLTK_DATA" not in os.environ and _SHARED_NLTK.is_dir():
+        os.environ["NLTK_DATA"] = str(_SHARED_NLTK)
+    res: dict[str, Any] = {"commit": git_sha(ROOT), "machine": f"{os.cpu_count()} CPU cores, {sys.platform}",
+                           "rate": args.rate, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, long_side in (("voc", None), ("1024", 1024)):
+            d = Path(tmp) / case
+            pattern = make_shards(d, args.samples, src=Path(args.images), long_side=long_side)
+            images = _images(Path(args.images), long_side)
+            stages = measure_stages(images, repeats=args.repeats)
+            batches = max(2, args.samples // 32 - 1)
+            base = measure_loader(pattern, augment_on="cpu", batches=batches)  # tagging on the fly
+            add_nouns([pattern], workers=1)
+            new = measure_loader(pattern, augment_on="gpu", batches=batches)
+            scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, batches=batches)
+                       for w in args.workers}
+            res["cases"][case] = {"stages_ms": stages, "loader_cpu_tagged": base, "loader_gpu_nouns": new,
+                                  "speedup": new / base, "workers_gpu_nouns": scaling}
+    return res
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample)"]
+    for case, r in res["cases"].items():
+        lines.append(f"[{case} JPEGs] " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()))
+        lines.append(f"  loader, 1 core: cpu path + tagging {r['loader_cpu_tagged']:.0f} samples/s, gpu path + "
+                     f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x)")
+        lines.append("  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s"
+                                                          for w, v in r["workers_gpu_nouns"].items()))
+        lines.append(f"  cores per GPU needed at {res['rate']:.0f} pairs/s: cpu path "
+                     f"{res['rate'] / r['loader_cpu_tagged']:.0f}, gpu path {res['rate'] / r['loader_gpu_nouns']:.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_data", description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=256, help="samples per shard set (default 256)")
+    ap.add_argument("--images", default=str(VOC_DIR), help="folder of source JPEGs (default: the VOC mini set)")
+    ap.add_argument("--workers", default="1,2", help="worker counts for the scaling run (default 1,2)")
+    ap.add_argument("--rate", type=float, default=8000.0, help="pairs/s one GPU consumes (default 8000)")
+    ap.add_argument("--repeats", type=int, default=3, help="passes per stage measurement (median)")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        ap.error(f"--workers takes comma-separated integers, got {args.workers!r}")
+    if args.samples < 64 or not Path(args.images).is_dir():
+        ap.error("need --samples >= 64 and an existing --images folder")
+    res = run(args)
+    print(report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

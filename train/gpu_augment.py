@@ -1,0 +1,249 @@
+"""Batched training augmentation on the device (``data.augment_on = gpu``).
+
+The CPU half runs in the loader workers, per sample: decode + RandomResizedCrop straight to the target size
+(:func:`train.transforms.decode_crop`, JPEG DCT-scaled decoding where the crop allows it), then
+:meth:`DeviceAugment.sample_params` draws every remaining random choice from the sample's own
+:class:`random.Random` into one row of numbers. Workers ship ``uint8 [B, 3, S, S]`` images plus those
+``[B, P]`` rows; :meth:`DeviceAugment.apply` then runs flip → RandAugment → normalise → RandomErasing on the whole
+batch on the device, each sample with its own parameters. A batch's result is therefore a pure function of its
+samples' seeds (the erasing noise comes from a device generator seeded by the batch's rows), on any device.
+
+Written here rather than with kornia.augmentation: kornia's RandAugment draws one op policy per call for the whole
+batch and takes its randomness from torch's global RNG, while GroupViT's recipe (timm ``rand-m9-mstd0.5-inc1``)
+draws ops per image and this project needs every random draw reproducible from the sample's seed.
+
+What differs from the CPU path (``augment_on = cpu``, timm semantics on PIL), documented in ``docs/data.md``:
+
+* the crop is resized from a DCT-scaled JPEG decode (1/2, 1/4, 1/8) when the crop is at least 2x the target size;
+* geometric ops (rotate, shear, translate) resample with ``grid_sample`` (bilinear); pixels near the border blend
+  with the fill colour instead of PIL's inside/outside test;
+* colour ops work on float values rounded to integers after each op (PIL: 8-bit LUTs and blends, truncating in
+  places), so pixels may differ by 1;
+* the random draws come in a different order (a sign is drawn for every op), so streams differ from the CPU path;
+* erasing noise is N(0, 1) from a per-batch device generator (CPU path: per sample, on the CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.transforms import IMAGENET_MEAN, IMAGENET_STD, RandAugment
+
+__all__ = ["DeviceAugment"]
+
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+_LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's RGB -> L weights
+
+
+class DeviceAugment:
+    """Flip → RandAugment → normalise → RandomErasing on ``uint8 [B, 3, S, S]`` batches, parameters per sample.
+
+    Args:
+        img_size: S.
+        augment: ``False``: normalisation only (the CPU half did resize + center crop).
+        hflip, rand_augment, re_prob, mean, std: as :class:`train.transforms.TrainTransform`.
+    """
+
+    def __init__(self, img_size: int = 224, augment: bool = True, *, hflip: float = 0.5,
+                 rand_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.img_size, self.augment, self.hflip, self.re_prob = img_size, augment, hflip, re_prob
+        self.ra = RandAugment.from_string(rand_augment) if (augment and rand_augment) else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_ops = self.ra.num_ops if self.ra is not None else 0
+        self.num_params = 1 + 3 * self.num_ops + 6  # flip | (op, magnitude, sign) x n | erase on/top/left/h/w, seed
+
+    # ---- CPU side, per sample -----------------------------------------------------------------------------------
+    def sample_params(self, rng: random.Random) -> np.ndarray:
+        """``float64 [P]`` row: flip, then per RandAugment slot (op index or -1, magnitude, sign), then erasing
+        (on, top, left, height, width) and a noise seed; every draw from ``rng``."""
+        p = np.zeros(self.num_params, np.float64)
+        if not self.augment:
+            return p
+        p[0] = rng.random() < self.hflip
+        ra = self.ra
+        for j in range(self.num_ops):
+            op = rng.randrange(len(ra.OPS))
+            on = rng.random() <= ra.prob
+            m = rng.gauss(ra.magnitude, ra.magnitude_std) if ra.magnitude_std > 0 else ra.magnitude
+            p[1 + 3 * j: 4 + 3 * j] = (op if on else -1, max(0.0, min(10.0, m)), -1.0 if rng.random() > 0.5 else 1.0)
+        e = 1 + 3 * self.num_ops
+        s = self.img_size
+        if self.re_prob > 0 and rng.random() < self.re_prob:  # timm RandomErasing box sampling (one box)
+            for _ in range(10):
+                target = rng.uniform(0.02, 1 / 3) * s * s
+                aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+                eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+                if ew < s and eh < s:
+                    p[e: e + 5] = (1, rng.randint(0, s - eh), rng.randint(0, s - ew), eh, ew)
+                    break
+        p[e + 5] = rng.getrandbits(31)
+        return p
+
+    # ---- device side, batched -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """``uint8 [B, 3, S, S]`` (any device) + ``[B, P]`` rows → normalised ``float32 [B, 3, S, S]`` there."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"DeviceAugment.apply: expected uint8 [B, 3, S, S], got {images.dtype} "
+                             f"{list(images.shape)}")
+        if params.shape != (images.shape[0], self.num_params):
+            raise ValueError(f"DeviceAugment.apply: expected params [{images.shape[0]}, {self.num_params}], got "
+                             f"{list(params.shape)}")
+        dev = images.device
+        cpu = params.detach().cpu().double()  # group samples by op on the host: no device syncs
+        x = images.float()  # [B, 3, S, S] in 0..255
+        if self.augment:
+            flip = cpu[:, 0] > 0
+            if bool(flip.any()):
+                idx = flip.nonzero().flatten().to(dev)
+                x[idx] = x[idx].flip(-1)
+            for j in range(self.num_ops):
+                x = self._rand_augment_slot(x, cpu[:, 1 + 3 * j: 4 + 3 * j])
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        x = (x / 255 - mean) / std
+        e = 1 + 3 * self.num_ops
+        on = cpu[:, e] > 0
+        if self.augment and bool(on.any()):
+            seed = int(cpu[:, e + 5].sum().item()) % (2 ** 62)
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            noise = torch.randn(x.shape, generator=gen, device=dev)
+            box = cpu[:, e: e + 5].to(dev)  # on, top, left, h, w
+            s = torch.arange(x.shape[-1], device=dev, dtype=torch.float64)
+            rows = (s[None] >= box[:, 1:2]) & (s[None] < box[:, 1:2] + box[:, 3:4])  # [B, S]
+            cols = (s[None] >= box[:, 2:3]) & (s[None] < box[:, 2:3] + box[:, 4:5])
+            mask = (rows[:, :, None] & cols[:, None, :] & (box[:, 0:1, None] > 0))[:, None]  # [B, 1, S, S]
+            x = torch.where(mask, noise, x)
+        return x.contiguous()
+
+    def _rand_augment_slot(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One RandAugment op per sample; ``p`` = ``[B, 3]`` (op index or -1, magnitude, sign) on the host."""
+        dev = x.device
+        ops = self.ra.OPS
+        geo = [i for i in range(len(ops)) if ops[i] in _GEOMETRIC]
+        op = p[:, 0].long()
+        sel = torch.isin(op, torch.tensor(geo)).nonzero().flatten()
+        if sel.numel():
+            x[sel.to(dev)] = _affine(x[sel.to(dev)], _thetas([ops[i] for i in op[sel].tolist()], p[sel, 1],
+                                                              p[sel, 2]).to(dev), self.ra.fill)
+        for k, name in enumerate(ops):
+            if name in _GEOMETRIC:
+                continue
+            sel = (op == k).nonzero().flatten()
+            if sel.numel():
+                i = sel.to(dev)
+                m = p[sel, 1].to(dev, torch.float32).view(-1, 1, 1, 1)
+                sign = p[sel, 2].to(dev, torch.float32).view(-1, 1, 1, 1)
+                x[i] = _COLOR_OPS[name](x[i], m, sign).round().clamp(0, 255)
+        return x
+
+
+# ---- geometric ops: one affine grid_sample for all of them --------------------------------------------------------
+def _thetas(names: list[str], mags: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``[n, 2, 3]`` affine_grid matrices (align_corners=False, square images) of PIL's affine maps
+    ``p_in = A p_out + t`` in pixel units (pixel centres at +0.5), ``t`` given as a fraction of the side."""
+    out = []
+    for name, m, sg in zip(names, mags.tolist(), signs.tolist()):
+        a, t = np.eye(2), np.zeros(2)
+        if name == "Rotate":  # PIL rotate: counter-clockwise by `deg` about the centre
+            r = -math.radians(sg * m / 10 * 30)
+            a = np.array([[math.cos(r), math.sin(r)], [-math.sin(r), math.cos(r)]])
+            t = 0.5 - a @ np.array([0.5, 0.5])  # centre maps to centre (in side fractions)
+        elif name == "ShearX":
+            a = np.array([[1.0, sg * m / 10 * 0.3], [0.0, 1.0]])
+        elif name == "ShearY":
+            a = np.array([[1.0, 0.0], [sg * m / 10 * 0.3, 1.0]])
+        elif name == "TranslateXRel":
+            t = np.array([sg * m / 10 * 0.45, 0.0])
+        else:  # TranslateYRel
+            t = np.array([0.0, sg * m / 10 * 0.45])
+        # normalised coords u = 2 p / S - 1: u_in = A u_out + (A 1 + 2 t - 1)
+        out.append(np.concatenate([a, (a @ np.ones(2) + 2 * t - 1)[:, None]], axis=1))
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor, fill: Sequence[int]) -> torch.Tensor:
+    """PIL's bilinear affine transform: a pixel whose source point lies outside the image gets ``fill``, the others
+    interpolate with the edge pixels repeated."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [n, S, S, 2] in [-1, 1) inside
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = ((grid >= -1) & (grid < 1)).all(-1, keepdim=True).permute(0, 3, 1, 2)  # [n, 1, S, S]
+    fill_t = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return torch.where(inside, out, fill_t).floor().clamp(0, 255)
+
+
+# ---- colour ops on float 0..255 [n, 3, S, S]; m, sign: [n, 1, 1, 1] ----------------------------------------------
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True).round()  # [n, 1, S, S]
+
+
+def _factor(m: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    return (1.0 + sign * m / 10 * 0.9).clamp(min=0.1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (degenerate + f * (x - degenerate)).floor()  # PIL truncates blends to integers
+
+
+def _autocontrast(x, m, sign):
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    scale = 255 / (hi - lo).clamp(min=1)
+    return torch.where(hi > lo, ((x - lo) * scale).floor(), x)
+
+
+def _equalize(x, m, sign):
+    n, c, h, w = x.shape
+    v = x.long().view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    last = hist.gather(1, v.amax(1, keepdim=True))  # count of the largest value present (PIL: last nonzero bin)
+    step = (h * w - last) // 255  # [n*c, 1]
+    cum = hist.cumsum(1) - hist  # exclusive cumulative histogram
+    lut = ((step // 2 + cum) // step.clamp(min=1)).clamp(max=255)
+    out = lut.gather(1, v).to(x.dtype)
+    return torch.where(step > 0, out, v.to(x.dtype)).view(n, c, h, w)
+
+
+def _posterize(x, m, sign):
+    shift = 8 - (4 - (m / 10 * 4).floor())  # bits kept = 4 - int(m / 10 * 4)
+    q = torch.pow(2.0, shift)
+    return (x / q).floor() * q
+
+
+def _solarize(x, m, sign):
+    return torch.where(x >= 256 - (m / 10 * 256).floor(), 255 - x, x)
+
+
+def _solarize_add(x, m, sign):
+    return torch.where(x < 128, (x + (m / 10 * 110).floor()).clamp(max=255), x)
+
+
+def _sharpness(x, m, sign):
+    k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
+    smooth = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), k.view(1, 1, 3, 3)).round().view(*x.shape[:2],
+                                                                                        x.shape[2] - 2, -1)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = smooth  # PIL keeps the border pixels
+    return _blend(degenerate, x, _factor(m, sign))
+
+
+_COLOR_OPS = {
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
+    "Invert": lambda x, m, sign: 255 - x,
+    "PosterizeIncreasing": _posterize,
+    "SolarizeIncreasing": _solarize,
+    "SolarizeAdd": _solarize_add,
+    "ColorIncreasing": lambda x, m, sign: _blend(_grey(x), x, _factor(m, sign)),
+    "ContrastIncreasing": lambda x, m, sign: _blend(_grey(x).mean((1, 2, 3), keepdim=True).add(0.5).floor(), x,
+                                                    _factor(m, sign)),
+    "BrightnessIncreasing": lambda x, m, sign: (x * _factor(m, sign)).floor(),
+    "SharpnessIncreasing": _sharpness,
+}
