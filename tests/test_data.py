@@ -224,3 +224,49 @@ def test_bad_arguments(shards, tmp_path):
         expand_urls([])
     with pytest.raises(TypeError, match="epoch_len"):
         len(build_train_loader(shards["a"], batch_size=2))
+
+
+# ---- image decoding: high bit depth, pixel cap, messages, globs ---------------------------------------------------
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16bit_png_scaled_to_8_bits_in_training(tmp_path):
+    grey16 = np.random.default_rng(7).integers(0, 65536, (S, S), dtype=np.uint16)
+    urls = write_shards([("deep", _png(Image.fromarray(grey16)), "a 16-bit grey photo")], tmp_path, "d16")
+    with tarfile.open(urls[0]) as tf:
+        assert Image.open(tf.extractfile("deep.png")).mode == "I;16"
+    (batch,) = list(_loader(urls))
+    want = np.repeat(np.round(grey16 / 257.0).astype(np.uint8)[..., None], 3, axis=2)  # 65535 -> 255 by value
+    torch.testing.assert_close(batch["images"][0], _norm(want), rtol=0, atol=1e-5)
+
+
+def test_pixel_cap_skips_and_counts_decompression_bombs(tmp_path, caplog):
+    bomb = _png(Image.new("L", (3000, 3000)))  # ~9 M pixels in a few KB
+    assert len(bomb) < 20_000
+    urls = write_shards([("bomb", bomb, "a huge image"), *_samples("ok", 2)], tmp_path, "bomb")
+    loader = _loader(urls, max_pixels=1_000_000)
+    with caplog.at_level("WARNING", logger="train.data"):
+        assert _keys(loader) == ["ok00000", "ok00001"]
+    assert loader.stats.oversized_images == 1 and loader.stats.skipped == 1
+    assert "bomb" in caplog.text and "above the cap of 1,000,000 pixels" in caplog.text
+    assert _keys(_loader(urls, max_pixels=None)) == ["bomb", "ok00000", "ok00001"]
+
+
+def test_corrupt_jpeg_logged_with_shard_and_key(bad_shards, caplog):
+    with caplog.at_level("WARNING", logger="train.data"):
+        _keys(_loader(bad_shards))
+    line = next(r.getMessage() for r in caplog.records if "corruptjpg" in r.getMessage())
+    assert "bad-000000.tar" in line and "sample corruptjpg" in line and "BytesIO" not in line, line
+
+
+def test_shard_globs(shards):
+    root = shards["root"]
+    assert expand_urls(f"{root}/a/*.tar") == [f"{root}/a/seta-00000{i}.tar" for i in range(3)]
+    assert expand_urls([f"{root}/{{a,b}}/set?-000000.tar"]) == [f"{root}/a/seta-000000.tar",
+                                                                f"{root}/b/setb-000000.tar"]
+    assert sorted(_keys(_loader(f"{root}/*/*.tar"))) == sorted(_keys(_loader([shards["a"], shards["b"]])))
+    with pytest.raises(FileNotFoundError, match=r"globbed, e.g. 'dir/\*.tar'"):
+        expand_urls(f"{root}/nothing-*.tar")

@@ -119,3 +119,60 @@ def test_missing_tagger_error(monkeypatch, tmp_path):
     finally:
         load_tagger.cache_clear()
     assert prompts.load_tagger is load_tagger
+
+
+# ---- precomputed nouns in the shards ----------------------------------------------------------------------------
+CAPTIONS = [SURF, "Two dogs play with a red ball in the park.", "the the of and", "A cat sleeps; the cat dreams."]
+
+
+def _shards(root: Path):
+    import numpy as np
+    from PIL import Image
+
+    from train.data import write_shards
+
+    img = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    samples = [(f"c{i:02d}", img, CAPTIONS[i % 4]) for i in range(10)] + [("nocap", img, None)]
+    return write_shards(samples, root, "n", maxcount=4, image_format="png")  # 3 shards
+
+
+def _texts(urls):
+    from train.data import build_train_loader
+
+    loader = build_train_loader(urls, batch_size=2, img_size=8, augment=False, multi_label=3, shuffle_buffer=4,
+                                seed=2, num_workers=0)
+    return [(b["keys"], b["texts"]) for b in loader]
+
+
+def test_precomputed_nouns_give_the_same_prompts(tmp_path, capsys, monkeypatch):
+    import tarfile
+
+    plain = _shards(tmp_path / "plain")
+    tagged = _shards(tmp_path / "tagged")
+    assert prompts.main(["add-nouns", str(tmp_path / "tagged" / "n-*.tar"), "--workers", "2"]) == 0
+    assert "10 samples tagged in 3 of 3 shards" in capsys.readouterr().out
+    with tarfile.open(tagged[0]) as tf:
+        names = tf.getnames()
+        rec = tf.extractfile("c01.nouns").read()
+    assert names[:3] == ["c00.png", "c00.txt", "c00.nouns"]
+    assert prompts.parse_nouns(rec, CAPTIONS[1]) == candidate_words(CAPTIONS[1]) == ["dogs", "play", "ball", "park"]
+    assert prompts.parse_nouns(rec, "another caption") is None  # stale: the loader tags on the fly instead
+    with tarfile.open(tagged[2]) as tf:
+        assert "nocap.nouns" not in tf.getnames()
+    # the loader uses the stored words (tagging disabled proves it) and gets exactly the on-the-fly prompts
+    want = _texts(plain)
+
+    def no_tagging(caption):
+        raise AssertionError(f"tagged on the fly: {caption!r}")
+
+    monkeypatch.setattr(prompts, "candidate_words", no_tagging)
+    got = _texts(tagged)
+    monkeypatch.undo()
+    assert len(got) == 5 and all(a[0] == b[0] and (a[1] == b[1]).all() for a, b in zip(got, want))
+    # resumable: finished shards are left alone
+    before = [Path(p).read_bytes() for p in tagged]
+    assert prompts.add_nouns([str(tmp_path / "tagged" / "n-{000000..000002}.tar")]) == {
+        "shards": 3, "rewritten": 0, "samples": 0}
+    assert [Path(p).read_bytes() for p in tagged] == before
+    assert prompts.main(["add-nouns", str(tmp_path / "missing-*.tar")]) == 2
+    assert "no shard of pattern" in capsys.readouterr().err
