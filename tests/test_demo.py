@@ -36,7 +36,15 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capsys, keep_threads):
     assert np.isclose(res["miou_trained"], np.nanmean(res["iou_trained"]))
     overlays = sorted((out / "overlays").glob("overlay_*.png"))
     assert len(overlays) == 5
-    with Image.open(overlays[0]) as im:  # image | truth | untrained | trained, 3x upscaled, caption strip on top
-        assert im.size == (4 * 64 * 3 + 3 * 4, 64 * 3 + 14)
+    with Image.open(overlays[0]) as im:  # two rows of four 3x upscaled titled panels, caption on top, legend below
+        assert im.size == (4 * 64 * 3 + 3 * 4, 16 + 2 * (64 * 3 + 14) + 22)
+        px = np.asarray(im.convert("RGB"))
+    assert len(np.unique(px.reshape(-1, 3), axis=0)) > 50  # pictures were drawn, not a blank canvas
+    ck = torch.load(out / "latest.pt", weights_only=True)  # the CLI reads the demo's protocol from here
+    seg = ck["segmentation"]
+    assert json.loads(json.dumps(seg)) == seg
+    assert seg["classes"] == res["classes"][1:] and all(t.count("{}") == 1 for t in seg["templates"])
+    assert seg["bg_thresh"] == res["bg_thresh"] and seg["eval_scale"] == res["eval_scale"]
+    assert res["seed"] == 0 and res["groups_per_stage"] == list(ck["config"]["vision"]["num_output_groups"])
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "untrained" in printed and str(out / "overlays") in printed

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -55,36 +55,59 @@ def _tagger_available() -> bool:
         return False
 
 
-def class_text_embeddings(model: groupvit.GroupViT, with_background: bool) -> torch.Tensor:
-    """Class embeddings ``[N, D]`` from the captions' own vocabulary (prompt ensembling, spec §10.1 order: project,
-    average, normalise): colour c <- "a {c} circle", "a {c} square", ...; background <- "a grey background",
-    "on a grey background" (the captions' phrase). Nothing here was seen as a label in training."""
-    from groupvit.segmentation import class_embeddings
+def segmentation_settings(bg_thresh: float | None = None) -> dict[str, Any]:
+    """The demo's zero-shot segmentation settings as a plain JSON-able dict; the demo stores it in its checkpoint
+    under ``"segmentation"`` so that other tools can segment with the demo model as the demo does.
+
+    ``classes``: foreground classes (label i + 1); ``templates``: their prompts (the captions' own phrases, one per
+    shape); ``background_name`` / ``background_templates``: the background prompt of the text-background protocol;
+    ``bg_thresh``, ``eval_scale`` (images resized to this multiple of the training size), ``topk``, ``mode``: the
+    :class:`~groupvit.segmentation.SegConfig` fields the demo sets. Nothing here was seen as a label in training.
+    """
     from train.synthetic import SHAPES, class_names
 
-    rows = [class_embeddings(model, [c], tuple(f"a {{}} {s}" for s in SHAPES))[0] for c in class_names(KIND)[1:]]
+    return {"classes": class_names(KIND)[1:], "templates": [f"a {{}} {s}" for s in SHAPES],
+            "background_name": "grey background", "background_templates": ["a {}", "on a {}"],
+            "bg_thresh": float(BG_THRESH if bg_thresh is None else bg_thresh), "eval_scale": float(EVAL_SCALE), "topk": 5, "mode": "whole"}
+
+
+def class_text_embeddings(model: groupvit.GroupViT, with_background: bool) -> torch.Tensor:
+    """Class embeddings ``[N, D]`` from the captions' own vocabulary (prompt ensembling, spec §10.1 order: project,
+    average, normalise): colour c <- "a {c} circle", "a {c} square", ...; background (first row, if asked) <-
+    "a grey background", "on a grey background" (the captions' phrase)."""
+    from groupvit.segmentation import class_embeddings
+
+    st = segmentation_settings()
+    rows = [class_embeddings(model, st["classes"], tuple(st["templates"]))]
     if with_background:
-        rows.insert(0, class_embeddings(model, ["grey background"], ("a {}", "on a {}"))[0])
-    return torch.stack(rows)  # [N, D]
+        rows.insert(0, class_embeddings(model, [st["background_name"]], tuple(st["background_templates"])))
+    return torch.cat(rows)  # [N, D]
+
+
+def _segmenter(model: groupvit.GroupViT, cfg: TrainConfig, bg_thresh: float | None) -> ZeroShotSegmenter:
+    """The demo protocol (:func:`segmentation_settings`): whole image resized to ``eval_scale`` x the training size,
+    top-5 filter, background by threshold ``bg_thresh`` or, with ``None``, as one more text class."""
+    from train.synthetic import class_names
+
+    st = segmentation_settings()
+    s = int(st["eval_scale"] * cfg.data.img_size)
+    text_bg = bg_thresh is None
+    seg_cfg = SegConfig(bg_thresh=1.0 if text_bg else bg_thresh, topk=st["topk"], crop=s, stride=s, short_side=s,
+                        mode=st["mode"], background=not text_bg, batch_size=64)
+    names = class_names(KIND)
+    return ZeroShotSegmenter(model, names if text_bg else names[1:], seg_cfg,
+                             text_embeddings=class_text_embeddings(model, text_bg))
 
 
 def evaluate(model: groupvit.GroupViT, val: list, cfg: TrainConfig, bg_thresh: float | None
              ) -> tuple[float, np.ndarray, list[np.ndarray]]:
-    """Zero-shot mIoU (background + colours) on ``val = [(image, caption, mask)]`` with the GroupViT protocol
-    (:class:`~groupvit.segmentation.ZeroShotSegmenter`, whole image resized to ``EVAL_SCALE`` x the training size,
-    top-5 filter, labels back at the original size). Background: by threshold (``bg_thresh``, as the official VOC
-    protocol) or, with ``bg_thresh=None``, as one more text class."""
+    """Zero-shot mIoU (background + colours) on ``val = [(image, caption, mask)]`` (:func:`_segmenter`; labels
+    back at the original size, 0 = background, 1.. colours in both background modes)."""
     from groupvit.seg_datasets import MeanIoU
     from train.synthetic import class_names
 
     names = class_names(KIND)
-    s = EVAL_SCALE * cfg.data.img_size
-    text_bg = bg_thresh is None
-    seg_cfg = SegConfig(bg_thresh=1.0 if text_bg else bg_thresh, topk=5, crop=s, stride=s, short_side=s,
-                        mode="whole", background=not text_bg, batch_size=64)
-    seg = ZeroShotSegmenter(model, names if text_bg else names[1:], seg_cfg,
-                            text_embeddings=class_text_embeddings(model, text_bg))
-    preds = seg.predict_batch([img for img, _, _ in val])  # labels: 0 background, 1.. colours in both modes
+    preds = _segmenter(model, cfg, bg_thresh).predict_batch([img for img, _, _ in val])
     metric = MeanIoU(len(names), class_names=names)
     for p, (_, _, mask) in zip(preds, val):
         metric.update(p, mask)
@@ -92,41 +115,91 @@ def evaluate(model: groupvit.GroupViT, val: list, cfg: TrainConfig, bg_thresh: f
     return res.miou, res.iou, preds
 
 
-def _palette(n: int) -> np.ndarray:
+@torch.inference_mode()
+def stage_groups(model: groupvit.GroupViT, images: list, cfg: TrainConfig) -> list[list[np.ndarray]]:
+    """Per image, the group index of every pixel after each grouping stage (``int64 [H, W]`` per stage), from the
+    noise-free soft maps multiplied down the stages at the evaluation size, as the segmentation uses them."""
+    from groupvit.segmentation import pixel_group_map
+
+    seg = _segmenter(model, cfg, BG_THRESH)
+    out = []
+    for img in images:
+        p = seg.prepare(img)
+        g = model.encode_image_groups(p.image[None], return_maps=True)
+        soft = [m.soft for m in g.maps]
+        out.append([pixel_group_map(soft[:k], g.grid, p.orig_size)[0].numpy() for k in range(1, len(soft) + 1)])
+    return out
+
+
+def _class_palette() -> np.ndarray:
+    """Label colours ``uint8 [7, 3]``: background black, each colour class drawn in its own colour."""
     from train.synthetic import COLORS
 
-    pal = np.zeros((max(n, 7), 3), np.uint8)
-    pal[0] = (0, 0, 0)
-    for i, rgb in enumerate(COLORS.values()):
-        pal[i + 1] = rgb
-    return pal
+    return np.asarray([(0, 0, 0), *COLORS.values()], np.uint8)
 
 
-def write_overlays(val: list, preds_untrained: list[np.ndarray], preds_trained: list[np.ndarray], out: Path,
-                   n: int = 12) -> list[Path]:
-    """One PNG per image: input | ground truth | untrained | trained (labels blended over the image)."""
+def _group_palette(n: int) -> np.ndarray:
+    """``n`` distinct colours ``uint8 [n, 3]`` for group indices (golden-ratio hue steps, two brightness levels)."""
+    import colorsys
+
+    return np.asarray([[round(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.75, 0.95 - 0.3 * (i % 2))]
+                       for i in range(n)], np.uint8)
+
+
+def write_overlays(val: list, panels: dict[str, list[np.ndarray]], out: Path, n: int = 12) -> list[Path]:
+    """One PNG per image: a grid of panels (four per row, each titled), the image first, then ``panels`` in order:
+    class maps (titles without "groups") in the class colours over the image, group maps ("... groups") one colour
+    per group index; a legend of the class colours below."""
     from PIL import Image, ImageDraw
 
+    from train.synthetic import class_names
+
     out.mkdir(parents=True, exist_ok=True)
-    pal = _palette(7)
+    cpal = _class_palette()
+    gpal = _group_palette(64)
+    s, gap, title, cols = 3, 4, 14, 4  # upscale, gap, title strip, panels per row
     paths = []
-    for i, ((img, cap, mask), pu, pt) in enumerate(zip(val[:n], preds_untrained, preds_trained)):
+    for i, (img, cap, _) in enumerate(val[:n]):
         base = np.asarray(img, np.float32)
-        tiles = [base.astype(np.uint8)]
-        for lab in (mask, pu, pt):
-            colour = pal[np.asarray(lab, np.int64)].astype(np.float32)
-            fg = (np.asarray(lab) > 0)[..., None]
-            tiles.append(np.where(fg, 0.35 * base + 0.65 * colour, 0.35 * base).astype(np.uint8))
-        s = 3  # upscale for viewing
         h, w = base.shape[:2]
-        canvas = Image.new("RGB", (4 * w * s + 3 * 4, h * s + 14), (255, 255, 255))
-        for k, t in enumerate(tiles):
-            canvas.paste(Image.fromarray(t).resize((w * s, h * s), Image.Resampling.NEAREST), (k * (w * s + 4), 14))
-        ImageDraw.Draw(canvas).text((2, 1), f"{cap}  |  truth  |  untrained  |  trained", fill=(0, 0, 0))
+        tiles = [("image", base.astype(np.uint8))]
+        for name, maps in panels.items():
+            lab = np.asarray(maps[i], np.int64)
+            if "groups" in name:
+                t = 0.3 * base + 0.7 * gpal[lab % len(gpal)]
+            else:
+                fg = (lab > 0)[..., None]
+                t = np.where(fg, 0.35 * base + 0.65 * cpal[lab], 0.35 * base)
+            tiles.append((name, t.astype(np.uint8)))
+        rows = -(-len(tiles) // cols)
+        cw, ch = w * s + gap, h * s + title
+        canvas = Image.new("RGB", (cols * cw - gap, 16 + rows * ch + 22), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((2, 2), cap, fill=(0, 0, 0))
+        for k, (name, t) in enumerate(tiles):
+            x, y = (k % cols) * cw, 16 + (k // cols) * ch
+            draw.text((x + 2, y), name, fill=(0, 0, 0))
+            canvas.paste(Image.fromarray(t).resize((w * s, h * s), Image.Resampling.NEAREST), (x, y + title))
+        x, y = 2, 16 + rows * ch + 4  # legend: the class colours (groups: one colour per group, no class meaning)
+        for name, c in zip(class_names(KIND), cpal):
+            draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in c), outline=(0, 0, 0))
+            draw.text((x + 16, y), name, fill=(0, 0, 0))
+            x += 16 + int(draw.textlength(name)) + 12
+        draw.text((x, y), "| groups: one colour per group", fill=(0, 0, 0))
         p = out / f"overlay_{i:02d}.png"
         canvas.save(p)
         paths.append(p)
     return paths
+
+
+def store_segmentation_settings(checkpoint: Path, bg_thresh: float | None = None) -> None:
+    """Add :func:`segmentation_settings` to the demo's checkpoint as the top-level key ``"segmentation"``
+    (atomic rewrite; the file stays a model file and a training checkpoint)."""
+    from groupvit.checkpoint import atomic_save, safe_torch_load
+
+    ck = safe_torch_load(checkpoint)
+    ck["segmentation"] = segmentation_settings(bg_thresh)
+    atomic_save(ck, checkpoint)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    extra = list(args.overrides)
+    extra = [f"threads={args.threads}", *args.overrides]  # the driver sets torch's threads from the config
     if args.out:
         extra.append(f"output_dir={args.out}")
     if args.steps is not None:
@@ -173,7 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, thr in (("threshold", args.bg_thresh), ("text", None)):
         results[name] = [evaluate(m, val, cfg, thr) for m in (untrained, trained)]
     (u_miou, u_iou, u_pred), (t_miou, t_iou, t_pred) = results["threshold"]
-    overlays = write_overlays(val, u_pred, t_pred, out / "overlays")
+    store_segmentation_settings(Path(summary["checkpoint"]), args.bg_thresh)
+    n_show = min(12, len(val))
+    panels: dict[str, list[np.ndarray]] = {"truth": [m for _, _, m in val[:n_show]], "untrained": u_pred,
+                                           "trained": t_pred}
+    for tag, m in (("untrained", untrained), ("trained", trained)):
+        per_image = stage_groups(m, [img for img, _, _ in val[:n_show]], cfg)
+        for k, g in enumerate(trained.cfg.vision.num_output_groups):
+            panels[f"{tag} stage {k + 1} groups ({g})"] = [st[k] for st in per_image]
+    overlays = write_overlays(val, panels, out / "overlays", n=n_show)
 
     names = class_names(KIND)
     wall = time.perf_counter() - t0
@@ -184,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": summary["steps"],
         "stopped_by": summary["stopped_by"], "train_s": summary["train_s"], "data_s": t_data, "wall_s": wall,
         "final_loss": summary["final_loss"], "multi_label": cfg.data.multi_label, "threads": args.threads,
+        "seed": cfg.seed, "groups_per_stage": list(trained.cfg.vision.num_output_groups),
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(f"  {n:<11} {100 * a:9.1f} {100 * b:8.1f}" for n, a, b in zip(names, u_iou, t_iou))
@@ -192,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"  {'mIoU':<11} {100 * u_miou:9.1f} {100 * t_miou:8.1f}\n"
           f"  {'mIoU, background as a text class':<11}: untrained {100 * results['text'][0][0]:.1f}, "
           f"trained {100 * results['text'][1][0]:.1f}\n"
-          f"overlays: {overlays[0].parent}/overlay_*.png (image | truth | untrained | trained)\n"
+          f"overlays: {overlays[0].parent}/overlay_*.png (image | truth | untrained | trained, then the groups of "
+          f"each stage, untrained and trained)\n"
           f"total {wall:.0f} s (data {t_data:.0f} s, training {summary['train_s']:.0f} s, {summary['steps']} steps)")
     return 0
 
