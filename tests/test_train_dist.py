@@ -56,7 +56,7 @@ def test_two_process_gloo_training(tmp_path):
     assert len(l0) == len(l1) == 2 and l0 != l1  # different local rows on each rank
     # rank 0 alone logs: one JSONL line per step, whose loss is the mean over both ranks
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [0, 1]
+    assert [r["step"] for r in recs] == [1, 2]
     for r, a, b in zip(recs, l0, l1):
         assert r["loss"] == pytest.approx((a + b) / 2, rel=1e-9)
     # ... and checkpoints: the model equals the ranks' weights, the RNG states of both ranks are inside

@@ -95,7 +95,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     with ops.use_check_finite(check_finite):
         if micro_batch and micro_batch < images.shape[0]:
             losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
-                                        autocast_dtype=autocast_dtype)
+                                        autocast_dtype=autocast_dtype, host_texts=batch["texts"])
         else:
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
@@ -477,7 +477,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
 
     # resume
     step, epoch, batch_idx = 0, 0, 0
-    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "data": {}}  # carried across resumes
+    counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "data_before_epoch": {}}  # carried on resume
     if resume_path is not None:
         ck = load_training_checkpoint(resume_path)
         unwrap(model).load_state_dict(ck["model"])
@@ -500,7 +500,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                           f"streams are re-seeded, so the run will not repeat the original exactly")
             seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
 
-    data_base = dict(counters["data"])  # data counts of the earlier segments of a resumed run
+    data_base = dict(counters["data_before_epoch"])  # data counts of the epochs before the resumed one
     if ctx.is_main:
         rundir.truncate_metrics(out_dir, step)  # records past the checkpoint are re-run: no duplicate steps
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
@@ -525,11 +525,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     stopped_by = "completed" if step >= total_steps else "max_steps"
     loader = build_loader(cfg, ctx, steps_per_epoch=steps_per_epoch,
                           context_length=unwrap(model).cfg.text.context_length)
+    epoch_data = data_base  # data counts (whole run, all ranks) before the current epoch
 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         rngs = _gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
-        counters["data"] = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # collective too
+        total = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # collective too
+        # a resume re-reads (and counts again) the consumed part of its epoch: carry the counts before that epoch
+        counters["data_before_epoch"] = total if batch_idx == 0 else epoch_data
         if ctx.is_main:
             save_training_checkpoint(out_dir / LATEST, model=model, optimizer=optimizer, scheduler=stepper,
                                      scaler=scaler, train_config=cfg.to_dict(), step=step, epoch=epoch,
@@ -540,6 +543,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     model.train()
     try:
         while step < stop_at:
+            epoch_data = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))
             it = loader.iter_epoch(epoch, batch_idx)
             this_epoch = epoch
             while epoch == this_epoch and step < stop_at:
@@ -602,7 +606,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     finally:
         log.close()
 
-    data_stats = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # the whole run, all segments
+    data_stats = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
     wall = time.perf_counter() - t_start
     summary = {
         "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
