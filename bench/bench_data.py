@@ -159,12 +159,13 @@ def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> di
 
 
 def measure_loader(pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32,
-                   batches: int = 8) -> float:
+                   batches: int = 8, size: int = 224) -> float:
     """Samples/s of the training loader (K = 3 prompts) over ``batches`` batches after one warm-up batch, per CPU
     second of this process with ``num_workers=0`` (one core's rate, robust to other load), per wall second with
     workers; with ``augment_on="gpu"`` only its CPU half runs (the device step is switched off)."""
     loader = build_train_loader(pattern, batch_size=batch_size, num_workers=num_workers, multi_label=3,
-                                shuffle_buffer=0, seed=0, epoch_len=batches + 1, augment_on=augment_on)
+                                img_size=size, shuffle_buffer=0, seed=0, epoch_len=batches + 1,
+                                augment_on=augment_on)
     loader.device_augment = None  # measure the CPU side only: the workers' uint8 batches
     it = iter(loader)
     next(it)
@@ -179,28 +180,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "NLTK_DATA" not in os.environ and _SHARED_NLTK.is_dir():
         os.environ["NLTK_DATA"] = str(_SHARED_NLTK)
     res: dict[str, Any] = {"commit": git_sha(ROOT), "machine": f"{os.cpu_count()} CPU cores, {sys.platform}",
-                           "rate": args.rate, "cases": {}}
+                           "rate": args.rate, "size": args.size, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for case, long_side in (("voc", None), ("1024", 1024)):
+        for case, long_side in (("voc", None), (f"{args.large_side}-px", args.large_side)):
             d = Path(tmp) / case
             pattern = make_shards(d, args.samples, src=Path(args.images), long_side=long_side)
             images = _images(Path(args.images), long_side)
-            stages = measure_stages(images, repeats=args.repeats)
-            batches = max(2, args.samples // 32 - 1)
-            base = measure_loader(pattern, augment_on="cpu", batches=batches)  # tagging on the fly
+            stages = measure_stages(images, size=args.size, repeats=args.repeats)
+            kw = dict(batches=max(1, args.samples // args.batch_size - 1), batch_size=args.batch_size, size=args.size)
+            base = measure_loader(pattern, augment_on="cpu", **kw)  # tagging on the fly
             add_nouns([pattern], workers=1)
-            new = measure_loader(pattern, augment_on="gpu", batches=batches)
-            scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, batches=batches)
-                       for w in args.workers}
+            new = measure_loader(pattern, augment_on="gpu", **kw)
+            scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
             res["cases"][case] = {"stages_ms": stages, "loader_cpu_tagged": base, "loader_gpu_nouns": new,
                                   "speedup": new / base, "workers_gpu_nouns": scaling}
     return res
 
 
 def report(res: dict[str, Any]) -> str:
-    lines = [f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample)"]
+    lines = [f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample, crop "
+             f"{res['size']})"]
     for case, r in res["cases"].items():
-        lines.append(f"[{case} JPEGs] " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()))
+        lines.append(f"[{case} JPEGs] stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()))
         lines.append(f"  loader, 1 core: cpu path + tagging {r['loader_cpu_tagged']:.0f} samples/s, gpu path + "
                      f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x)")
         lines.append("  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s"
@@ -216,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", default=str(VOC_DIR), help="folder of source JPEGs (default: the VOC mini set)")
     ap.add_argument("--workers", default="1,2", help="worker counts for the scaling run (default 1,2)")
     ap.add_argument("--rate", type=float, default=8000.0, help="pairs/s one GPU consumes (default 8000)")
+    ap.add_argument("--size", type=int, default=224, help="training crop side (default 224)")
+    ap.add_argument("--batch-size", type=int, default=32, help="loader batch size (default 32)")
+    ap.add_argument("--large-side", type=int, default=1024, help="long side of the large-JPEG case (default 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="passes per stage measurement (median)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -223,8 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
         ap.error(f"--workers takes comma-separated integers, got {args.workers!r}")
-    if args.samples < 64 or not Path(args.images).is_dir():
-        ap.error("need --samples >= 64 and an existing --images folder")
+    if args.samples < 2 * args.batch_size or not Path(args.images).is_dir():
+        ap.error("need --samples >= 2 x --batch-size and an existing --images folder")
     res = run(args)
     print(report(res))
     if args.json:
