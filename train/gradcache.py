@@ -59,13 +59,16 @@ def micro_slices(batch: int, micro_batch: int) -> Iterator[slice]:
 
 def gradcache_backward(model: nn.Module, loss_fn: nn.Module, images: Tensor, texts: Tensor, micro_batch: int, *,
                        scaler: torch.amp.GradScaler | None = None,
-                       autocast_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+                       autocast_dtype: torch.dtype | None = None,
+                       host_texts: Tensor | None = None) -> dict[str, Tensor]:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(model(images, texts))["loss"]`` over the whole batch
     (scaled by ``scaler`` when given), running the towers ``micro_batch`` samples at a time.
 
     Args:
         model: a :class:`groupvit.GroupViT`, possibly wrapped in DistributedDataParallel.
         images: ``[B, 3, H, W]``; texts: ``[B, L]`` or ``[B, 1+K, L]``.
+        host_texts: ``texts`` on the CPU (the loader's batch), for the text trimming plans without a device read;
+            None: planned from ``texts``.
 
     Returns:
         ``loss_fn``'s dict, detached. The RNG ends where a single pass over the batch would leave it.
@@ -75,13 +78,15 @@ def gradcache_backward(model: nn.Module, loss_fn: nn.Module, images: Tensor, tex
     texts = texts[:, None] if texts.dim() == 2 else texts  # [B, 1+K, L]
     t = texts.shape[1]
     parts = list(micro_slices(images.shape[0], micro_batch))
+    host = texts if host_texts is None else host_texts.reshape(texts.shape)
+    plans = [bare.plan_text(host[sl]).to(device) for sl in parts]  # one per micro-batch, for both passes
 
     states: list[RngState] = []
     img_parts, txt_parts = [], []
     with torch.no_grad(), _autocast(device, autocast_dtype):  # 1. cache
-        for sl in parts:
+        for sl, plan in zip(parts, plans):
             states.append(_rng_get(device))
-            fi, ft = bare.forward_towers(images[sl], texts[sl])  # [m, C], [m(1+K), W]
+            fi, ft = bare.forward_towers(images[sl], texts[sl], text_plan=plan)  # [m, C], [m(1+K), W]
             img_parts.append(fi)
             txt_parts.append(ft)
     after = _rng_get(device)
@@ -95,10 +100,10 @@ def gradcache_backward(model: nn.Module, loss_fn: nn.Module, images: Tensor, tex
     (scaler.scale(loss) if scaler is not None else loss).backward()
     g_img, g_txt = img_feat.grad, txt_feat.grad
 
-    for sl, state in zip(parts, states):  # 3. replay with the cache pass's random draws
+    for sl, plan, state in zip(parts, plans, states):  # 3. replay with the cache pass's random draws
         _rng_set(state, device)
         with _autocast(device, autocast_dtype):
-            fi, ft = bare.forward_towers(images[sl], texts[sl])
+            fi, ft = bare.forward_towers(images[sl], texts[sl], text_plan=plan)
         torch.autograd.backward((fi, ft), (g_img[sl], g_txt[sl.start * t:sl.stop * t]))
     _rng_set(after, device)
 
