@@ -9,20 +9,27 @@ Layout of this file: ``@triton.jit`` kernels -> launchers (validate, allocate on
 autograd (two ``torch.library.custom_op`` s, forward and backward, tied by ``register_autograd``; opaque to
 ``torch.compile``, which cannot trace an interpreter launch) -> public :func:`assign_attention`.
 
-Design:
+Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README "Kernels"):
 
-* Grid ``(C-chunks, B)``: a program owns one image and one ``BLOCK_C`` chunk of the output channels, holds all
-  ``G`` rows (padded to >= 16 with ``-inf`` logits) and walks the image tokens once in ``BLOCK_N`` tiles. The logits
-  of a tile need all of ``C``, so each channel chunk recomputes them (cheap: G*N*C per chunk, K stays in L2);
-  in exchange every accumulator (``acc``, ``d``, ``dq``) lives in registers and no cross-program reduction or
-  atomic is needed: results are bitwise deterministic.
+* Grid ``(token splits, B)``: a program owns one image, all ``G`` groups (padded to a power of two >= 8 with
+  ``-inf`` logits) and all ``C`` channels as ``NC <= 4`` unrolled chunks of ``BLOCK_C``; it walks its tokens in
+  ``BLOCK_N`` tiles (k / v tiles software-pipelined by Triton, q resident). Logits, noise, softmax and argmax are
+  computed **once per logit**, forward and backward. Tiles are transposed (``[tokens, groups]``, accumulators
+  ``[channels, groups]``) so the group softmax is a row reduction and G = 8 (stage 2) fills an MMA's N = 8 instead
+  of a 16-row M tile. Tokens are split across programs only when B programs would leave SMs idle (448-px crops);
+  the launcher then reduces fp32 partial sums in a fixed order, so results stay bitwise deterministic (no atomics).
 * Nothing of size ``G x N`` is stored. The forward saves ``out`` and ``d [B,G]`` (group sizes, fp32); the backward
   recomputes logits, noise, softmax and argmax per tile and uses ``Delta_g = dO_g . O_g`` (notes §1.2).
-* Gumbel noise comes from Philox (``tl.rand``) keyed on the *logical* element index
-  ``offset + (b*G + g)*N + n``, so it does not depend on block sizes or grid; :func:`gumbel_noise` materialises
-  the very same stream for the eager reference.
-* Compute dtype is fp32 (fp64 for fp64 inputs, so ``gradcheck`` works). fp16/bf16 feed ``tl.dot`` natively on the
-  GPU; under the interpreter bf16 is upcast right after every load (its bf16 dot is broken).
+* Gumbel noise: one Philox-4x32-10 call (``tl.randint4x``) per 4 groups, all four words used; element
+  ``(b, g, n)`` is word ``g % 4`` of counter ``offset + (b * ceil(G/4) + g // 4) * N + n`` (logical indices, not
+  tiles: independent of block sizes and grid). Word -> ``u = (2 (w >> 9) + 1) 2^-24`` (exact, never 0 or 1: no
+  clamp) -> ``-log(-log u)`` with an accurate inner log and ``log2`` (``lg2.approx``, ~1e-7 absolute) outside.
+  :func:`gumbel_noise` materialises the very same stream for the eager reference.
+* A NaN logit makes its token's assignment NaN in every group (hard mode too), as in the reference.
+* Precision: compute dtype fp32 (fp64 for fp64 inputs, exact "ieee" dots, so ``gradcheck`` works). fp16/bf16 feed
+  the tensor cores natively; fp32 runs on them too: ``tf32x3`` (about fp32 accuracy) under
+  ``torch.get_float32_matmul_precision() == "highest"``, else ``tf32``; never FMA. Under the interpreter bf16 is
+  upcast right after every load (its bf16 dot is broken) and every dot is exact.
 """
 
 from __future__ import annotations
@@ -49,179 +56,308 @@ MAX_GROUPS = 256  # all G rows live in one program
 
 
 @triton.jit
-def _gumbel(seed, counter):
-    """Gumbel(0,1) in fp32 from Philox-4x32-10 at ``counter`` (int64 block): ``-log(-log u)``, ``u`` clamped to
-    torch's support ``[tiny, 1 - eps]`` (``tl.rand`` returns exactly 0, and 1.0 after fp32 rounding, now and then)."""
-    u = tl.rand(seed, counter)
-    u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 0.99999988079071044921875)
-    return -tl.log(-tl.log(u))
+def _uniform_to_gumbel(r):
+    """Gumbel(0,1) in fp32 from one uint32 Philox word: ``u = (2 (r >> 9) + 1) 2^-24``, exact and inside (0, 1)
+    (never 0 or 1, so no clamp), then ``-log(-log u)``. The inner log is the accurate one (it sets the upper tail,
+    where ``-log u`` is tiny); the outer one is ``log2`` (``lg2.approx`` on the GPU: about 1e-7 absolute error)."""
+    f = ((r >> 9) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + k 2^-23 in [1, 2)
+    u = f - 0.99999994039535522  # 1 - 2^-24: (2k + 1) 2^-24, exact
+    return -0.6931471805599453 * tl.math.log2(-tl.log(u))
 
 
 @triton.jit
-def _logits_tile(q_base, k_base, noise_base, seed, ctr_base, offs_g, g_mask, offs_n, n_mask, G, N, C, scale,
-                 NOISE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr):
-    """``x = scale * q k^T + noise`` for one token tile ``[BLOCK_G, BLOCK_N]`` in ``CD``; padded groups are -inf."""
-    s = tl.zeros([BLOCK_G, BLOCK_N], dtype=CD)
-    for c0 in range(0, C, BLOCK_K):
-        offs_c = c0 + tl.arange(0, BLOCK_K)
-        c_mask = offs_c < C
-        qt = tl.load(q_base + offs_g[:, None] * C + offs_c[None, :], mask=g_mask[:, None] & c_mask[None, :],
-                     other=0.0).to(DOT_T)  # [BG, BC]
-        kt = tl.load(k_base + offs_n[None, :] * C + offs_c[:, None], mask=c_mask[:, None] & n_mask[None, :],
-                     other=0.0).to(DOT_T)  # [BC, BN]
-        s += tl.dot(qt, kt, input_precision=PREC, out_dtype=CD)
+def _ctr_base(offset, b, G, N, CTR64: tl.constexpr):
+    """Philox counter of element ``(b, g=0, n=0)``: ``offset + b * ceil(G/4) * N`` (int64 only where it may need it)."""
+    if CTR64:
+        return offset.to(tl.int64) + b.to(tl.int64) * ((G + 3) // 4) * N
+    else:
+        return offset + b * ((G + 3) // 4) * N
+
+
+@triton.jit
+def _noise_tile(seed, ctr_base, g0, offs_n, N, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Gumbel noise ``[BLOCK_N, BLOCK_G]`` (tokens x groups ``g0 ..``, g0 a multiple of 4), one Philox-4x32 call per
+    4 groups: element ``(g, n)`` is word ``g % 4`` of counter ``ctr_base + (g // 4) * N + n``."""
+    g4 = g0 // 4 + tl.arange(0, BLOCK_G // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr_base + g4[None, :] * N + offs_n[:, None])  # [BN, BG/4] each
+    z = tl.join(tl.join(_uniform_to_gumbel(r0), _uniform_to_gumbel(r2)),
+                tl.join(_uniform_to_gumbel(r1), _uniform_to_gumbel(r3)))  # [BN, BG/4, 2, 2]: [.., i, j] = word 2i+j
+    return tl.reshape(z, (BLOCK_N, BLOCK_G))
+
+
+@triton.jit
+def _chunk(base, rows, row_mask, c0, C, BLOCK_C: tl.constexpr, T: tl.constexpr):
+    """``[rows, c0 : c0 + BLOCK_C]`` of a row-major ``[*, C]`` matrix as ``T``, zero outside."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    return tl.load(base + rows[:, None] * C + offs_c[None, :], mask=row_mask[:, None] & (offs_c < C)[None, :],
+                   other=0.0).to(T)
+
+
+@triton.jit
+def _store_t(base, acc_t, offs_g, g_mask, c0, C, BLOCK_C: tl.constexpr):
+    """Store a transposed chunk ``acc_t [BLOCK_C, BLOCK_G]`` into a row-major ``[G, C]`` matrix at columns c0.."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    tl.store(base + offs_g[None, :] * C + offs_c[:, None], acc_t.to(base.dtype.element_ty),
+             mask=g_mask[None, :] & (offs_c < C)[:, None])
+
+
+@triton.jit
+def _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N,
+            NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, CD: tl.constexpr):
+    """``x = scale * s + noise`` for a token tile ``[BLOCK_N, BLOCK_G]`` in ``CD``; padded groups are -inf."""
     x = s * scale
-    if NOISE == 1:  # in-kernel Philox Gumbel, logical counter (b*G + g)*N + n
-        ctr = ctr_base + offs_g[:, None].to(tl.int64) * N + offs_n[None, :]
-        x += _gumbel(seed, ctr).to(CD)
+    if NOISE == 1:  # in-kernel Philox Gumbel noise, logical counters (see _noise_tile)
+        x += _noise_tile(seed, ctr_base, 0, offs_n, N, BLOCK_N, BLOCK_G).to(CD)
     elif NOISE == 2:  # explicit noise tensor [B, G, N]
-        nz = tl.load(noise_base + offs_g[:, None] * N + offs_n[None, :], mask=g_mask[:, None] & n_mask[None, :],
-                     other=0.0)
-        x += nz.to(CD)
-    return tl.where(g_mask[:, None], x, float("-inf"))
+        x += tl.load(noise_base + offs_g[None, :] * N + offs_n[:, None], mask=g_mask[None, :] & n_mask[:, None],
+                     other=0.0).to(CD)
+    return tl.where(g_mask[None, :], x, float("-inf"))
 
 
 @triton.jit
-def _column_softmax(x, inv_tau, n_mask):
-    """softmax over groups (axis 0) of ``x / tau``; padded token columns are zeroed."""
-    m = tl.max(x, axis=0)
-    p = tl.exp2((x - m[None, :]) * (inv_tau * 1.4426950408889634))
-    y = p / tl.sum(p, axis=0)[None, :]
-    return tl.where(n_mask[None, :], y, 0.0)
+def _group_softmax(x, inv_tau, n_mask):
+    """softmax over groups (axis 1) of ``x / tau``; padded token rows are zeroed. A NaN logit makes its token NaN."""
+    m = tl.max(x, axis=1)
+    p = tl.exp2((x - m[:, None]) * (inv_tau * 1.4426950408889634))
+    y = p / tl.sum(p, axis=1)[:, None]
+    return tl.where(n_mask[:, None], y, 0.0)
 
 
 @triton.jit
-def _one_hot_argmax(x, offs_g, n_mask, CD: tl.constexpr):
-    """one-hot of argmax over groups (ties -> lowest index); padded token columns are zeroed."""
-    idx = tl.argmax(x, axis=0)  # [BN]
-    return ((offs_g[:, None] == idx[None, :]) & n_mask[None, :]).to(CD)
+def _one_hot_argmax(x, offs_g, g_mask, n_mask, CD: tl.constexpr):
+    """one-hot of the argmax over groups (axis 1; ties -> lowest index). A token with a NaN logit is NaN in every
+    group, as the reference's ``one_hot - sg(Y) + Y`` with a NaN softmax is; padded token rows are zeroed."""
+    idx = tl.argmax(x, axis=1)  # [BN]
+    rs = tl.sum(tl.where(g_mask[None, :], x, 0.0), axis=1)
+    a = tl.where((rs != rs)[:, None] & g_mask[None, :], float("nan"), (offs_g[None, :] == idx[:, None]).to(CD))
+    return tl.where(n_mask[:, None], a, 0.0)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])  # a new seed per call must not recompile
 def _assign_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr,  # q, out [B,G,C]; k, v [B,N,C]; noise [B,G,N]; d [B,G]
-    seed, offset, G, N, C, scale, inv_tau, eps,
-    NOISE: tl.constexpr, HARD: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr,  # q [B,G,C]; k, v [B,N,C]; noise [B,G,N]; see PARTIAL for out, d
+    seed, offset, G, N, C, n_split, scale, inv_tau, eps,
+    NOISE: tl.constexpr, HARD: tl.constexpr, PARTIAL: tl.constexpr, CTR64: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NC: tl.constexpr,
     DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
+    """Program ``(split, b)``: image b, tokens ``[split * n_split, ..)``, all groups and all ``NC`` channel chunks.
+    PARTIAL: out = unnormalised ``acc [S,B,G,C]``, d = ``[S,B,G]`` (the launcher reduces); else ``out [B,G,C]``,
+    ``d [B,G]``. Accumulators are transposed (``[BLOCK_C, BLOCK_G]``: channels on the MMA's M axis)."""
+    sid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = q_ptr + b * G * C, k_ptr + b * N * C, v_ptr + b * N * C
     noise_base = noise_ptr + b * G * N
-    ctr_base = offset + b * G * N
+    ctr_base = _ctr_base(offset, tl.program_id(1), G, N, CTR64)
     offs_g = tl.arange(0, BLOCK_G)
     g_mask = offs_g < G
-    offs_co = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's output channels
-    co_mask = offs_co < C
-
-    acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=CD)  # sum_n A_gn v_n
+    # q resident for the whole token loop, one [BG, BC] tile per channel chunk (NC <= 4, unrolled)
+    q0 = _chunk(q_base, offs_g, g_mask, 0, C, BLOCK_C, DOT_T)
+    acc0 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)  # sum_n v_n A_gn, transposed
+    if NC > 1:
+        q1 = _chunk(q_base, offs_g, g_mask, BLOCK_C, C, BLOCK_C, DOT_T)
+        acc1 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
+    if NC > 2:
+        q2 = _chunk(q_base, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
+    if NC > 3:
+        q3 = _chunk(q_base, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)
+        acc3 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
     dsum = tl.zeros([BLOCK_G], dtype=CD)  # sum_n A_gn
-    for n0 in range(0, N, BLOCK_N):
+    n_lo = sid * n_split
+    n_hi = tl.minimum(N, n_lo + n_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        x = _logits_tile(q_base, k_base, noise_base, seed, ctr_base, offs_g, g_mask, offs_n, n_mask, G, N, C, scale,
-                         NOISE, BLOCK_G, BLOCK_N, BLOCK_K, DOT_T, CD, PREC)
+        n_mask = offs_n < n_hi
+        # logits, transposed: s [BN, BG] = k q^T over all channels, once per logit
+        s = tl.dot(_chunk(k_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(q0), input_precision=PREC,
+                   out_dtype=CD)
+        if NC > 1:
+            s = tl.dot(_chunk(k_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q1), s,
+                       input_precision=PREC, out_dtype=CD)
+        if NC > 2:
+            s = tl.dot(_chunk(k_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q2), s,
+                       input_precision=PREC, out_dtype=CD)
+        if NC > 3:
+            s = tl.dot(_chunk(k_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q3), s,
+                       input_precision=PREC, out_dtype=CD)
+        x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N,
+                    BLOCK_G, CD)
         if HARD:  # argmax of the softmax = argmax of its input: no exponentials in the hard forward
-            a = _one_hot_argmax(x, offs_g, n_mask, CD)
+            a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
         else:
-            a = _column_softmax(x, inv_tau, n_mask)
-        vt = tl.load(v_base + offs_n[:, None] * C + offs_co[None, :], mask=n_mask[:, None] & co_mask[None, :],
-                     other=0.0).to(DOT_T)  # [BN, BC]
-        acc += tl.dot(a.to(DOT_T), vt, input_precision=PREC, out_dtype=CD)
-        dsum += tl.sum(a, axis=1)
+            a = _group_softmax(x, inv_tau, n_mask)
+        at = a.to(DOT_T)
+        acc0 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T)), at, acc0,
+                      input_precision=PREC, out_dtype=CD)
+        if NC > 1:
+            acc1 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T)), at, acc1,
+                          input_precision=PREC, out_dtype=CD)
+        if NC > 2:
+            acc2 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)), at, acc2,
+                          input_precision=PREC, out_dtype=CD)
+        if NC > 3:
+            acc3 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)), at, acc3,
+                          input_precision=PREC, out_dtype=CD)
+        dsum += tl.sum(a, axis=0)
 
-    out = acc / (dsum + eps)[:, None]
-    tl.store(out_ptr + b * G * C + offs_g[:, None] * C + offs_co[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & co_mask[None, :])
-    tl.store(d_ptr + b * G + offs_g, dsum, mask=g_mask & (pid_c == 0))  # identical in every chunk: write once
+    if PARTIAL:  # unnormalised partial sums of this token split
+        row = sid * tl.num_programs(1) + b
+        r = tl.full([BLOCK_G], 1.0, dtype=CD)
+        tl.store(d_ptr + row * G + offs_g, dsum, mask=g_mask)
+    else:
+        row = b
+        r = 1.0 / (dsum + eps)
+        tl.store(d_ptr + row * G + offs_g, dsum, mask=g_mask)
+    o_base = out_ptr + row * G * C
+    _store_t(o_base, acc0 * r[None, :], offs_g, g_mask, 0, C, BLOCK_C)
+    if NC > 1:
+        _store_t(o_base, acc1 * r[None, :], offs_g, g_mask, BLOCK_C, C, BLOCK_C)
+    if NC > 2:
+        _store_t(o_base, acc2 * r[None, :], offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C)
+    if NC > 3:
+        _store_t(o_base, acc3 * r[None, :], offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C)
+
+
+@triton.jit
+def _bwd_chunk(ds, wt, k_c, q_c, do_c, dq_c, dk_base, dv_base, offs_n, n_mask, c0, C,
+               BLOCK_C: tl.constexpr, DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr):
+    """One channel chunk of a token tile's backward: stores dk, dv ``[BN, BC]`` and returns the updated
+    ``dq_c^T [BC, BG]``."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    nc_off = offs_n[:, None] * C + offs_c[None, :]
+    nc_mask = n_mask[:, None] & (offs_c < C)[None, :]
+    dk = tl.dot(ds, q_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
+    tl.store(dk_base + nc_off, dk.to(dk_base.dtype.element_ty), mask=nc_mask)
+    dv = tl.dot(wt, do_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
+    tl.store(dv_base + nc_off, dv.to(dv_base.dtype.element_ty), mask=nc_mask)
+    return tl.dot(tl.trans(k_c), ds, dq_c, input_precision=PREC, out_dtype=CD)  # [BC, BG]
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _assign_bwd_kernel(
     q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
-    seed, offset, G, N, C, scale, inv_tau, eps,
-    NOISE: tl.constexpr, HARD: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    seed, offset, G, N, C, n_split, scale, inv_tau, eps,
+    NOISE: tl.constexpr, HARD: tl.constexpr, PARTIAL: tl.constexpr, CTR64: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NC: tl.constexpr,
     DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
+    """Program ``(split, b)`` as in the forward; q and dO resident, logits / noise / softmax / dO v^T once per
+    logit. PARTIAL: dq is an fp32 ``[S,B,G,C]`` buffer of per-split sums (the launcher reduces)."""
+    sid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = q_ptr + b * G * C, k_ptr + b * N * C, v_ptr + b * N * C
     o_base, do_base = out_ptr + b * G * C, do_ptr + b * G * C
+    dk_base, dv_base = dk_ptr + b * N * C, dv_ptr + b * N * C
     noise_base = noise_ptr + b * G * N
-    ctr_base = offset + b * G * N
+    ctr_base = _ctr_base(offset, tl.program_id(1), G, N, CTR64)
     offs_g = tl.arange(0, BLOCK_G)
     g_mask = offs_g < G
-    offs_co = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    co_mask = offs_co < C
-    gc_mask = g_mask[:, None] & co_mask[None, :]
-
-    # Delta_g = dO_g . O_g over all channels  [BG]
-    delta = tl.zeros([BLOCK_G], dtype=CD)
-    for c0 in range(0, C, BLOCK_K):
-        offs_c = c0 + tl.arange(0, BLOCK_K)
-        m = g_mask[:, None] & (offs_c < C)[None, :]
-        o = tl.load(o_base + offs_g[:, None] * C + offs_c[None, :], mask=m, other=0.0).to(CD)
-        do = tl.load(do_base + offs_g[:, None] * C + offs_c[None, :], mask=m, other=0.0).to(CD)
-        delta += tl.sum(o * do, axis=1)
-    # 1/(d_g + eps); zero on padded rows (with eps = 0 it would be inf there and 0 * inf = NaN would leak)
+    # 1/(d_g + eps); zero on padded groups (with eps = 0 it would be inf there and 0 * inf = NaN would leak)
     rinv = tl.where(g_mask, 1.0 / (tl.load(d_ptr + b * G + offs_g, mask=g_mask, other=1.0).to(CD) + eps), 0.0)
+    # resident q, dO chunks; Delta_g = dO_g . O_g  [BG]
+    q0 = _chunk(q_base, offs_g, g_mask, 0, C, BLOCK_C, DOT_T)
+    do0 = _chunk(do_base, offs_g, g_mask, 0, C, BLOCK_C, DOT_T)
+    delta = tl.sum(_chunk(o_base, offs_g, g_mask, 0, C, BLOCK_C, CD) * do0.to(CD), axis=1)
+    dq0 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
+    if NC > 1:
+        q1 = _chunk(q_base, offs_g, g_mask, BLOCK_C, C, BLOCK_C, DOT_T)
+        do1 = _chunk(do_base, offs_g, g_mask, BLOCK_C, C, BLOCK_C, DOT_T)
+        delta += tl.sum(_chunk(o_base, offs_g, g_mask, BLOCK_C, C, BLOCK_C, CD) * do1.to(CD), axis=1)
+        dq1 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
+    if NC > 2:
+        q2 = _chunk(q_base, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)
+        do2 = _chunk(do_base, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)
+        delta += tl.sum(_chunk(o_base, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C, CD) * do2.to(CD), axis=1)
+        dq2 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
+    if NC > 3:
+        q3 = _chunk(q_base, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)
+        do3 = _chunk(do_base, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)
+        delta += tl.sum(_chunk(o_base, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C, CD) * do3.to(CD), axis=1)
+        dq3 = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)
 
-    q_c = tl.load(q_base + offs_g[:, None] * C + offs_co[None, :], mask=gc_mask, other=0.0).to(DOT_T)  # [BG, BC]
-    do_c = tl.load(do_base + offs_g[:, None] * C + offs_co[None, :], mask=gc_mask, other=0.0).to(DOT_T)
-    dq = tl.zeros([BLOCK_G, BLOCK_C], dtype=CD)
-    for n0 in range(0, N, BLOCK_N):
+    n_lo = sid * n_split
+    n_hi = tl.minimum(N, n_lo + n_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        x = _logits_tile(q_base, k_base, noise_base, seed, ctr_base, offs_g, g_mask, offs_n, n_mask, G, N, C, scale,
-                         NOISE, BLOCK_G, BLOCK_N, BLOCK_K, DOT_T, CD, PREC)
-        y = _column_softmax(x, inv_tau, n_mask)  # [BG, BN]
+        n_mask = offs_n < n_hi
+        k0 = _chunk(k_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T)  # [BN, BC]
+        s = tl.dot(k0, tl.trans(q0), input_precision=PREC, out_dtype=CD)  # [BN, BG]
+        dw = tl.dot(_chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(do0), input_precision=PREC,
+                    out_dtype=CD)  # dWt^T = v dO^T  [BN, BG]
+        if NC > 1:
+            k1 = _chunk(k_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T)
+            s = tl.dot(k1, tl.trans(q1), s, input_precision=PREC, out_dtype=CD)
+            dw = tl.dot(_chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do1), dw,
+                        input_precision=PREC, out_dtype=CD)
+        if NC > 2:
+            k2 = _chunk(k_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)
+            s = tl.dot(k2, tl.trans(q2), s, input_precision=PREC, out_dtype=CD)
+            dw = tl.dot(_chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do2), dw,
+                        input_precision=PREC, out_dtype=CD)
+        if NC > 3:
+            k3 = _chunk(k_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)
+            s = tl.dot(k3, tl.trans(q3), s, input_precision=PREC, out_dtype=CD)
+            dw = tl.dot(_chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do3), dw,
+                        input_precision=PREC, out_dtype=CD)
+        x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N,
+                    BLOCK_G, CD)
+        y = _group_softmax(x, inv_tau, n_mask)  # [BN, BG]
         if HARD:
-            a = _one_hot_argmax(x, offs_g, n_mask, CD)
+            a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
         else:
             a = y
-        # dWt = dO v^T over all channels  [BG, BN]
-        dw = tl.zeros([BLOCK_G, BLOCK_N], dtype=CD)
-        for c0 in range(0, C, BLOCK_K):
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            c_mask = offs_c < C
-            dot_ = tl.load(do_base + offs_g[:, None] * C + offs_c[None, :], mask=g_mask[:, None] & c_mask[None, :],
-                           other=0.0).to(DOT_T)  # [BG, BC]
-            vt = tl.load(v_base + offs_n[None, :] * C + offs_c[:, None], mask=c_mask[:, None] & n_mask[None, :],
-                         other=0.0).to(DOT_T)  # [BC, BN]
-            dw += tl.dot(dot_, vt, input_precision=PREC, out_dtype=CD)
-        da = (dw - delta[:, None]) * rinv[:, None]  # through the normalisation; straight-through: dY = dA
-        dz = y * (da - tl.sum(y * da, axis=0)[None, :])  # column-softmax backward
-        ds = dz * (scale * inv_tau)  # d(q.k) [BG, BN]; zero on padded rows/columns (y = 0 there)
-        wt = a * rinv[:, None]  # normalised assignment [BG, BN]
+        da = (dw - delta[None, :]) * rinv[None, :]  # through the normalisation; straight-through: dY = dA
+        dz = y * (da - tl.sum(y * da, axis=1)[:, None])  # group-softmax backward
+        ds = (dz * (scale * inv_tau)).to(DOT_T)  # d(q.k) [BN, BG]; zero on padded rows/columns (y = 0 there)
+        wt = (a * rinv[None, :]).to(DOT_T)  # normalised assignment [BN, BG]
+        dq0 = _bwd_chunk(ds, wt, k0, q0, do0, dq0, dk_base, dv_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T, CD, PREC)
+        if NC > 1:
+            dq1 = _bwd_chunk(ds, wt, k1, q1, do1, dq1, dk_base, dv_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C,
+                             DOT_T, CD, PREC)
+        if NC > 2:
+            dq2 = _bwd_chunk(ds, wt, k2, q2, do2, dq2, dk_base, dv_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C,
+                             DOT_T, CD, PREC)
+        if NC > 3:
+            dq3 = _bwd_chunk(ds, wt, k3, q3, do3, dq3, dk_base, dv_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C,
+                             DOT_T, CD, PREC)
 
-        nc_mask = n_mask[:, None] & co_mask[None, :]
-        k_c = tl.load(k_base + offs_n[:, None] * C + offs_co[None, :], mask=nc_mask, other=0.0).to(DOT_T)  # [BN, BC]
-        dq += tl.dot(ds.to(DOT_T), k_c, input_precision=PREC, out_dtype=CD)
-        dk = tl.dot(tl.trans(ds).to(DOT_T), q_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
-        dv = tl.dot(tl.trans(wt).to(DOT_T), do_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
-        nc_off = b * N * C + offs_n[:, None] * C + offs_co[None, :]
-        tl.store(dk_ptr + nc_off, dk.to(dk_ptr.dtype.element_ty), mask=nc_mask)
-        tl.store(dv_ptr + nc_off, dv.to(dv_ptr.dtype.element_ty), mask=nc_mask)
-
-    tl.store(dq_ptr + b * G * C + offs_g[:, None] * C + offs_co[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=gc_mask)
+    if PARTIAL:
+        dq_base = dq_ptr + (sid * tl.num_programs(1) + b) * G * C
+    else:
+        dq_base = dq_ptr + b * G * C
+    _store_t(dq_base, dq0, offs_g, g_mask, 0, C, BLOCK_C)
+    if NC > 1:
+        _store_t(dq_base, dq1, offs_g, g_mask, BLOCK_C, C, BLOCK_C)
+    if NC > 2:
+        _store_t(dq_base, dq2, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C)
+    if NC > 3:
+        _store_t(dq_base, dq3, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _gumbel_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
-    """Materialise the kernel's noise: element ``i`` of a contiguous ``[B,G,N]`` tensor at counter offset + i."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + i, _gumbel(seed, offset + i), mask=i < numel)
+def _gumbel_kernel(out_ptr, seed, offset, G, N, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                   CTR64: tl.constexpr):
+    """Materialise the kernel's noise into a contiguous ``[B,G,N]`` tensor; program (token block, group block, b)."""
+    b = tl.program_id(2)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g0 = tl.program_id(1) * BLOCK_G
+    offs_g = g0 + tl.arange(0, BLOCK_G)
+    z = _noise_tile(seed, _ctr_base(offset, b, G, N, CTR64), g0, offs_n, N, BLOCK_N, BLOCK_G)  # [BN, BG]
+    tl.store(out_ptr + b.to(tl.int64) * G * N + offs_g[None, :] * N + offs_n[:, None], z,
+             mask=(offs_g < G)[None, :] & (offs_n < N)[:, None])
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _philox_bits_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
-    """Raw Philox uint32 stream (as int32) behind ``tl.rand``: for bit-exact tests against a NumPy Philox."""
+    """The four raw Philox words behind ``tl.randint4x`` (as int32) at counters ``offset + i``: ``out [numel, 4]``."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + i, tl.randint(seed, offset + i).to(tl.int32, bitcast=True), mask=i < numel)
+    r0, r1, r2, r3 = tl.randint4x(seed, offset + i)
+    m = i < numel
+    tl.store(out_ptr + 4 * i, r0.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 1, r1.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 2, r2.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 3, r3.to(tl.int32, bitcast=True), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,61 +366,122 @@ def _philox_bits_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
+MAX_CHUNKS, MAX_BLOCK_C = 4, 128  # channels per program: up to 4 unrolled chunks of up to 128
+ACC_BUDGET = 64 * 512  # BLOCK_G * NC * BLOCK_C: fp32 accumulators of 128 registers per thread at 8 warps
+_SMS = 132  # H100/H200 SXM SMs: the token split's target when no CUDA device says otherwise
 
 
 def _types(dtype: torch.dtype) -> tuple:
-    """(dot operand dtype, compute dtype, fp32 dot precision) for an input dtype."""
+    """(dot operand dtype, compute dtype, dot precision) for an input dtype. fp32 runs on tensor cores: tf32x3
+    (three tf32 products, about fp32 accuracy) under ``torch.get_float32_matmul_precision() == "highest"``, else
+    tf32 (10-bit mantissa). fp64 stays exact ("ieee", FMA on the GPU) for gradcheck."""
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee"
     if dtype == torch.bfloat16 and INTERPRET:  # interpreter: bf16 dot/arithmetic is broken, upcast after loads
         return tl.float32, tl.float32, "ieee"
-    prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    prec = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return _TL_DTYPE[dtype], tl.float32, prec
 
 
-def _blocks(g: int, n: int, c: int, backward: bool) -> dict[str, int]:
-    """Tile sizes and warps. ``BLOCK_C``: output channels per program; ``BLOCK_K``: channel chunk of the
-    ``q k^T`` / ``dO v^T`` reductions. Interpreter: whole dimensions in one tile (few, large programs). GPU: chosen
-    from ``ptxas -v`` on sm_90a builds (bf16/fp32, no GPU timing yet): the forward fits 255 registers without
-    spills for G <= 64, the backward spills < 120 bytes; larger G trades channels per program for rows."""
-    bg = max(16, triton.next_power_of_2(g))
+def _channel_blocks(g: int, c: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_C, NC): groups padded to a power of two >= 8 (>= 16 in the backward, whose dk / dv dots
+    reduce over groups and need K >= 16), channels as NC <= 4 chunks of BLOCK_C."""
+    bg = max(16 if backward else 8, triton.next_power_of_2(g))
+    bc = MAX_BLOCK_C if c > MAX_BLOCK_C else max(16, triton.next_power_of_2(c))
+    return bg, bc, triton.cdiv(c, bc)
+
+
+def _fits(g: int, c: int) -> bool:
+    bg, bc, nc = _channel_blocks(g, c)
+    return nc <= MAX_CHUNKS and bg * nc * bc <= ACC_BUDGET
+
+
+def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, num_sms: int = _SMS) -> dict:
+    """Launch config: tiles, warps, stages and the token split ``SPLITS`` (programs per image).
+
+    GPU choices, from sm_90a builds (``python -m bench.kernel_report``; no GPU timing yet): the transposed
+    accumulators ``[BLOCK_C, BLOCK_G]`` put channels on the MMA's M axis, so G = 8 needs no padding; q (and dO)
+    stay in shared memory, k / v token tiles are double-buffered; 8 warps once the accumulators exceed 64
+    registers per thread at 4 warps. Tokens are split across programs only when B programs leave SMs idle
+    (448-px crops at small B); the partial sums are reduced in a fixed order (deterministic).
+    Interpreter: whole dimensions in one tile (few, large programs), no split."""
+    bg, bc, nc = _channel_blocks(g, c, backward)
     if INTERPRET:
-        bc = max(16, min(triton.next_power_of_2(c), 1024))
+        bc = max(16, triton.next_power_of_2(c))
         return dict(BLOCK_G=bg, BLOCK_N=max(16, min(triton.next_power_of_2(max(n, 1)), 1024)), BLOCK_C=bc,
-                    BLOCK_K=bc)
-    bc = max(16, min(triton.next_power_of_2(c), 128))
-    if bg == 16:
-        cfg = dict(BLOCK_N=64, BLOCK_C=bc, num_warps=8 if backward else 4)
-    elif bg <= 64:
-        cfg = dict(BLOCK_N=32, BLOCK_C=bc, num_warps=8)
-    else:
-        cfg = dict(BLOCK_N=16, BLOCK_C=min(bc, 64 if bg == 128 else 32), num_warps=8)
-    return dict(BLOCK_G=bg, BLOCK_K=min(bc, 32), num_stages=2, **cfg)
+                    NC=1, SPLITS=1, num_warps=4, num_stages=1)
+    wide = 4 if dtype == torch.float32 or dtype == torch.float64 else 2
+    bn = 64 if bg <= 16 else 32
+    if wide == 4 or (backward and bg > 16):
+        bn //= 2
+    warps = 8 if bg * nc * bc > 4 * 32 * 64 else 4
+    tiles = triton.cdiv(max(n, 1), bn)
+    splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=2)
+
+
+def _split(n: int, cfg: dict) -> tuple[int, int]:
+    """(programs per image, tokens per program): whole BLOCK_N tiles."""
+    per = triton.cdiv(triton.cdiv(max(n, 1), cfg["SPLITS"]), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    return triton.cdiv(max(n, 1), per), per
+
+
+def _ctr64(offset: int, b: int, g: int, n: int) -> bool:
+    """Whether Philox counters of this call may exceed int32 (then the kernels count in int64)."""
+    return offset + b * triton.cdiv(g, 4) * max(n, 1) >= 2**31
 
 
 def _compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, args: tuple,
+            seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float,
+            partial: bool) -> None:
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms()), **(blocks or {})}
+    cfg["NC"] = triton.cdiv(c, cfg["BLOCK_C"])
+    splits, per = _split(n, cfg)
+    del cfg["SPLITS"]
+    dot_t, cd, prec = _types(dtype)
+    kernel[(splits, b)](*args, seed, offset, g, n, c, per, scale, 1.0 / tau, eps,
+                        NOISE=noise_mode, HARD=hard, PARTIAL=partial, CTR64=_ctr64(offset, b, g, n),
+                        DOT_T=dot_t, CD=cd, PREC=prec, **cfg)
+
+
+def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms()), **(blocks or {})}
+    return _split(n, cfg)[0]
+
+
+def _num_sms() -> int:
+    if INTERPRET or not torch.cuda.is_available():
+        return _SMS
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: int, offset: int, tau: float,
                 hard: bool, noise_mode: int, eps: float, scale: float, *, out: Optional[Tensor] = None,
                 d: Optional[Tensor] = None, blocks: Optional[dict[str, int]] = None) -> tuple[Tensor, Tensor]:
     """Forward: returns ``out [B,G,C]`` (q's dtype) and ``d [B,G]`` (sum_n A, compute dtype). ``out``/``d`` may be
-    given (tests pass guard-filled views); ``blocks`` overrides the tile sizes."""
+    given (tests pass guard-filled views); ``blocks`` overrides entries of the launch config (:func:`_config`)."""
     b, g, c = q.shape
     n = k.shape[1]
+    cdt = _compute_torch_dtype(q.dtype)
     out = torch.empty_like(q) if out is None else out
-    d = torch.empty((b, g), dtype=_compute_torch_dtype(q.dtype), device=q.device) if d is None else d
+    d = torch.empty((b, g), dtype=cdt, device=q.device) if d is None else d
     if b == 0:
         return out, d
-    blk = blocks or _blocks(g, n, c, backward=False)
-    dot_t, cd, prec = _types(q.dtype)
-    grid = (triton.cdiv(c, blk["BLOCK_C"]), b)
-    _assign_fwd_kernel[grid](
-        q, k, v, noise if noise is not None else q, out, d,
-        seed, offset, g, n, c, scale, 1.0 / tau, eps,
-        NOISE=noise_mode, HARD=hard, DOT_T=dot_t, CD=cd, PREC=prec, **blk,
-    )
+    splits = _splits(b, g, n, c, q.dtype, False, blocks)
+    common = (seed, offset, tau, hard, noise_mode, eps, scale)
+    nz = noise if noise is not None else q
+    if splits == 1:
+        _launch(_assign_fwd_kernel, b, g, n, c, q.dtype, False, blocks, (q, k, v, nz, out, d), *common, False)
+        return out, d
+    part = torch.empty((splits, b, g, c), dtype=cdt, device=q.device)
+    dpart = torch.empty((splits, b, g), dtype=cdt, device=q.device)
+    _launch(_assign_fwd_kernel, b, g, n, c, q.dtype, False, blocks, (q, k, v, nz, part, dpart), *common, True)
+    torch.sum(dpart, 0, out=d)
+    out.copy_(part.sum(0) / (d + eps)[..., None])
     return out, d
 
 
@@ -292,21 +489,24 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: T
                 seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float, *,
                 grads: Optional[tuple[Tensor, Tensor, Tensor]] = None,
                 blocks: Optional[dict[str, int]] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward: ``dq, dk, dv`` in the input dtype. Recomputes logits, noise, softmax and argmax per tile."""
+    """Backward: ``dq, dk, dv`` in the input dtype. Recomputes logits, noise, softmax and argmax once per logit."""
     b, g, c = q.shape
     n = k.shape[1]
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if b == 0:
         return dq, dk, dv
     dout = dout.contiguous()
-    blk = blocks or _blocks(g, n, c, backward=True)
-    dot_t, cd, prec = _types(q.dtype)
-    grid = (triton.cdiv(c, blk["BLOCK_C"]), b)
-    _assign_bwd_kernel[grid](
-        q, k, v, noise if noise is not None else q, out, d, dout, dq, dk, dv,
-        seed, offset, g, n, c, scale, 1.0 / tau, eps,
-        NOISE=noise_mode, HARD=hard, DOT_T=dot_t, CD=cd, PREC=prec, **blk,
-    )
+    splits = _splits(b, g, n, c, q.dtype, True, blocks)
+    common = (seed, offset, tau, hard, noise_mode, eps, scale)
+    nz = noise if noise is not None else q
+    if splits == 1:
+        _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, dq, dk, dv),
+                *common, False)
+        return dq, dk, dv
+    part = torch.empty((splits, b, g, c), dtype=_compute_torch_dtype(q.dtype), device=q.device)
+    _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, part, dk, dv),
+            *common, True)
+    dq.copy_(part.sum(0))
     return dq, dk, dv
 
 
@@ -332,24 +532,29 @@ def draw_seed(device: torch.device | str | None = None) -> int:
 
 def gumbel_noise(seed: int, offset: int, shape: tuple[int, int, int], device: torch.device | str) -> Tensor:
     """The Gumbel noise ``[B,G,N]`` (fp32) that the kernel adds for ``(seed, offset)``: same ``@triton.jit`` device
-    function, same logical counters. ``reference.assign_attention(..., gumbel=True, noise=gumbel_noise(...))``
-    therefore sees exactly the kernel's noise."""
+    function, same logical counters (element ``(b, g, n)`` is word ``g % 4`` of Philox counter
+    ``offset + (b * ceil(G/4) + g // 4) * N + n``). ``reference.assign_attention(..., gumbel=True,
+    noise=gumbel_noise(...))`` therefore sees exactly the kernel's noise."""
     device = torch.device(device)
     _check_launchable(device, f"gumbel_noise(shape={tuple(shape)})")
     if len(shape) != 3:
         raise ValueError(f"gumbel_noise: shape must be (B, G, N), got {tuple(shape)}")
+    b, g, n = shape
     out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
-    numel = out.numel()
-    if numel:
-        _gumbel_kernel[(triton.cdiv(numel, _STREAM_BLOCK),)](out, seed, offset, numel, BLOCK=_STREAM_BLOCK)
+    if out.numel():
+        bg = min(max(4, triton.next_power_of_2(g)), 64)
+        bn = max(16, min(triton.next_power_of_2(n), _STREAM_BLOCK // bg))
+        _gumbel_kernel[(triton.cdiv(n, bn), triton.cdiv(g, bg), b)](out, seed, offset, g, n, BLOCK_N=bn,
+                                                                    BLOCK_G=bg, CTR64=_ctr64(offset, b, g, n))
     return out
 
 
 def philox_bits(seed: int, offset: int, numel: int, device: torch.device | str) -> Tensor:
-    """The raw Philox words ``tl.randint(seed, offset + i)`` for ``i < numel`` as int32 (uint32 bit pattern)."""
+    """The four raw Philox words ``tl.randint4x(seed, offset + i)`` for ``i < numel``: int32 ``[numel, 4]``
+    (uint32 bit patterns)."""
     device = torch.device(device)
     _check_launchable(device, f"philox_bits(numel={numel})")
-    out = torch.empty(numel, dtype=torch.int32, device=device)
+    out = torch.empty((numel, 4), dtype=torch.int32, device=device)
     if numel:
         _philox_bits_kernel[(triton.cdiv(numel, _STREAM_BLOCK),)](out, seed, offset, numel, BLOCK=_STREAM_BLOCK)
     return out
@@ -425,6 +630,10 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
     if g > MAX_GROUPS:
         raise ValueError(f"{op}: G = {g} groups exceeds the kernel's maximum of {MAX_GROUPS} "
                          f"({_shapes(q, k, v)}); use ops.set_backend('eager') for larger G")
+    if not _fits(g, c):
+        raise ValueError(f"{op}: G = {g} groups x C = {c} channels exceed what one program holds (C <= "
+                         f"{MAX_CHUNKS * MAX_BLOCK_C}, padded G x C <= {ACC_BUDGET}; {_shapes(q, k, v)}); use "
+                         f"ops.set_backend('eager') for this shape")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -492,38 +701,43 @@ def assign_attention(
 _MODES = {"train": (1, True), "eval": (0, True), "soft": (1, False), "noise": (2, True)}  # name -> (NOISE, HARD)
 
 
-def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132) -> list:
+def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> list:
     """One :class:`kernels.variants.Variant` per config the launchers can pick at ``shape`` (registry dims
-    ``B, G, N, C``) and input ``dtype`` (fp32: both matmul precisions): forward and backward, every mode."""
+    ``B, G, N, C``) and input ``dtype`` (fp32: both matmul precisions, tf32x3 and tf32) on a GPU with ``num_sms``
+    SMs: forward and backward, every mode."""
     from kernels.registry import OPS
     from kernels.variants import Variant
 
-    del num_sms  # the grid does not depend on the GPU
     b, g, n, c = shape["B"], shape["G"], shape["N"], shape["C"]
     spec = OPS["assign_attention"]
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
     es = torch.empty((), dtype=dtype).element_size()
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     out = []
-    for prec in (("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+    for prec in (("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
         label = f"{name}-{prec}" if dtype == torch.float32 else name
-        floor = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32" if prec == "tf32" else "fp32")
+        floor = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
         for mode, (noise, hard) in _MODES.items():
             for kname, bwd in (("fwd", False), ("bwd", True)):
-                blk = _blocks(g, n, c, backward=bwd)
-                warps, stages = blk.pop("num_warps"), blk.pop("num_stages")
-                chunks = triton.cdiv(c, blk["BLOCK_C"])
+                cfg = _config(b, g, n, c, dtype, bwd, num_sms)
+                splits, per = _split(n, cfg)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                del cfg["SPLITS"]
+                partial = splits > 1
                 ptrs = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, noise_ptr=torch.float32 if noise == 2 else dtype,
-                            out_ptr=dtype, d_ptr=cd, do_ptr=dtype, dq_ptr=dtype, dk_ptr=dtype, dv_ptr=dtype)
+                            out_ptr=cd if partial and not bwd else dtype, d_ptr=cd, do_ptr=dtype,
+                            dq_ptr=cd if partial else dtype, dk_ptr=dtype, dv_ptr=dtype)
                 fn = _assign_bwd_kernel if bwd else _assign_fwd_kernel
                 args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
-                args.update(seed=12345, offset=0, G=g, N=n, C=c, scale=c ** -0.5, inv_tau=1.0, eps=1.0, NOISE=noise,
-                            HARD=hard, DOT_T=_TL_DTYPE[dtype], CD=_TL_DTYPE[cd], PREC=prec, **blk)
+                args.update(seed=12345, offset=0, G=g, N=n, C=c, n_split=per, scale=c ** -0.5, inv_tau=1.0, eps=1.0,
+                            NOISE=noise, HARD=hard, PARTIAL=partial, CTR64=_ctr64(0, b, g, n),
+                            DOT_T=_TL_DTYPE[dtype], CD=_TL_DTYPE[cd], PREC=prec, **cfg)
                 out.append(Variant(
                     op="assign_attention", kernel=kname, case=f"B{b}-G{g}-N{n}-C{c}", dtype=label, fn=fn,
-                    args=args, num_warps=warps, num_stages=stages, grid=(chunks, b),
+                    args=args, num_warps=warps, num_stages=stages, grid=(splits, b),
                     flops=spec.flops(shape, kname), bytes=spec.bytes(shape, kname, es),
-                    logits_per_iter=g * blk["BLOCK_N"] / chunks, inner_trips=triton.cdiv(c, blk["BLOCK_K"]),
-                    floor_dtype=floor, meta=dict(mode=mode),
-                    config=" ".join(f"{k[6:]}={v}" for k, v in blk.items()) + f" w{warps} s{stages}"))
+                    logits_per_iter=g * cfg["BLOCK_N"], inner_trips=1, floor_dtype=floor,
+                    meta=dict(mode=mode),
+                    config=" ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
+                    + f" S={splits} w{warps} s{stages}"))
     return out
