@@ -19,8 +19,8 @@ Stages (CPU time per sample in this process with one torch thread, median of ``-
 
 Loader (``num_workers=0``: everything in this process, CPU time, so one core's rate): ``cpu`` path with on-the-fly
 tagging (today's default) against the ``gpu`` path's CPU half with precomputed nouns, on the same shards.
-Worker scaling (wall clock): the ``gpu`` path with 1, 2, ... workers (a worker is a process: samples/s grows with the workers
-until the cores run out, so on N free cores expect about N x the one-worker rate; measure with
+Worker scaling (wall clock): the ``gpu`` path with 1, 2, ... workers (a worker is a process: samples/s grows with
+the workers until the cores run out, so on N free cores expect about N x the one-worker rate; measure with
 ``--workers 1,2,4,8`` on the training machine). ``cores per GPU`` = R pairs/s / (loader samples/s per core).
 """
 

@@ -10,20 +10,27 @@ Public API::
 
 Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` consumers in all):
 
-1. **shards**: all shard patterns (brace-expanded, several datasets mixed by concatenation) are shuffled with
-   ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W + worker`` takes
+1. **shards**: all shard patterns (brace-expanded, then globbed; several datasets mixed by concatenation) are
+   shuffled with ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W + worker`` takes
    ``shards[c::C]`` (node split, then worker split). With fewer shards than consumers every consumer reads all
    shards and keeps raw samples ``i % C == c`` instead, so tiny datasets still work and stay disjoint.
 2. **read** with webdataset's tar reader; unreadable/truncated/missing shards are warned about (first few), counted
    once per pass and skipped (samples before the damage are kept).
-3. **filter** samples without an image (``jpg|jpeg|png``) or caption (``txt|text``), or with an empty caption.
+3. **filter** samples without an image (``jpg|jpeg|png``) or caption (``txt|text``), or with an empty caption; a
+   ``.nouns`` member (``python -m train.prompts add-nouns``) supplies the caption's candidate words, else they are
+   tagged on the fly.
 4. **shuffle** raw samples (encoded bytes) through a buffer of ``shuffle_buffer`` (seeded by consumer and epoch;
    0 or 1 = no shuffling); like webdataset's it starts yielding after 100 samples and grows to full size.
-5. **decode** the image (PIL, RGB); corrupt images are counted and skipped.
+5. **decode** the image (:mod:`groupvit.imageio`: 8-bit RGB by value, a pixel cap); corrupt images and images above
+   ``max_pixels`` are counted, logged with shard and key, and skipped. With ``augment_on="gpu"`` this step also
+   crops to the target size (:func:`train.transforms.decode_crop`, DCT-scaled JPEG decoding).
 6. **batch** ``batch_size`` good samples (never a partial batch); the i-th sample of the consumer's stream gets its
-   own ``Random((worker_seed, epoch, i))`` for augmentation and prompts, with
+   own ``Random((worker_seed, epoch, i))`` for crop, augmentation and prompts, with
    ``worker_seed = num_workers * rank + worker_id + seed`` (spec §8; ``num_workers`` counts as 1 when 0).
-   Errors inside the transform or tokenizer are bugs, not bad data, and propagate.
+   Errors inside the transform or tokenizer are bugs, not bad data, and propagate. ``augment_on="cpu"``: the
+   worker runs the whole :class:`train.transforms.TrainTransform`; ``"gpu"``: it ships ``uint8`` crops plus each
+   sample's drawn parameters, and :class:`TrainLoader` runs :class:`train.gpu_augment.DeviceAugment` on the batch
+   on ``device`` in the main process.
 
 Epochs: with ``epoch_len`` (batches per rank per epoch, the training setting) shards repeat forever (reshuffled per
 cycle) and an epoch is exactly ``epoch_len`` batches; with ``epoch_len=None`` an epoch is one pass over this rank's

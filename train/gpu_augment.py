@@ -6,21 +6,19 @@ The CPU half runs in the loader workers, per sample: decode + RandomResizedCrop 
 :class:`random.Random` into one row of numbers. Workers ship ``uint8 [B, 3, S, S]`` images plus those
 ``[B, P]`` rows; :meth:`DeviceAugment.apply` then runs flip → RandAugment → normalise → RandomErasing on the whole
 batch on the device, each sample with its own parameters. A batch's result is therefore a pure function of its
-samples' seeds (the erasing noise comes from a device generator seeded by the batch's rows), on any device.
+samples' seeds (the erasing noise comes from a device generator seeded by the batch's rows, so it is reproducible
+per device type; CPU and CUDA generators differ).
 
-Written here rather than with kornia.augmentation: kornia's RandAugment draws one op policy per call for the whole
-batch and takes its randomness from torch's global RNG, while GroupViT's recipe (timm ``rand-m9-mstd0.5-inc1``)
+Written here rather than with kornia.augmentation: kornia's RandAugment samples its ops once per call, for the
+whole batch, and takes its randomness from torch's global RNG, while GroupViT's recipe (timm ``rand-m9-mstd0.5-inc1``)
 draws ops per image and this project needs every random draw reproducible from the sample's seed.
 
-What differs from the CPU path (``augment_on = cpu``, timm semantics on PIL), documented in ``docs/data.md``:
-
-* the crop is resized from a DCT-scaled JPEG decode (1/2, 1/4, 1/8) when the crop is at least 2x the target size;
-* geometric ops (rotate, shear, translate) resample with ``grid_sample`` (bilinear); pixels near the border blend
-  with the fill colour instead of PIL's inside/outside test;
-* colour ops work on float values rounded to integers after each op (PIL: 8-bit LUTs and blends, truncating in
-  places), so pixels may differ by 1;
-* the random draws come in a different order (a sign is drawn for every op), so streams differ from the CPU path;
-* erasing noise is N(0, 1) from a per-batch device generator (CPU path: per sample, on the CPU).
+What differs from the CPU path (``augment_on = cpu``, timm semantics on PIL), see ``docs/data.md``: the ops
+follow PIL's integer arithmetic (truncating blends, PIL's grey weights, its SMOOTH kernel with the border kept, its
+inside/outside test for geometric fills), and tests/test_gpu_augment.py checks every op against PIL to within 1 grey
+level; the crop comes from a DCT-scaled JPEG decode when the crop is at least twice the target size; the random
+draws come in another order (a sign is drawn for every op), so the two paths give different (equally distributed)
+streams; the erasing noise is N(0, 1) from a device generator seeded per batch.
 """
 
 from __future__ import annotations
