@@ -398,22 +398,43 @@ def test_gpu_run_script_parses():
 
 
 def test_gpu_run_dry_run_on_cpu(tmp_path):
-    """Every stage of the GPU run with tiny CPU settings: installs (pip --dry-run), test selection (collect
-    only), both op-benchmark stages, the training step and the report, plus the export of the result files."""
+    """Every stage of the GPU run with tiny CPU settings, in the GPU run's order: installs (pip --dry-run), the
+    verdict (--dry-run), the gpu-marked tests (collect only), the training step, both op sweeps and the report,
+    plus the export of the result files."""
     out, export = tmp_path / "out", tmp_path / "export"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_EXPORT": str(export), "GIT_SHA": "drysha",
-           "GPU_TESTS": "tests/test_bench_cpu.py", "GPU_OTHER_TESTS": "tests/test_bench_cpu.py",
-           "GPU_RUN_PLOTS": "0"}  # PNGs are covered in-process above
+           "GPU_TESTS": "tests/test_contrastive_loss.py", "GPU_RUN_PLOTS": "0"}  # PNGs are covered in-process above
     r = subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    for stage in ("install", "tests", "ops_bf16", "ops_fp32", "model", "plot"):
+    stages = ("install", "verdict", "tests", "model", "ops_bf16", "ops_fp32", "plot")
+    for stage in stages:
         assert f"{stage} rc=0 " in summary, summary + r.stdout[-3000:]
+    assert [ln.split()[0] for ln in summary.splitlines()[:-1]] == list(stages)  # the order of value
+    assert "stages ok 7, failed 0" in summary
+    assert "**PASS**" in (out / "verdict" / "verdict.md").read_text()
+    assert "test_gpu_parity_large" in (out / "logs" / "tests.log").read_text()  # -m gpu selected the GPU tests
     rows = common.read_rows(out / "bench.csv")
     assert {r["op"] for r in rows} == {"assign_attention", "contrastive_loss", "attention", "train_step"}
     assert {r["dtype"] for r in rows} >= {"bf16", "fp32"} and {r["git_sha"] for r in rows} == {"drysha"}
     assert any(r["provider"] == "triton" and r["correct"].startswith("unavailable") for r in rows)
     assert "Would install" in (out / "logs" / "install.log").read_text()
     assert "drysha" in (out / "results.md").read_text()
-    assert sorted(p.name for p in export.iterdir()) == ["bench.csv", "bundle.tar.gz", "results.md", "summary.txt"]
+    assert sorted(p.name for p in export.iterdir()) == ["bench.csv", "bundle.tar.gz", "results.md", "summary.txt",
+                                                        "verdict.csv", "verdict.md"]
+
+
+def test_gpu_run_without_python_or_time_exits_nonzero(tmp_path):
+    """No usable Python: a message that says how to run it, exit 2. Every stage failing or skipped (here: no time
+    left for any): exit 2, never 0."""
+    env = {**os.environ, "PYTHON": str(tmp_path / "no-python")}
+    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "a"), "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no Python with torch" in r.stderr and "PYTHON=" in r.stderr
+    env = {**os.environ, "PYTHON": sys.executable, "T_TOTAL": "5"}
+    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "b"), "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "b" / "summary.txt").read_text()
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "verdict skipped (total budget" in summary and "stages ok 0" in summary
