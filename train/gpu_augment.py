@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.transforms import IMAGENET_MEAN, IMAGENET_STD, RandAugment
+from train.transforms import IMAGENET_MEAN, IMAGENET_STD, RandAugment, erasing_box
 
 __all__ = ["DeviceAugment"]
 
@@ -74,13 +74,9 @@ class DeviceAugment:
         e = 1 + 3 * self.num_ops
         s = self.img_size
         if self.re_prob > 0 and rng.random() < self.re_prob:  # timm RandomErasing box sampling (one box)
-            for _ in range(10):
-                target = rng.uniform(0.02, 1 / 3) * s * s
-                aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-                eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-                if ew < s and eh < s:
-                    p[e: e + 5] = (1, rng.randint(0, s - eh), rng.randint(0, s - ew), eh, ew)
-                    break
+            box = erasing_box(s, s, rng)
+            if box is not None:
+                p[e: e + 5] = (1, *box)
         p[e + 5] = rng.getrandbits(31)
         return p
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from groupvit.imageio import DEFAULT_MAX_PIXELS, open_image, to_rgb
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandAugment", "TrainTransform", "ValTransform", "center_crop",
-           "decode_crop", "normalize", "random_erasing", "random_resized_crop", "random_resized_crop_params",
+           "decode_crop", "erasing_box", "normalize", "random_erasing", "random_resized_crop", "random_resized_crop_params",
            "resize_short_side", "to_tensor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -276,6 +276,18 @@ def random_erasing(x: torch.Tensor, rng: random.Random, p: float = 0.25, min_are
     if rng.random() >= p:
         return x
     c, h, w = x.shape
+    box = erasing_box(h, w, rng, min_area, max_area, min_aspect)
+    if box is not None:
+        top, left, eh, ew = box
+        gen = torch.Generator().manual_seed(rng.getrandbits(63))
+        x[:, top:top + eh, left:left + ew] = torch.randn(c, eh, ew, generator=gen, dtype=x.dtype)
+    return x
+
+
+def erasing_box(h: int, w: int, rng: random.Random, min_area: float = 0.02, max_area: float = 1 / 3,
+                min_aspect: float = 0.3) -> tuple[int, int, int, int] | None:
+    """timm RandomErasing's box ``(top, left, height, width)``: up to 10 tries of (area ~ U(min_area, max_area)·H·W,
+    log aspect ~ U(±log min_aspect)), the first strictly smaller than the image; ``None`` if none fits."""
     log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
     for _ in range(10):
         target = rng.uniform(min_area, max_area) * h * w
@@ -283,11 +295,8 @@ def random_erasing(x: torch.Tensor, rng: random.Random, p: float = 0.25, min_are
         eh = int(round(math.sqrt(target * aspect)))
         ew = int(round(math.sqrt(target / aspect)))
         if ew < w and eh < h:
-            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
-            gen = torch.Generator().manual_seed(rng.getrandbits(63))
-            x[:, top:top + eh, left:left + ew] = torch.randn(c, eh, ew, generator=gen, dtype=x.dtype)
-            break
-    return x
+            return rng.randint(0, h - eh), rng.randint(0, w - ew), eh, ew
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
