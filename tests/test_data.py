@@ -270,3 +270,13 @@ def test_shard_globs(shards):
     assert sorted(_keys(_loader(f"{root}/*/*.tar"))) == sorted(_keys(_loader([shards["a"], shards["b"]])))
     with pytest.raises(FileNotFoundError, match=r"globbed, e.g. 'dir/\*.tar'"):
         expand_urls(f"{root}/nothing-*.tar")
+
+
+def test_cli_names_a_shard_pattern_that_matches_nothing(tmp_path, capsys):
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "demo", f"data.train_shards=['{tmp_path}/shards-*.tar']", f"output_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "data.train_shards: build_train_loader: no shard of pattern" in err and "globbed" in err

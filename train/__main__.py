@@ -44,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not cfg.data.train_shards and cfg.data.synthetic_train <= 0:
         ap.error("no training data: set data.train_shards (webdataset shard patterns) or data.synthetic_train")
+    if cfg.data.train_shards:
+        from train.data import expand_urls
+
+        try:
+            expand_urls(cfg.data.train_shards)  # a pattern matching no shard: one line, not a traceback later
+        except (ValueError, FileNotFoundError) as e:
+            ap.error(f"data.train_shards: {e}")
     from train.loop import train
 
     train(cfg)
