@@ -16,6 +16,7 @@
 #   T_TOTAL=420           whole-run budget (s): a stage never gets more than what is left of it
 #   T_INSTALL T_VERDICT T_TESTS T_MODEL T_OPS_BF16 T_OPS_FP32 T_PLOT: stage budgets (s)
 #   GPU_TESTS="tests/a.py ..."   where `pytest -m gpu` looks (default: tests/)
+#   GPU_TESTS_K="not ieee"       its -k filter (default: leave out the fp32 "highest" cases; "" keeps all)
 #
 # Never changes GPU settings: nvidia-smi is only queried. Each stage runs under `timeout -s INT` (Python stops
 # cleanly and keeps the rows written so far) with a hard kill 10 s later. Exit status: 0 when every stage passed,
@@ -149,12 +150,16 @@ stage verdict "$T_VERDICT" "$PY" "${VERDICT[@]}"
 [[ -f "$OUT/verdict/verdict.md" ]] && cat "$OUT/verdict/verdict.md"
 
 # ---- 3. GPU tests: only those marked gpu (real shapes, determinism; the CPU suite covers the rest) ---------------
+# fp32 at torch's default precision ("highest") lowers tl.dot to FMA: minutes of compilation per autotune config, so
+# those cases (ids with "ieee") are left out here (GPU_TESTS_K=""  runs them all).
 GPU_TESTS=${GPU_TESTS:-tests}
-PYTEST="$PY -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu"
+GPU_TESTS_K=${GPU_TESTS_K-not ieee}
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu)
+[[ -n "$GPU_TESTS_K" ]] && PYTEST+=(-k "$GPU_TESTS_K")
 if [[ "$DRY" == 1 ]]; then
-  stage tests "$T_TESTS" $PYTEST --collect-only $GPU_TESTS
+  stage tests "$T_TESTS" "${PYTEST[@]}" --collect-only $GPU_TESTS
 else
-  stage tests "$T_TESTS" $PYTEST --junitxml="$LOGS/tests_gpu.xml" $GPU_TESTS
+  stage tests "$T_TESTS" "${PYTEST[@]}" --junitxml="$LOGS/tests_gpu.xml" $GPU_TESTS
 fi
 
 # ---- 4. end-to-end training step at 256/GPU: eager, then triton, then the compiled configs (no max-batch search) --

@@ -252,6 +252,8 @@ def time_item(item: Item, provider: str, fn: Callable[..., Tensor] | str, mode: 
         else:
             run = bench_ops._runner(fn, args, kw, leaves, mode)
         t = common.time_fn(run, device, grad_to_none=leaves, **timing)
+        for leaf in leaves:
+            leaf.grad = None  # the peak of one call, not of one more accumulation
         peak = common.peak_memory_mb(run, device)
     except Exception as e:
         err = "oom" if common.is_oom(e) else f"error: {bench_ops._short(e)}"
