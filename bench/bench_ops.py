@@ -36,6 +36,7 @@ from torch import Tensor
 
 from bench import common
 from kernels.registry import OPS, Case, OpSpec
+from kernels.tolerance import ATOL
 
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -49,7 +50,6 @@ FLOOR: dict[str, tuple[str, str, float]] = {  # op -> (metric, unit, floor in th
     "contrastive_loss": ("tflops", "TFLOP/s", common.DENSE_TFLOPS),
     "attention": ("tflops", "TFLOP/s", common.DENSE_TFLOPS),
 }
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Hard assignment is discontinuous at argmax near-ties: a flipped token moves two output rows. Allow that share.
 MISMATCH_SHARE = {"assign_attention": 1e-3}
 CSV_NAME = "bench.csv"
