@@ -107,13 +107,13 @@ def test_max_steps_must_be_positive():
 
 def test_sigterm_checkpoints_and_exits_cleanly(shards, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    args = [f"data.train_shards=[{shards}]", "data.batch_size=8", "data.num_workers=0", "data.img_size=32",
+    args = [f"data.train_shards=[{shards}]", "data.batch_size=8", "data.num_workers=1", "data.img_size=32",
             "data.multi_label=0", "data.augment=false", "model.preset=groupvit-tiny", "optim.steps_per_epoch=4",
             "optim.epochs=100", "optim.lr_ref_batch=8", f"output_dir={out}", "log_interval=1", "ckpt_interval=1000",
             "progress=false", "threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(shards, tmp_path):  # noqa: F811
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # to the whole group, data worker included, as a scheduler does
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -71,6 +71,7 @@ from groupvit.imageio import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_r
 from groupvit.tokenizer import CONTEXT_LENGTH, get_tokenizer
 from train.gpu_augment import DeviceAugment
 from train.prompts import NOUNS_KEY, load_tagger, make_prompts, parse_nouns
+from train.rundir import ignore_sigterm
 from train.transforms import TrainTransform, decode_crop
 
 __all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_train_loader", "expand_urls",
@@ -483,7 +484,8 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kw["prefetch_factor"] = self.prefetch_factor
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            worker_init_fn=ignore_sigterm, **kw)  # SIGTERM: the main process checkpoints and stops
         self._live = {}
         n = start if ds.repeat else 0
         discard = 0 if ds.repeat else start

@@ -7,7 +7,8 @@ checkpoint left off, a SIGTERM that stops at the next step with a checkpoint, an
   ``overwrite=true``.
 * :func:`clean_temp_files` -- removes ``.latest.pt.*.tmp`` left by a kill during a save (safe under the lock).
 * :func:`truncate_metrics` -- drops ``metrics.jsonl`` records past the resumed step (they are re-run).
-* :class:`StopSignal` -- SIGTERM (what a cluster scheduler sends before pre-emption) sets a flag the loop polls.
+* :class:`StopSignal` -- SIGTERM (what a cluster scheduler sends before pre-emption) sets a flag the loop polls;
+  data-loader workers ignore it (:func:`ignore_sigterm`).
 * :func:`json_safe` -- non-finite floats -> ``None`` (``null``), so every line is strict JSON.
 """
 
@@ -150,6 +151,13 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def ignore_sigterm(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data-loader workers: a SIGTERM sent to the whole process group (as schedulers do) is
+    the main process's to handle (:class:`StopSignal`); a worker killed by it would abort the run before its
+    checkpoint. Workers still end with the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopSignal:
