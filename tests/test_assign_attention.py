@@ -17,10 +17,11 @@ from torch import Tensor
 from kernels import assign_attention as aa
 from kernels import reference as R
 from kernels.registry import OPS
+from kernels.tolerance import ARGMAX_MARGIN as MARGIN
+from kernels.tolerance import top2_margin as _margin  # fp64 top-2 logit gap per token [B, N]
 from tests.helpers import assert_close, assert_parity
 
 SPEC = OPS["assign_attention"]
-MARGIN = 1e-4
 
 
 def _run(fn, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, **kw) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -29,18 +30,6 @@ def _run(fn, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, **kw) -> tuple[Tenso
     out = fn(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
     return out.detach(), grads
-
-
-def _margin(q: Tensor, k: Tensor, noise: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """fp64 top-2 gap of the argmax input ``scale q k^T + noise`` per token ``[B, N]`` (inf when G == 1)."""
-    s = q.shape[-1] ** -0.5 if scale is None else scale
-    x = torch.matmul(q.double(), k.double().transpose(-1, -2)) * s
-    if noise is not None:
-        x = x + noise.double()
-    if x.shape[1] < 2:
-        return torch.full((x.shape[0], x.shape[2]), math.inf, dtype=torch.float64, device=x.device)
-    top = x.topk(2, dim=1).values
-    return top[:, 0] - top[:, 1]
 
 
 def _check_parity(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, **kw) -> None:
