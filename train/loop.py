@@ -152,12 +152,13 @@ def forward_loss(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tex
     return loss_fn(model(images, texts, text_plan=text_plan))
 
 
-def compile_forward_loss(mode: str | None = None) -> Callable[..., dict[str, torch.Tensor]]:
+def compile_forward_loss(mode: str | None = None, backend: str = "inductor", fullgraph: bool = False
+                         ) -> Callable[..., dict[str, torch.Tensor]]:
     """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs). The fused kernels are
     custom ops (one node each); the graph breaks left are the Philox seed draw of the triton assignment
     (:func:`kernels.assign_attention.draw_seed`, a CPU-generator read kept eager so compiled and eager runs draw the
     same seeds) and, in distributed runs, DDP's bucketed all-reduce (its optimizer split)."""
-    return torch.compile(forward_loss, mode=mode)
+    return torch.compile(forward_loss, mode=mode, backend=backend, fullgraph=fullgraph)
 
 
 _SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
