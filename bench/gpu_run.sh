@@ -37,8 +37,12 @@ done
 if [[ -z "$PY" ]]; then
   what=$([[ "$DRY" == 1 ]] && echo "torch" || echo "torch with a CUDA device")
   echo "gpu_run: no Python with $what (tried: ${PYTHON:-$REPO/.venv/bin/python python3})." >&2
-  echo "  Create the project's venv first (from the repository root: make venv, or python3 -m venv .venv &&" >&2
-  echo "  .venv/bin/pip install -c constraints.txt -r requirements.txt -e .), or set PYTHON=/path/to/python." >&2
+  if [[ "$DRY" == 1 ]]; then
+    echo "  Create the project's venv first (from the repository root: make setup, which makes ./.venv)," >&2
+  else
+    echo "  Use a Python with a CUDA build of torch and triton (README: \"Install on a GPU machine\")," >&2
+  fi
+  echo "  or set PYTHON=/path/to/python." >&2
   exit 2
 fi
 
