@@ -228,7 +228,7 @@ def _plain_config(obj: Any) -> Any:
         return None
     if isinstance(obj, dict):
         return {k: _plain_config(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if type(obj) in (list, tuple):
         return type(obj)(_plain_config(v) for v in obj)
     return obj
 
@@ -295,7 +295,10 @@ def _read_hf_folder(folder: Path, trust: bool) -> dict[str, Any]:
         raise CheckpointReadError(f"{config} is not valid JSON: {e}") from e
     files = [weights]
     if weights.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
-        files = [folder / n for n in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+        try:
+            files = [folder / n for n in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointReadError(f"{weights} is not a valid shard index (no weight_map?): {e!r}") from e
     sd: StateDict = {}
     for f in files:
         sd.update(_load_safetensors(f) if f.suffix == ".safetensors" else safe_torch_load(f, trust))
@@ -306,7 +309,7 @@ def _download_hf(repo_id: str) -> Path:
     """``hf:ORG/NAME`` -> a local folder with its ``config.json`` and weights (from the HuggingFace Hub cache)."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:
         raise CheckpointReadError(f"hf:{repo_id} needs the huggingface_hub package (pip install huggingface_hub), or "
                                   f"download the model folder yourself and pass its path") from None
@@ -316,8 +319,10 @@ def _download_hf(repo_id: str) -> Path:
             try:
                 hf_hub_download(repo_id, name)
                 return config.parent
+            except LocalEntryNotFoundError:
+                raise  # offline and not cached
             except EntryNotFoundError:
-                continue
+                continue  # the repository has no such file
     except Exception as e:
         raise CheckpointReadError(f"cannot fetch hf:{repo_id} from the HuggingFace Hub (offline, or no such "
                                   f"repository?): {type(e).__name__}: {e}. With network access run "

@@ -211,10 +211,16 @@ def test_safetensors_file_and_export_folder(tiny, tmp_path):
         load_checkpoint(tmp_path / "empty")
 
 
-def test_hf_spec_says_clearly_when_it_cannot_fetch(tmp_path, monkeypatch):
-    pytest.importorskip("huggingface_hub")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
+def test_hf_spec_reads_the_hub_cache_and_says_clearly_when_it_cannot_fetch(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")  # read at import: patch the values themselves
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # holds one repository, as downloads do
+    cfg = groupvit.PRESETS["groupvit-tiny"]
+    repo = tmp_path / "hub" / "models--someone--tiny-groupvit"
+    _hf_random(cfg).save_pretrained(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert load_checkpoint("hf:someone/tiny-groupvit").cfg.vision == cfg.vision
     with pytest.raises(CheckpointReadError, match="cannot fetch hf:nvidia/groupvit-gcc-yfcc.*huggingface-cli download"):
         load_checkpoint("hf:nvidia/groupvit-gcc-yfcc")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
