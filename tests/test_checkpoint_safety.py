@@ -19,6 +19,7 @@ from groupvit import seg_datasets, segment_cli
 from groupvit.checkpoint import CheckpointReadError, hf_config_kwargs, load_checkpoint
 from groupvit.config import GroupViTConfig
 from train.checkpoint import load_training_checkpoint, resolve_resume
+from train.rundir import check_fresh_start
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -157,6 +158,8 @@ def test_resume_rejects_directory_latest(tmp_path):
         resolve_resume("auto", tmp_path)
     with pytest.raises(ValueError, match="not a file"):
         resolve_resume(str(tmp_path), tmp_path)
+    with pytest.raises(ValueError, match="not a file"):  # a fresh run could never save its checkpoint there
+        check_fresh_start(tmp_path, resuming=False, overwrite=True)
 
 
 # ---- HuggingFace folders, safetensors, hf: -------------------------------------------------------------------------
