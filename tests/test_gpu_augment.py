@@ -39,16 +39,18 @@ class _FixedSign(random.Random):
 
 @pytest.mark.parametrize("name", RandAugment.OPS)
 def test_device_ops_match_pil(name):
-    img = Image.fromarray(_photo(37, 37))
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()  # [1, 3, 37, 37]
+    binary = np.where(_photo(37, 37, 1) > 128, 200, 10).astype(np.uint8)
     aug = DeviceAugment(37)
-    for sign, value in ((1.0, 0.0), (-1.0, 1.0)):
-        for m in (3.7, 9.2):
-            ref = np.array(_OPS[name](img, m, _FixedSign(value), _FILL)).astype(np.int32)
-            p = torch.tensor([[RandAugment.OPS.index(name), m, sign]], dtype=torch.float64)
-            out = aug._rand_augment_slot(x.clone(), p)[0].permute(1, 2, 0).numpy().astype(np.int32)
-            diff = np.abs(out - ref)
-            assert diff.max() <= 1 and diff.mean() < 0.05, (name, sign, m, diff.max(), diff.mean())
+    for arr in (_photo(37, 37), np.full((37, 37, 3), 77, np.uint8), binary):  # textured, constant, two levels
+        img = Image.fromarray(arr)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()  # [1, 3, 37, 37]
+        for sign, value in ((1.0, 0.0), (-1.0, 1.0)):
+            for m in (3.7, 9.2):
+                ref = np.array(_OPS[name](img, m, _FixedSign(value), _FILL)).astype(np.int32)
+                p = torch.tensor([[RandAugment.OPS.index(name), m, sign]], dtype=torch.float64)
+                out = aug._rand_augment_slot(x.clone(), p)[0].permute(1, 2, 0).numpy().astype(np.int32)
+                diff = np.abs(out - ref)
+                assert diff.max() <= 1 and diff.mean() < 0.05, (name, sign, m, diff.max(), diff.mean())
 
 
 def test_apply_flip_normalise_erase_exact_and_reproducible():
