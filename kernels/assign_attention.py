@@ -225,11 +225,11 @@ def _bwd_chunk(ds, wt, k_c, q_c, do_c, dq_c, dk_base, dv_base, offs_n, n_mask, c
     """One channel chunk of a token tile's backward: stores dk, dv ``[BN, BC]`` and returns the updated
     ``dq_c^T [BC, BG]``."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    nc_off = offs_n[:, None] * C + offs_c[None, :]
-    nc_mask = n_mask[:, None] & (offs_c < C)[None, :]
-    dk = tl.dot(ds, q_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
+    nc_off = offs_n[None, :] * C + offs_c[:, None]
+    nc_mask = n_mask[None, :] & (offs_c < C)[:, None]
+    dk = tl.dot(tl.trans(q_c), tl.trans(ds), input_precision=PREC, out_dtype=CD)  # dk^T [BC, BN]
     tl.store(dk_base + nc_off, dk.to(dk_base.dtype.element_ty), mask=nc_mask)
-    dv = tl.dot(wt, do_c, input_precision=PREC, out_dtype=CD)  # [BN, BC]
+    dv = tl.dot(tl.trans(do_c), tl.trans(wt), input_precision=PREC, out_dtype=CD)  # dv^T [BC, BN]
     tl.store(dv_base + nc_off, dv.to(dv_base.dtype.element_ty), mask=nc_mask)
     return tl.dot(tl.trans(k_c), ds, dq_c, input_precision=PREC, out_dtype=CD)  # [BC, BG]
 
@@ -391,18 +391,31 @@ def _channel_blocks(g: int, c: int, backward: bool = False) -> tuple[int, int, i
     return bg, bc, triton.cdiv(c, bc)
 
 
+RESIDENT_BUDGET = 4 * 64 * 384 * 2  # bytes of resident q / dO copies in the backward: stage 1 bf16, which fits
+
+
 def _fits(g: int, c: int) -> bool:
     bg, bc, nc = _channel_blocks(g, c)
     return nc <= MAX_CHUNKS and bg * nc * bc <= ACC_BUDGET
 
 
-def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, num_sms: int = _SMS) -> dict:
+def _fits_smem(g: int, c: int, dtype: torch.dtype, prec: str) -> bool:
+    """Whether the resident q / dO tiles fit a GPU block's shared memory (the backward holds each twice; tf32x3
+    also splits fp32 operands in two). The interpreter has no such limit."""
+    bg, bc, nc = _channel_blocks(g, c, backward=True)
+    es = torch.empty((), dtype=dtype).element_size()
+    return INTERPRET or 4 * bg * nc * bc * es * (2 if prec == "tf32x3" else 1) <= RESIDENT_BUDGET
+
+
+def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, num_sms: int = _SMS,
+            noise: int = 0) -> dict:
     """Launch config: tiles, warps, stages and the token split ``SPLITS`` (programs per image).
 
     GPU choices, from sm_90a builds (``python -m bench.kernel_report``; no GPU timing yet): the transposed
     accumulators ``[BLOCK_C, BLOCK_G]`` put channels on the MMA's M axis, so G = 8 needs no padding; q (and dO)
-    stay in shared memory, k / v token tiles are double-buffered; 8 warps once the accumulators exceed 64
-    registers per thread at 4 warps. Tokens are split across programs only when B programs leave SMs idle
+    stay in shared memory, k / v token tiles are double-buffered (single-buffered in the backward with an explicit
+    noise tensor, whose tiles would exceed 227 KB); 8 warps once the accumulators exceed 64 registers per thread
+    at 4 warps; backward token tiles of 16 at G = 64 (32 spill, 64 spill more: measured). Tokens are split across programs only when B programs leave SMs idle
     (448-px crops at small B); the partial sums are reduced in a fixed order (deterministic).
     Interpreter: whole dimensions in one tile (few, large programs), no split."""
     bg, bc, nc = _channel_blocks(g, c, backward)
@@ -417,7 +430,7 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
     warps = 8 if bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=2)
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=1 if backward and noise == 2 else 2)
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
@@ -438,7 +451,7 @@ def _compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, args: tuple,
             seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float,
             partial: bool) -> None:
-    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms()), **(blocks or {})}
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode), **(blocks or {})}
     cfg["NC"] = triton.cdiv(c, cfg["BLOCK_C"])
     splits, per = _split(n, cfg)
     del cfg["SPLITS"]
@@ -634,6 +647,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
         raise ValueError(f"{op}: G = {g} groups x C = {c} channels exceed what one program holds (C <= "
                          f"{MAX_CHUNKS * MAX_BLOCK_C}, padded G x C <= {ACC_BUDGET}; {_shapes(q, k, v)}); use "
                          f"ops.set_backend('eager') for this shape")
+    common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if not _fits_smem(g, c, common, _types(common)[2]):
+        raise ValueError(f"{op}: {common} inputs at G = {g}, C = {c} need more shared memory than a GPU block has "
+                         f"(q and dO stay resident; {_shapes(q, k, v)}); run the projections in bf16/fp16 "
+                         f"(torch.autocast) or use ops.set_backend('eager')")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -717,9 +735,11 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
     for prec in (("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
         label = f"{name}-{prec}" if dtype == torch.float32 else name
         floor = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
+        if not _fits_smem(g, c, dtype, prec):  # the public op refuses these shapes on a GPU
+            continue
         for mode, (noise, hard) in _MODES.items():
             for kname, bwd in (("fwd", False), ("bwd", True)):
-                cfg = _config(b, g, n, c, dtype, bwd, num_sms)
+                cfg = _config(b, g, n, c, dtype, bwd, num_sms, noise)
                 splits, per = _split(n, cfg)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 del cfg["SPLITS"]

@@ -315,6 +315,16 @@ def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
         assert part in msg, f"{part!r} missing from: {msg}"
 
 
+def test_fp32_too_large_for_shared_memory_says_how_to_fix(monkeypatch):
+    """On a GPU, fp32 stage-1 shapes would need ~400 KB of resident q / dO: a clear error, never a launch failure."""
+    monkeypatch.setattr(aa, "INTERPRET", False)
+    with pytest.raises(ValueError) as info:
+        aa.assign_attention(_t(1, 64, 384), _t(1, 9, 384), _t(1, 9, 384))
+    msg = str(info.value)
+    for part in ("assign_attention", "shared memory", "G = 64, C = 384", "autocast", "set_backend('eager')"):
+        assert part in msg, f"{part!r} missing from: {msg}"
+
+
 # ---- integration: torch.compile and the ops switch --------------------------------------------------------------
 
 
