@@ -2,6 +2,7 @@
 
     python -m bench.bench_data                      # VOC-sized and 1024-px JPEG shards, 1 and 2 workers
     python -m bench.bench_data --samples 300 --workers 1,2,4 --rate 8000 --json runs/bench_data.json
+    python -m bench.bench_data --device cuda        # also: device augmentation ms per batch of 256 on the GPU
 
 Shards are written to a temporary folder from the VOC images in ``../shared/data/vocmini`` (or ``--images``):
 ``voc`` stores them as they are (500x375, 513x513, quality 95), ``1024`` upscales each to a 1024-px long side
@@ -175,6 +176,26 @@ def measure_loader(pattern: str, *, augment_on: str, num_workers: int = 0, batch
     return n / (clock() - t0)
 
 
+def measure_device_augment(device: torch.device, batch: int = 256, size: int = 224, reps: int = 10) -> float:
+    """Milliseconds per ``DeviceAugment.apply`` of a ``batch x 3 x size x size`` uint8 batch on ``device``
+    (synchronised; median of ``reps`` after two warm-up calls). Compare with a GroupViT-S step at the same batch
+    (``bench/bench_model.py``): the issue's target is <= 5 %."""
+    aug = DeviceAugment(size)
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    params = torch.from_numpy(np.stack([aug.sample_params(random.Random(i)) for i in range(batch)]))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(reps + 2):
+        sync()
+        t0 = time.perf_counter()
+        aug.apply(imgs, params)
+        sync()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     if "NLTK_DATA" not in os.environ and _SHARED_NLTK.is_dir():
@@ -194,6 +215,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
             res["cases"][case] = {"stages_ms": stages, "loader_cpu_tagged": base, "loader_gpu_nouns": new,
                                   "speedup": new / base, "workers_gpu_nouns": scaling}
+    if args.device:
+        dev = torch.device(args.device)
+        res["device_augment"] = {"device": str(dev), "batch": args.device_batch,
+                                 "ms_per_batch": measure_device_augment(dev, args.device_batch, args.size)}
     return res
 
 
@@ -208,6 +233,10 @@ def report(res: dict[str, Any]) -> str:
                                                           for w, v in r["workers_gpu_nouns"].items()))
         lines.append(f"  cores per GPU needed at {res['rate']:.0f} pairs/s: cpu path "
                      f"{res['rate'] / r['loader_cpu_tagged']:.0f}, gpu path {res['rate'] / r['loader_gpu_nouns']:.0f}")
+    if "device_augment" in res:
+        d = res["device_augment"]
+        lines.append(f"device augmentation on {d['device']}: {d['ms_per_batch']:.2f} ms per batch of {d['batch']} "
+                     f"(compare with one GroupViT-S training step at that batch)")
     return "\n".join(lines)
 
 
@@ -221,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="loader batch size (default 32)")
     ap.add_argument("--large-side", type=int, default=1024, help="long side of the large-JPEG case (default 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="passes per stage measurement (median)")
+    ap.add_argument("--device", help="also time the batched device augmentation there (e.g. cuda)")
+    ap.add_argument("--device-batch", type=int, default=256, help="batch for --device (default 256)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     try:

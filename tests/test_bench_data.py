@@ -69,7 +69,9 @@ def test_bench_data_cli_smoke(tmp_path, capsys):
         (src / f"im{i}.jpg").write_bytes(_jpeg(side))
     out = tmp_path / "r.json"
     assert bench_data.main(["--samples", "16", "--batch-size", "8", "--images", str(src), "--workers", "1",
-                            "--repeats", "1", "--json", str(out), "--size", "32", "--large-side", "256"]) == 0
+                            "--repeats", "1", "--json", str(out), "--size", "32", "--large-side", "256",
+                            "--device", "cpu", "--device-batch", "4"]) == 0
     text = capsys.readouterr().out
     assert "cores per GPU needed at 8000 pairs/s" in text and "[256-px JPEGs]" in text and "[voc JPEGs]" in text
+    assert "device augmentation on cpu:" in text and "per batch of 4" in text
     assert Path(out).is_file()
