@@ -662,7 +662,8 @@ def _format_summary(s: dict[str, Any]) -> str:
     d = s["data"]
     skipped = (f"{d.get('skipped', 0)} bad samples skipped (missing image {d.get('missing_images', 0)}, missing caption "
                f"{d.get('missing_captions', 0)}, empty caption {d.get('empty_captions', 0)}, corrupt image "
-               f"{d.get('corrupt_images', 0)}), {d.get('shard_errors', 0)} shard errors")
+               f"{d.get('corrupt_images', 0)}, oversized image {d.get('oversized_images', 0)}), "
+               f"{d.get('shard_errors', 0)} shard errors")
     return (f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
             f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
             f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
