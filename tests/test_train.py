@@ -338,9 +338,9 @@ def test_driver_skips_bad_data_and_nonfinite_steps(shards, tmp_path, monkeypatch
     real = loop.train_step
     calls = []
 
-    def poisoned(model, *a, **k):  # step 1 gets an inf parameter, restored afterwards
+    def poisoned(model, *a, **k):  # step 2 (of 1, 2, 3) gets an inf parameter, restored afterwards
         calls.append(k["step"])
-        if k["step"] != 1:
+        if k["step"] != 2:
             return real(model, *a, **k)
         p = loop.unwrap(model).logit_scale
         keep = p.detach().clone()
@@ -354,12 +354,12 @@ def test_driver_skips_bad_data_and_nonfinite_steps(shards, tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "train_step", poisoned)
     s = loop.train(cfg)
-    assert calls == [0, 1, 2] and [h["skipped"] for h in s["history"]] == [False, True, False]
+    assert calls == [1, 2, 3] and [h["skipped"] for h in s["history"]] == [False, True, False]
     assert s["skipped_steps"] == 1 and s["steps"] == 3
     d = s["data"]  # every raw sample is read before the first batch (shuffle buffer): all kinds are counted
     assert d["empty_captions"] >= 1 and d["missing_captions"] >= 1 and d["shard_errors"] >= 1, d
     assert d["corrupt_images"] <= d["samples"] and d["batches"] == 3
-    with pytest.raises(NonFiniteLossError, match="step 1"):
+    with pytest.raises(NonFiniteLossError, match="step 2"):
         loop.train(dataclasses_replace(cfg, skip_nonfinite=False, output_dir=str(tmp_path / "run2")))
 
 

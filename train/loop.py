@@ -558,17 +558,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                 try:
                     r = train_step(model, loss_fn, optimizer, batch, forward=forward, check_finite=cfg.check_finite,
                                    scaler=scaler, autocast_dtype=amp_dtype,
-                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step,
+                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step + 1,
                                    micro_batch=cfg.micro_batch)
                 except NonFiniteLossError as e:
-                    log.message(f"[step {step}] {e}")
+                    log.message(f"[step {step + 1}] {e}")  # steps counted from 1, as the bar and logs
                     raise
                 lr = stepper.get_last_lr()
                 stepper.step()
                 t2 = time.perf_counter()
                 if r["skipped"]:
                     counters["skipped_steps"] += 1
-                    log.message(f"[step {step}] non-finite loss ({r['loss']}) or grad norm ({r['grad_norm']}): "
+                    log.message(f"[step {step + 1}] non-finite loss ({r['loss']}) or grad norm ({r['grad_norm']}): "
                                 f"step skipped ({counters['skipped_steps']} so far)")
                 wait, dt = t1 - t0, t2 - t0
                 tot_wait, tot_time, steps_run = tot_wait + wait, tot_time + dt, steps_run + 1
