@@ -2,8 +2,8 @@
 
 Selection (one rule, here): tests marked ``gpu`` run only with CUDA present and the Triton interpreter off; tests
 marked ``interpreter`` (kernels on CPU tensors under ``TRITON_INTERPRET=1``) run only with the interpreter on, which
-is the default without CUDA; everything else runs on both, kernel tests on the ``device`` fixture (CUDA when present,
-else the CPU interpreter). ``GROUPVIT_TEST_DEVICE=cuda|cpu`` simulates either machine for ``pytest --collect-only``
+is the default without CUDA; everything else runs on both, kernel tests on the ``device`` fixture (CPU under the
+interpreter, else CUDA). ``GROUPVIT_TEST_DEVICE=cuda|cpu`` simulates either machine for ``pytest --collect-only``
 (refused otherwise) and lists every test as ``selection: run|skip ...`` (tests/test_selection.py checks both sets).
 """
 
@@ -77,12 +77,12 @@ def _seed():
 
 @pytest.fixture
 def device() -> torch.device:
-    """Where kernel tests put their tensors: CUDA when present, else CPU under the Triton interpreter."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not INTERPRET:
+    """Where kernel tests put their tensors: CPU under the Triton interpreter, else CUDA."""
+    if INTERPRET:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
-    return torch.device("cpu")
+    return torch.device("cuda")
 
 
 @pytest.fixture(scope="session")
