@@ -334,9 +334,11 @@ def csv_rows(v: Verdict) -> list[dict[str, str]]:
             rows.append(common.make_row(v.env, metric="pct_ceiling", unit=unit, p50=pct, **row))
         if t.peak_mb is not None:
             rows.append(common.make_row(v.env, metric="peak_mb", unit="MiB", p50=t.peak_mb, **row))
-        base = v.timing(it, "eager", t.mode)
-        if t.provider != "eager" and base is not None and base.t is not None:
-            rows.append(common.make_row(v.env, metric="speedup_vs_eager", unit="x", p50=base.t.p50 / t.t.p50, **row))
+        for other in ("eager", "compile"):
+            base = v.timing(it, other, t.mode)
+            if t.provider == "triton" and base is not None and base.t is not None:
+                rows.append(common.make_row(v.env, metric=f"speedup_vs_{other}", unit="x", p50=base.t.p50 / t.t.p50,
+                                            **row))
     return rows
 
 
