@@ -438,9 +438,15 @@ def run(out: Path, *, dry: bool, budget_s: float, providers: Sequence[str] = PRO
     v.n_items = len(items)
     print(f"# verdict on {v.device_info}, commit {v.env['git_sha']}, budget {budget_s:g} s -> {out}", flush=True)
 
-    v.ceilings, v.ceiling_rows = measure_ceilings(device, dry, timing)
-    print(f"# ceilings: copy {v.ceilings.copy_gbps:.4g} GB/s, bf16 GEMM {v.ceilings.gemm_tflops:.4g} TFLOP/s",
-          flush=True)
+    try:
+        v.ceilings, v.ceiling_rows = measure_ceilings(device, dry, timing)
+        print(f"# ceilings: copy {v.ceilings.copy_gbps:.4g} GB/s, bf16 GEMM {v.ceilings.gemm_tflops:.4g} TFLOP/s",
+              flush=True)
+    except Exception as e:  # the parity checks matter more: go on without "% of ceiling"
+        from bench.bench_ops import _short
+
+        v.notes.append(f"ceilings not measured: {_short(e)}")
+        common.free_memory(device)
     write(v, out)
 
     for it in items:
