@@ -217,14 +217,37 @@ _TRUST_HINT = ("if you trust the file's source, pass trust_checkpoint=True (CLI:
                "it fully and so runs any code it contains")
 
 
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${a.b.c}: an absolute OmegaConf reference
+
+
+def _resolve(node: Any, root: Any, depth: int = 0) -> Any:
+    """Replace values that are exactly ``${a.b.c}`` by the value at that path of ``root`` (as
+    ``OmegaConf.to_container(resolve=True)``); other interpolations stay as written."""
+    if isinstance(node, dict):
+        return {k: _resolve(v, root, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, root, depth) for v in node]
+    m = _INTERPOLATION.fullmatch(node) if isinstance(node, str) and depth < 16 else None
+    if m is None:
+        return node
+    target = root
+    for part in m.group(1).split("."):
+        if not isinstance(target, dict) or part not in target:
+            return node
+        target = target[part]
+    return _resolve(target, root, depth + 1)
+
+
 def _plain_config(obj: Any) -> Any:
     """Inert OmegaConf records -> plain dicts / lists / values (containers keep ``_content``, nodes ``_val``;
-    metadata and parent links are dropped)."""
+    metadata and parent links are dropped; a root container's ``${a.b}`` references are resolved)."""
     if isinstance(obj, _Inert):
         state = obj.state if isinstance(obj.state, dict) else {}
-        for key in ("_val", "_content"):
-            if key in state:
-                return _plain_config(state[key])
+        if "_val" in state:
+            return _plain_config(state["_val"])
+        if "_content" in state:
+            plain = _plain_config(state["_content"])
+            return _resolve(plain, plain) if state.get("_parent") is None else plain
         return None
     if isinstance(obj, dict):
         return {k: _plain_config(v) for k, v in obj.items()}

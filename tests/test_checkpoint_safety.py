@@ -120,8 +120,9 @@ def test_official_release_layout_still_loads(tmp_path, monkeypatch):
         "num_group_tokens": [8, 4, 0], "num_output_groups": [8, 4], "drop_path_rate": 0.0, "embed_factors": [1, 1, 1]},
         "text_encoder": {"type": "TextTransformer", "context_length": 16, "width": 64, "layers": 2, "heads": 2,
                          "vocab_size": 49408},
-        "contrast_temperature": 0.07, "proj_num_layers": 2, "output_dim": 32, "multi_label": 3}, "tag": None}
-    src = groupvit.GroupViT(GroupViTConfig.from_official(official["model"]))
+        "contrast_temperature": 0.07, "proj_num_layers": 2, "output_dim": 32,
+        "multi_label": "${data.text_aug.multi_label}"}, "data": {"text_aug": {"multi_label": 2}}, "tag": None}
+    src = groupvit.GroupViT(GroupViTConfig.from_official({**official["model"], "multi_label": 2}))
     with monkeypatch.context() as m:
         c = _install_fake_omegaconf(m)
         payload = {"model": src.state_dict(), "config": _omegaconf_like(official, c), "epoch": 29,
@@ -133,6 +134,7 @@ def test_official_release_layout_still_loads(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         model = load_checkpoint(tmp_path / "release.pth")  # the architecture comes from the config
     assert model.cfg == src.cfg and model.cfg.vision.depths == (1, 1, 1) and model.cfg.vision.num_heads == 2
+    assert model.cfg.multi_label == 2  # the release configs' ${data.text_aug.multi_label} reference, resolved
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in src.state_dict().items())
 
 
