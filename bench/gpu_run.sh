@@ -29,7 +29,8 @@ DRY=${GPU_RUN_DRY:-0}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # ---- Python: one whose torch fits the run (dry: any torch; GPU: torch with CUDA) --------------------------------
-if [[ "$DRY" == 1 ]]; then CHECK='import torch'; else CHECK='import torch, sys; sys.exit(not torch.cuda.is_available())'; fi
+CHECK='import torch, sys; sys.exit(not torch.cuda.is_available())'
+[[ "$DRY" == 1 ]] && CHECK='import torch'
 PY=""
 for cand in ${PYTHON:-"$REPO/.venv/bin/python" python3}; do
   if "$cand" -c "$CHECK" >/dev/null 2>&1; then PY=$cand; break; fi

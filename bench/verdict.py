@@ -369,7 +369,8 @@ def render_markdown(v: Verdict) -> str:
     for r in v.ceiling_rows:
         lines.append(f"| {r['case']} | {r['p50']:.4g} {r['unit']} | {r['p20']:.4g}-{r['p80']:.4g} |")
     lines += ["", "## Parity (bf16 vs fp64 reference; allowed = 2 x same-dtype eager error + atol)", "",
-              "| op | case | mode | verdict | worst/allowed per tensor | images compared |", "|---|---|---|---|---|---|"]
+              "| op | case | mode | verdict | worst/allowed per tensor | images compared |",
+              "|---|---|---|---|---|---|"]
     for p in v.parity:
         per = ", ".join(f"{n} {t.worst / t.tol:.2g}" if t.tol > 0 else n for n, t in p.tensors.items())
         status = p.status if len(p.status) < 200 else p.status[:200] + " ..."
