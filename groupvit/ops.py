@@ -25,7 +25,7 @@ import contextlib
 import functools
 import importlib
 import os
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,13 @@ _check_finite: bool = True
 
 
 def set_backend(name: str) -> None:
-    """Select ``eager`` or ``triton`` for every fused op from now on."""
+    """Select ``eager`` or ``triton`` for every fused op from now on. ``triton`` loads the kernels here (an error
+    now if they cannot load), so that a later ``torch.compile`` traces no import."""
     global _backend
     _backend = _validated(name, BACKENDS, "backend")
+    if _backend == "triton":
+        for op in OPS:
+            _triton_impl(op)
 
 
 def get_backend() -> str:
@@ -129,19 +133,23 @@ def use_kernel_noise(enabled: bool = True) -> Iterator[None]:
         _kernel_noise = prev
 
 
-@functools.cache
+_TRITON: dict[str, tuple[Callable[..., Tensor], Any]] = {}  # op -> (function, its module), loaded once
+
+
 def _triton_impl(op: str) -> Callable[..., Tensor]:
-    try:
-        return OPS[op].triton_fn()
-    except ImportError as e:  # triton missing or broken: say so instead of falling back
-        raise RuntimeError(f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
-                           f"Install triton (see README) or use ops.set_backend('eager').") from e
+    if op not in _TRITON:
+        try:
+            fn = OPS[op].triton_fn()
+        except ImportError as e:  # triton missing or broken: say so instead of falling back
+            raise RuntimeError(f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
+                               f"Install triton (see README) or use ops.set_backend('eager').") from e
+        _TRITON[op] = (fn, importlib.import_module(OPS[op].triton.split(":")[0]))
+    return _TRITON[op][0]
 
 
-@functools.cache
-def _triton_module(op: str):
-    _triton_impl(op)  # the same clear error when triton cannot be loaded
-    return importlib.import_module(OPS[op].triton.split(":")[0])
+def _triton_module(op: str) -> Any:
+    _triton_impl(op)
+    return _TRITON[op][1]
 
 
 def _impl(op: str) -> Callable[..., Tensor]:
