@@ -284,7 +284,7 @@ class _CpuPath:
 
 
 class _GpuPath:
-    """``augment_on=gpu``: decode + crop to ``uint8 [3, S, S]`` in the worker and draw the per-sample parameters
+    """``augment_on=gpu``: decode + crop to ``uint8 [S, S, 3]`` in the worker and draw the per-sample parameters
     of :class:`train.gpu_augment.DeviceAugment`, which the main process applies batched on the device."""
 
     def __init__(self, device_aug: DeviceAugment, max_pixels: int | None):
@@ -297,7 +297,7 @@ class _GpuPath:
                                max_pixels=self.max_pixels)  # [S, S, 3] uint8
 
     def __call__(self, arr: np.ndarray, rng: random.Random) -> dict[str, torch.Tensor]:
-        return {"images": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),  # [3, S, S] uint8
+        return {"images": torch.from_numpy(arr),  # [S, S, 3] uint8 (channels last: the device permutes it)
                 "aug_params": torch.from_numpy(self.device_aug.sample_params(rng))}  # [P] float64
 
 
@@ -503,7 +503,7 @@ class TrainLoader:
                     discard -= 1
                     continue
                 if self.device_augment is not None and "aug_params" in batch:
-                    images = batch["images"].to(self.device, non_blocking=True)  # uint8 [B, 3, S, S]
+                    images = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,S,S]
                     batch["images"] = self.device_augment.apply(images, batch.pop("aug_params"))
                 yield batch
                 n += 1

@@ -3,7 +3,7 @@
 The CPU half runs in the loader workers, per sample: decode + RandomResizedCrop straight to the target size
 (:func:`train.transforms.decode_crop`, JPEG DCT-scaled decoding where the crop allows it), then
 :meth:`DeviceAugment.sample_params` draws every remaining random choice from the sample's own
-:class:`random.Random` into one row of numbers. Workers ship ``uint8 [B, 3, S, S]`` images plus those
+:class:`random.Random` into one row of numbers. Workers ship ``uint8 [B, S, S, 3]`` images plus those
 ``[B, P]`` rows; :meth:`DeviceAugment.apply` then runs flip → RandAugment → normalise → RandomErasing on the whole
 batch on the device, each sample with its own parameters. A batch's result is therefore a pure function of its
 samples' seeds (the erasing noise comes from a device generator seeded by the batch's rows, so it is reproducible

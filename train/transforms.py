@@ -126,7 +126,7 @@ def decode_crop(data: bytes, size: int, rng: random.Random, *, augment: bool = T
     img = to_rgb(img)
     fx, fy = img.width / w0, img.height / h0  # 1 unless draft mode scaled the decode
     box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-    return np.asarray(img.resize((size, size), _BILINEAR, box=box))
+    return np.array(img.resize((size, size), _BILINEAR, box=box))  # writable (torch.from_numpy needs it)
 
 
 # ---------------------------------------------------------------------------------------------------------------
