@@ -231,6 +231,7 @@ class Settings:
     rep_ms: float = 100
     modes: tuple[str, ...] = MODES
     dtype_label: Callable[[torch.dtype], str] = lambda d: common.DTYPE_NAMES.get(d, str(d))
+    floors: dict[str, tuple[str, str, float]] = dataclasses.field(default_factory=lambda: dict(FLOOR))
 
 
 def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, fn: Provider | str,
@@ -260,7 +261,7 @@ def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, 
         return [row(mode=m, metric="ms", unit="ms", p50=None, correct=status) for m in modes]
 
     rows = []
-    metric, unit, floor = FLOOR[spec.name]
+    metric, unit, floor = st.floors[spec.name]
     es = torch.empty((), dtype=dtype).element_size()
     for mode in modes:
         err: str | None = None
@@ -429,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "default 4096, --quick on CPU: 5)")
     p.add_argument("--max-batch-cap", type=int, default=None, help="largest B tried (default 2^21; quick CPU 20)")
     p.add_argument("--max-batch-k", default="1", help="prompts per image K of the searches, comma-separated")
+    p.add_argument("--ceilings", type=Path, default=None,
+                   help="verdict.csv of this device (python -m bench.verdict): %% of its measured copy GB/s and "
+                        "GEMM TFLOP/s instead of the H100 constants")
     p.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32 for every provider (rows say tf32)")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     a = p.parse_args(argv)
@@ -446,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick_cpu = a.quick and device.type != "cuda"
     warmup_ms, rep_ms = ((1, 1) if quick_cpu else (5, 20)) if a.quick else (25, 100)
     st = Settings(device=device, modes=modes, dtype_label=label, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    if a.ceilings:  # this device's measured ceilings replace the constants
+        from bench.verdict import read_ceilings
+
+        ceil = read_ceilings(a.ceilings)
+        st.floors = {op: (m, u, ceil.copy_gbps if m == "gbps" else ceil.gemm_tflops) for op, (m, u, _) in FLOOR.items()}
     start = a.max_batch_start or (5 if quick_cpu else 4096)
     cap = a.max_batch_cap or (20 if quick_cpu else 1 << 21)
     mb_budget = min(a.max_batch_budget_s, 10.0) if a.quick else a.max_batch_budget_s

@@ -179,6 +179,8 @@ fi
 
 # ---- 5. broader op sweeps (model shapes, bf16), then fp32 with TF32 at one shape per op -------------------------
 OPS=(-m bench.bench_ops --out "$OUT" --no-max-batch)
+V_CSV=$OUT/verdict/verdict.csv  # "% of floor" against this device's measured ceilings when the verdict got them
+[[ -f "$V_CSV" ]] && grep -q '^device,' "$V_CSV" && OPS+=(--ceilings "$V_CSV")
 if [[ "$DRY" == 1 ]]; then
   QUICK=(--device cpu --tags smoke --cases odd-7x13x24,b5-d16,cross-odd --providers eager,triton,sdpa --quick)
   stage ops_bf16 "$T_OPS_BF16" "$PY" "${OPS[@]}" "${QUICK[@]}" --dtypes bf16 --budget-s $((T_OPS_BF16 - 20))

@@ -115,6 +115,16 @@ def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) 
     return c, rows
 
 
+def read_ceilings(path: Path) -> Ceilings:
+    """The ceilings a verdict measured, from its ``verdict.csv`` (ValueError naming the file if it has none)."""
+    rows = {(r["op"], r["metric"]): r["p50"] for r in common.read_rows(path)}
+    copy, gemm = rows.get(("device", "gbps")), rows.get(("device", "tflops"))
+    if not copy or not gemm:
+        raise ValueError(f"{path}: no measured ceilings (rows op=device, metric gbps and tflops); run "
+                         f"`python -m bench.verdict` on this device first")
+    return Ceilings(float(copy), float(gemm))
+
+
 # ---- 2. parity ----------------------------------------------------------------------------------------------------
 
 

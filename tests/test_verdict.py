@@ -8,7 +8,7 @@ import csv
 import pytest
 import torch
 
-from bench import verdict
+from bench import bench_ops, common, verdict
 from kernels import reference
 
 
@@ -60,6 +60,17 @@ def test_dry_run_passes_and_writes_csv_and_markdown(tmp_path):
     assert by[("assign_attention", "odd-7x13x24", "compile", "eval-fwd", "ms")]["correct"].startswith("skipped")
     assert not any(r["mode"] == "eval-fwd_bwd" for r in rows)  # eval is timed forward only
     assert {r["dtype"] for r in rows} == {"bf16"}
+
+    # the op sweeps take their "% of floor" from these measured ceilings
+    ceil = verdict.read_ceilings(out / verdict.CSV_NAME)
+    assert ceil.gemm_tflops == float(by[("device", "gemm-bf16-256", "torch", "matmul", "tflops")]["p50"])
+    assert bench_ops.main(["--out", str(tmp_path / "ops"), "--ops", "contrastive_loss", "--tags", "smoke", "--cases",
+                           "b5-d16", "--dtypes", "fp32", "--providers", "eager", "--modes", "fwd", "--quick",
+                           "--no-max-batch", "--ceilings", str(out / verdict.CSV_NAME)]) == 0
+    pct = next(r for r in common.read_rows(tmp_path / "ops" / "bench.csv") if r["metric"] == "pct_floor")
+    assert pct["unit"] == f"% of {ceil.gemm_tflops:g} TFLOP/s"
+    with pytest.raises(ValueError, match="no measured ceilings"):
+        verdict.read_ceilings(tmp_path / "ops" / "bench.csv")
 
 
 @pytest.mark.parametrize("op", ["assign_attention", "contrastive_loss"])
