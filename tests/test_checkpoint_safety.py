@@ -156,11 +156,11 @@ def test_not_a_checkpoint_gives_no_unsafe_advice(tmp_path, capsys):
 
 def test_resume_rejects_directory_latest(tmp_path):
     (tmp_path / "latest.pt").mkdir()
-    with pytest.raises(ValueError, match="not a file"):
+    with pytest.raises(IsADirectoryError, match="not a file"):
         resolve_resume("auto", tmp_path)
-    with pytest.raises(ValueError, match="not a file"):
+    with pytest.raises(IsADirectoryError, match="not a file"):
         resolve_resume(str(tmp_path), tmp_path)
-    with pytest.raises(ValueError, match="not a file"):  # a fresh run could never save its checkpoint there
+    with pytest.raises(IsADirectoryError, match="not a file"):  # a fresh run could never save its checkpoint there
         check_fresh_start(tmp_path, resuming=False, overwrite=True)
 
 

@@ -132,3 +132,21 @@ def test_sigterm_checkpoints_and_exits_cleanly(shards, tmp_path):  # noqa: F811
     assert summary["stopped_by"] == "signal" and 2 <= ck["step"] == summary["steps"] < 400
     assert _metrics(out)[-1]["step"] == ck["step"]
     assert not (out / rundir.LOCK).exists() and not list(out.glob("*.tmp"))
+
+
+def test_cli_names_the_folder_problem_in_one_line(shards, tmp_path, capsys):  # noqa: F811
+    from train.__main__ import main
+
+    out = tmp_path / "run"
+    (out / LATEST).mkdir(parents=True)
+    args = [f"data.train_shards=[{shards}]", "optim.steps_per_epoch=2", f"output_dir={out}", "threads=1"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a file" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    (out / LATEST).rmdir()
+    (out / LATEST).write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "resume=auto" in err and len(err.splitlines()) == 1

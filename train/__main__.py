@@ -51,9 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             expand_urls(cfg.data.train_shards)  # a pattern matching no shard: one line, not a traceback later
         except (ValueError, FileNotFoundError) as e:
             ap.error(f"data.train_shards: {e}")
+    from groupvit.checkpoint import CheckpointReadError
     from train.loop import train
+    from train.rundir import FolderLockedError
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (FileExistsError, FileNotFoundError, IsADirectoryError, FolderLockedError, CheckpointReadError) as e:
+        ap.exit(2, f"groupvit-train: error: {e}\n")  # the output folder or resume checkpoint: one line, no traceback
     return 0
 
 

@@ -119,6 +119,6 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         if not p.exists():
             raise FileNotFoundError(f"resume checkpoint {p} does not exist")
     if not p.is_file():
-        raise ValueError(f"resume checkpoint {p} is not a file (a directory?): move it away or give resume=PATH of a "
-                         f"checkpoint file")
+        raise IsADirectoryError(f"resume checkpoint {p} is not a file (a directory?): move it away or give "
+                                f"resume=PATH of a checkpoint file")
     return p

@@ -104,8 +104,8 @@ def check_fresh_start(out_dir: str | os.PathLike, resuming: bool, overwrite: boo
     if resuming or not (out / LATEST).exists():
         return
     if not (out / LATEST).is_file():
-        raise ValueError(f"{out / LATEST} is not a file (a directory?): no checkpoint can be written there; move it "
-                         f"away or choose another output_dir")
+        raise IsADirectoryError(f"{out / LATEST} is not a file (a directory?): no checkpoint can be written there; "
+                                f"move it away or choose another output_dir")
     if not overwrite:
         raise FileExistsError(f"output_dir {out} already holds a run ({out / LATEST}); continue it with resume=auto, "
                               f"start over with overwrite=true (replaces its checkpoint and metrics), or choose "
