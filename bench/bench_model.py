@@ -13,7 +13,13 @@ configs, the largest per-GPU batch that fits, per config: B doubles from 2x ``--
 ``correct``: ``fail`` if the first step's loss is not finite; else ``pass`` / ``warn`` as that loss (same initial
 weights and batch) is within 5% of the eager config's or not -- a sanity check only, since the Gumbel noise and
 drop-path draws differ between backends and under compile; exact parity lives in tests/.
-Inputs are synthetic (normal images, random token ids framed by SOT/EOT): the data pipeline is not timed here.
+Inputs are synthetic (normal images, random token ids framed by SOT/EOT, caption/prompt lengths of realistic size,
+texts on the CPU as the loader gives them): the data pipeline is not timed here. Compiled configs compile the
+forward + losses as ``compile=true`` training does (:func:`train.loop.compile_forward_loss`).
+
+First, the counted FLOP and byte budget of one step (:func:`step_budget`: image tower, text tower, losses,
+optimizer; ``budget.json``), so images/s turn into MFU: ``images/s * GFLOP/pair / peak GFLOP/s``. Only the
+budget: ``--configs "" --no-max-batch``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import sys
 import time
@@ -28,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import common
 from bench.bench_ops import _short
@@ -70,23 +79,134 @@ def triton_unavailable(device: torch.device) -> str | None:
     return None
 
 
+CAPTION_TOKENS = (4, 24)  # tokens between SOT and EOT, uniform: captions (mean 14 + 2; CC3M's mean is about 13-14)
+PROMPT_TOKENS = (4, 10)  # ... and prompts ("a photo of a {noun}." and the other CLIP templates: 5-10)
+
+
 def make_batch(cfg: Any, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Synthetic batch: images ``[B,3,S,S]`` ~ N(0,1); texts ``[B,1+K,L]``: SOT, random ids, EOT, zero padding."""
+    """Synthetic batch: images ``[B,3,S,S]`` ~ N(0,1) on ``device``; texts ``[B,1+K,L]`` on the CPU, as the loader
+    gives them (the step plans their trimming there): SOT, random ids, EOT, zero padding, with caption and prompt
+    lengths of realistic size (:data:`CAPTION_TOKENS`, :data:`PROMPT_TOKENS`, capped by the context)."""
     g = torch.Generator().manual_seed(seed)
     s, k, ctx = cfg.vision.img_size, cfg.multi_label, cfg.text.context_length
     images = torch.randn(batch, 3, s, s, generator=g)
     texts = torch.zeros(batch, 1 + k, ctx, dtype=torch.long)
-    lengths = torch.randint(1, ctx - 1, (batch, 1 + k), generator=g)  # tokens between SOT and EOT
+    lo = torch.tensor([CAPTION_TOKENS[0]] + [PROMPT_TOKENS[0]] * k)  # [1+K]
+    hi = torch.tensor([CAPTION_TOKENS[1]] + [PROMPT_TOKENS[1]] * k)
+    u = torch.rand(batch, 1 + k, generator=g)
+    lengths = (lo + (u * (hi - lo + 1)).long()).clamp(1, ctx - 2)  # [B, 1+K] tokens between SOT and EOT
     ids = torch.randint(1, SOT, (batch, 1 + k, ctx), generator=g)
     pos = torch.arange(ctx)
     texts = torch.where(pos <= lengths[..., None], ids, texts)
     texts[..., 0] = SOT
     texts.scatter_(-1, (lengths + 1)[..., None], EOT)
-    return {"images": images.to(device), "texts": texts.to(device)}
+    return {"images": images.to(device), "texts": texts}
+
+
+# ---- FLOP and byte budget of one step ---------------------------------------------------------------------------
+
+BUDGET_PARTS = ("image tower", "text tower", "losses", "optimizer")
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Bytes of the inputs and outputs of every aten op that is not a view: the traffic of the unfused eager step
+    (an upper bound of its memory traffic that fusion lowers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            seen: set[int] = set()
+            for t in pytree.tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def step_budget(preset: str, batch: int, texts: torch.Tensor | None = None, *, trim: bool = True
+                ) -> dict[str, dict[str, float]]:
+    """Counted FLOPs and bytes of one training step by part (:data:`BUDGET_PARTS`, forward + backward), fp32,
+    eager ops (the spec), shapes only: the model runs on the meta device.
+
+    FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention: the FLOPs of MFU;
+    elementwise work, e.g. the whole optimizer, counts 0). Bytes: :class:`_ByteCounter`. ``texts`` ``[B, 1+K, L]``
+    (CPU): the token batch whose trimming plan sets the text tower's shapes (default: :func:`make_batch`'s);
+    ``trim=False``: every text at the full context length. Returns ``{part: {"flop", "bytes"}}``, ``"step"`` (their
+    sum) and ``"text, untrimmed"`` (the text tower at the full context length, for comparison; not in the sum).
+    """
+    import dataclasses as dc
+
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import groupvit
+    from groupvit import ops
+    from groupvit.config import get_config
+    from groupvit.model import GroupViTOutput, TextPlan
+    from train.optim import build_optimizer
+
+    cfg = get_config(preset)
+    if not trim:
+        cfg = dc.replace(cfg, text=dc.replace(cfg.text, trim_multiple=0))
+    texts = make_batch(cfg, batch, torch.device("cpu"))["texts"] if texts is None else texts
+    model = groupvit.GroupViT(cfg).to("meta").train()
+    loss_fn = groupvit.GroupViTLoss()
+    meta = dict(device="meta")
+    images = torch.empty(batch, 3, cfg.vision.img_size, cfg.vision.img_size, **meta)
+    tokens, plan = texts.reshape(-1, texts.shape[-1]).to("meta"), model.plan_text(texts).to("meta")
+    n_text, d = tokens.shape[0], cfg.output_dim
+
+    def losses() -> None:
+        img = torch.empty(batch, d, **meta, requires_grad=True)
+        txt = torch.empty(n_text, d, **meta, requires_grad=True)
+        t = F.normalize(txt, dim=-1).view(batch, -1, d)
+        k = t.shape[1] - 1
+        out = GroupViTOutput(F.normalize(img, dim=-1), t[:, 0], t[:, 1:].reshape(-1, d) if k else None,
+                             model.logit_scale, model.multi_label_logit_scale if k else None)
+        loss_fn(out)["loss"].backward()
+
+    def optimizer() -> None:
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        build_optimizer(model, lr=1e-3, fused=False).step()
+
+    full = TextPlan(((None, plan.groups[0][1].new_zeros(n_text), tokens.shape[1]),), None)  # no trimming
+    parts = {
+        "image tower": lambda: model.img_projector(model.img_encoder(images)[0].mean(dim=1)).sum().backward(),
+        "text tower": lambda: model.text_projector(model.text_encoder(tokens, plan)).sum().backward(),
+        "losses": losses,
+        "optimizer": optimizer,
+        "text, untrimmed": lambda: model.text_projector(model.text_encoder(tokens, full)).sum().backward(),
+    }
+    out: dict[str, dict[str, float]] = {}
+    with ops.use_backend("eager"):
+        for name, fn in parts.items():
+            with FlopCounterMode(display=False) as fc, _ByteCounter() as bc:
+                fn()
+            out[name] = {"flop": float(fc.get_total_flops()), "bytes": float(bc.bytes)}
+    out["step"] = {k: sum(out[p][k] for p in BUDGET_PARTS) for k in ("flop", "bytes")}
+    return out
+
+
+def format_budget(budget: dict[str, dict[str, float]], batch: int, title: str) -> str:
+    """A table: GFLOP and GB per step and per image-text pair, and each part's share of the FLOPs."""
+    lines = [f"# {title}", f"# {'part':15} {'GFLOP/step':>11} {'GFLOP/pair':>11} {'FLOP %':>7} {'GB/step':>9} "
+                           f"{'MB/pair':>9}"]
+    total = budget["step"]["flop"] or 1.0
+    for name in (*BUDGET_PARTS, "step", "text, untrimmed"):
+        v = budget[name]
+        lines.append(f"# {name:15} {v['flop'] / 1e9:11.1f} {v['flop'] / batch / 1e9:11.3f} "
+                     f"{100 * v['flop'] / total:7.1f} {v['bytes'] / 1e9:9.2f} {v['bytes'] / batch / 1e6:9.1f}")
+    return "\n".join(lines)
 
 
 def _build(preset: str, device: torch.device, compile_: bool, lr: float):
-    """Fresh model (seed 0), its runner (``torch.compile`` of it when ``compile_``), loss and optimizer."""
+    """Fresh model (seed 0), its runner, loss and optimizer; ``compile_``: the runner carries the compiled forward +
+    losses of ``compile=true`` training (:func:`train.loop.compile_forward_loss`) as ``runner.forward_loss``."""
     import groupvit
 
     torch.manual_seed(0)
@@ -98,7 +218,11 @@ def _build(preset: str, device: torch.device, compile_: bool, lr: float):
     except ImportError:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     loss_fn = groupvit.GroupViTLoss().to(device)
-    return model, (torch.compile(model) if compile_ else model), loss_fn, opt
+    if compile_:
+        from train.loop import compile_forward_loss
+
+        model.forward_loss = compile_forward_loss()  # a plain attribute (not a module): train_step's forward=
+    return model, model, loss_fn, opt
 
 
 def _reset(device: torch.device) -> None:
@@ -120,6 +244,7 @@ class Job:
     device: torch.device
     autocast: str
     env: dict[str, str]
+    micro_batch: int | None = None  # train_step's micro_batch (train.gradcache): towers this many samples at a time
 
     @property
     def cfg(self) -> Any:
@@ -129,8 +254,9 @@ class Job:
 
     def dims(self, **extra: Any) -> dict[str, Any]:
         c = self.cfg
+        micro = {"micro": self.micro_batch} if self.micro_batch else {}
         return dict(preset=self.preset, B=self.batch, S=c.vision.img_size, K=c.multi_label,
-                    L=c.text.context_length, **extra)
+                    L=c.text.context_length, **micro, **extra)
 
     def row(self, config: str, **kw: Any) -> dict[str, str]:
         return common.make_row(self.env, op="train_step", provider=config, mode="step", dtype=self.autocast, **kw)
@@ -143,7 +269,10 @@ class Job:
     def step(self, runner, loss_fn, opt, data) -> dict[str, Any]:
         ac = AUTOCAST[self.autocast]
         scaler = self._scaler if ac == torch.float16 else None
-        return self.step_fn(runner, loss_fn, opt, data, autocast_dtype=ac, scaler=scaler)
+        micro = {"micro_batch": self.micro_batch} if self.micro_batch else {}
+        if getattr(runner, "forward_loss", None) is not None:
+            micro["forward"] = runner.forward_loss
+        return self.step_fn(runner, loss_fn, opt, data, autocast_dtype=ac, scaler=scaler, **micro)
 
     @functools.cached_property
     def _scaler(self) -> torch.amp.GradScaler:
@@ -156,7 +285,8 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
     from groupvit import ops
 
     backend, compile_ = CONFIGS[config]
-    case, dims, batch = f"{job.preset}-b{job.batch}", job.dims(), job.batch
+    case, dims, batch = f"{job.preset}-b{job.batch}" + (f"-m{job.micro_batch}" if job.micro_batch else ""), \
+        job.dims(), job.batch
     if (why := job.unavailable(config)) is not None:
         print(f"train_step {config:15} {why}", flush=True)
         return [job.row(config, case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims,
@@ -265,7 +395,8 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
 
 def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: torch.device, steps: int,
         warmup: int, autocast: str, max_batch: bool, max_batch_cap: int, max_batch_budget_s: float,
-        budget_s: float | None = None, step_fn: StepFn | str | None = None) -> Path:
+        budget_s: float | None = None, step_fn: StepFn | str | None = None, micro_batch: int | None = None,
+        flop_budget: bool = True) -> Path:
     """Phase 1: throughput of every config (eager first: its loss is the sanity reference). Phase 2: the max-batch
     searches, uncompiled configs first (compiled ones recompile at every size, and a stage cut short should lose
     the least). Rows are merged into ``out/bench.csv`` after every config."""
@@ -275,11 +406,18 @@ def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: t
     if autocast not in AUTOCAST:
         raise ValueError(f"unknown autocast {autocast!r}; choose from {list(AUTOCAST)}")
     job = Job(step_fn=load_train_step() if step_fn is None else step_fn, preset=preset, batch=batch, device=device,
-              autocast=autocast, env=common.env_info(device))
+              autocast=autocast, env=common.env_info(device), micro_batch=micro_batch)
     csv_path = Path(out) / "bench.csv"
     budget = common.Budget(budget_s)
     print(f"# bench_model {preset} B={batch} autocast={autocast} on {job.env['gpu']} commit {job.env['git_sha']} "
           f"-> {csv_path}", flush=True)
+    if flop_budget:
+        bud = step_budget(preset, batch, make_batch(job.cfg, batch, torch.device("cpu"))["texts"])
+        print(format_budget(bud, batch, f"counted budget of one step at B={batch} (fwd+bwd, fp32, eager ops; "
+                                        f"FLOPs: FlopCounterMode, bytes: unfused op inputs+outputs)"), flush=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "budget.json").write_text(json.dumps({"preset": preset, "batch": batch,
+                                                           "commit": job.env["git_sha"], "parts": bud}, indent=2))
     ref_loss, ran = None, {}
     for c in sorted(configs, key=lambda c: c != "eager"):
         if budget.exhausted():
@@ -307,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory (bench.csv is merged there)")
     p.add_argument("--preset", default="groupvit-s")
     p.add_argument("--batch", type=int, default=256, help="per-GPU batch (the recipe's 256)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="run the towers this many samples at a time (train.gradcache; contrastive batch = --batch)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compilation happens here)")
@@ -317,13 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new configs after this many seconds")
     p.add_argument("--quick", action="store_true", help="2 warm-up and 3 timed steps")
     p.add_argument("--device", default=None)
+    p.add_argument("--no-flop-budget", action="store_true", help="skip the counted FLOP/byte budget (budget.json)")
     a = p.parse_args(argv)
     steps, warmup = (3, 2) if a.quick else (a.steps, a.warmup)
     try:
         run(out=a.out, preset=a.preset, batch=a.batch, configs=[c for c in a.configs.split(",") if c],
             device=common.pick_device(a.device), steps=steps, warmup=warmup, autocast=a.autocast,
             max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, max_batch_budget_s=a.max_batch_budget_s,
-            budget_s=a.budget_s)
+            budget_s=a.budget_s, micro_batch=a.micro_batch, flop_budget=not a.no_flop_budget)
     except KeyboardInterrupt:
         print("# interrupted; partial results kept", flush=True)
         return 130
