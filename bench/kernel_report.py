@@ -15,28 +15,27 @@ directory.
 :data:`CI_SUBSET`). Exit status 1 when a row fails the gate (:func:`kernels.variants.gate_failures`: spills, shared
 memory over the limit, a bf16/fp16/tf32 dot lowered to FMA), unless ``--no-fail``.
 
-This module compiles, so the kernels must be decorated in compiled mode: it sets ``TRITON_INTERPRET=0`` before
-importing them (the interpreter's kernels cannot be compiled) and must therefore run as its own process.
+This module compiles, so the kernels must be decorated in compiled mode: :func:`main` sets ``TRITON_INTERPRET=0``
+before the kernel modules are imported (lazily, by :func:`op_variants`); in a process whose kernels were built for
+the interpreter every row reports the error instead.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import importlib
+import inspect
 import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
 
-os.environ["TRITON_INTERPRET"] = "0"  # before any kernel module is imported (see docstring)
+import torch
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import importlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Iterable  # noqa: E402
-
-import torch  # noqa: E402
-
-from kernels.registry import OPS  # noqa: E402
-from kernels.variants import TARGETS, Variant, analyze, gate_failures  # noqa: E402
+from kernels.registry import OPS
+from kernels.variants import TARGETS, Variant, analyze, gate_failures
 
 KERNEL_OPS = ("contrastive_loss", "assign_attention")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -66,7 +65,10 @@ def op_variants(op: str, case_name: str, dtype_label: str, arch: int) -> list[Va
     if not hasattr(mod, "variants"):
         raise AttributeError(f"kernels.{op} has no variants(shape, dtype) function (see kernels/variants.py)")
     dtype = DTYPES[dtype_label.split("-")[0]]
-    vs = mod.variants(dict(OPS[op].case(case_name).dims), dtype, num_sms=TARGETS[arch]["sms"])
+    kw = dict(num_sms=TARGETS[arch]["sms"])
+    if "smem" in inspect.signature(mod.variants).parameters:  # tiles that follow the shared memory of the target
+        kw["smem"] = TARGETS[arch]["smem_block"]
+    vs = mod.variants(dict(OPS[op].case(case_name).dims), dtype, **kw)
     return [v for v in vs if v.dtype == dtype_label]
 
 
@@ -98,7 +100,7 @@ def _limited(vs: list[Variant], n: int | None) -> list[Variant]:
 
 
 def collect(ops: Iterable[str], dtypes: Iterable[str], archs: Iterable[int], subset: str | None = None,
-            limits: dict[str, int] | None = None, log=print) -> list[dict[str, Any]]:
+            limits: dict[str, int] | None = None, cases: list[str] | None = None, log=print) -> list[dict[str, Any]]:
     rows = []
     t0 = time.perf_counter()
     if subset == "ci":
@@ -112,7 +114,7 @@ def collect(ops: Iterable[str], dtypes: Iterable[str], archs: Iterable[int], sub
     for op in ops:
         for dt in dtypes:
             for arch in archs:
-                for case in OPS[op].select("model"):
+                for case in [c for c in OPS[op].select("model") if not cases or c.name in cases]:
                     for v in _limited(op_variants(op, case.name, dt, arch), (limits or {}).get(dt)):
                         rows.append(_row(v, arch, case.name))
                     log(f"[{time.perf_counter() - t0:6.1f}s] {op} {dt} {TARGETS[arch]['name']} {case.name}: "
@@ -172,6 +174,7 @@ def write(rows: list[dict[str, Any]], prefix: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ["TRITON_INTERPRET"] = "0"  # before the kernel modules are imported (see the module docstring)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel_report"), help="output prefix")
     p.add_argument("--ops", nargs="+", default=list(KERNEL_OPS), choices=KERNEL_OPS)
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", action="append", default=[], metavar="DTYPE=N",
                    help="at most N configs per kernel and mode for that dtype label (fp32-ieee=1: its FMA builds "
                         "take up to a minute each)")
+    p.add_argument("--cases", nargs="+", help="only these registry cases (default: every 'model' case)")
     p.add_argument("--title", default="Kernel report")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when rows fail the gate")
     a = p.parse_args(argv)
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = {k: int(v) for k, v in (x.split("=") for x in a.limit)}
     except ValueError:
         p.error(f"--limit takes DTYPE=N, got {a.limit}")
-    rows = collect(a.ops, dtypes, archs, a.subset, limits)
+    rows = collect(a.ops, dtypes, archs, a.subset, limits, a.cases)
     write(rows, a.out, a.title)
     n_bad = sum(r["gate"] != "ok" for r in rows)
     print(f"{len(rows)} rows, {n_bad} failing the gate -> {a.out.with_suffix('.csv')}, {a.out.with_suffix('.md')}")

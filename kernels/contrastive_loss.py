@@ -4,20 +4,30 @@ Same signature and semantics as :func:`kernels.reference.contrastive_loss` (the 
 ``X = s * I T^T`` (``s = min(exp(theta), 100)``) is never materialised (kernels_notes.md §3):
 
 * **forward** -- one pass over tiles of ``X`` recomputed on the fly gives both statistics: a running-max row LSE
-  (each program walks a split of the column tiles for one row tile) and a per-tile column LSE. Partials go to
-  ``[n_splits, B]`` and ``[n_row_tiles, M]`` buffers (``4*B*M/BLOCK`` bytes: 33.5 MB at B = M = 32768 with the
-  128-row bf16/fp16 tiles; fp32 uses 64-row tiles at D = 256) and a deterministic torch logsumexp finishes them. Positive terms are O(B*D) dot products in torch.
+  (each program keeps one row tile of images resident and walks a split of the column tiles) and a per-tile column
+  LSE. Partials go to ``[n_splits, B]`` and ``[n_row_tiles, M]`` fp32 buffers: ``4*B*M/BLOCK_M`` bytes, with the
+  256-row 16-bit tiles of sm_90 16.8 MB at B = M = 32768 and 50 MB at K = 3 (128-row tiles on sm_80 and for fp32:
+  twice that); a deterministic torch logsumexp finishes them. Positive terms are O(B*K*D) dot products in torch.
+  Per logit (report: bench/results/kernel_report.md): the raw cosine's row and column maxima, two FFMA + ``exp2``
+  with the scale folded into the exponent, two sums; full tiles of a full row tile skip every mask, the ragged
+  ones run in a second loop; the tiles move by scalar 64-bit base pointers (32-bit offsets inside a tile). The
+  column partial's ``log2`` stays per tile: a single MUFU ``lg2.approx`` (not libdevice's polynomial) per column and
+  tile, 0.25 instructions per logit, while keeping max and sum separately would double the partial buffer (above
+  0.1 GB at K = 3).
 * **backward** -- a row-block kernel (``dI``) and a column-block kernel (``dT``) recompute the tiles and form
   ``Gx = a (P_row - t/K) + b_j (P_col - t)`` (``t`` marks the positive pairs, ``a = g/(2B)``,
-  ``b_j = g_owner(j)/(2BK)``) in
-  fp32 before the single cast to the input dtype: ``dI = s Gx T``, ``dT = s Gx^T I``, and row/column sums of
-  ``Gx o R`` give ``dL/ds``; ``theta``'s gradient goes through torch's ``clamp(exp(theta), max=100)`` exactly as in
-  the reference (zero where the clamp is active). Each gradient element is written by exactly one program: no
-  atomics, bitwise deterministic. Extra memory: O(B + M) (gradients are written in the input dtype; with W > 1
-  the cross-rank ``dT`` sum is an fp32 ``[W*B*K, D]`` buffer).
+  ``b_j = g_owner(j)/(2BK)``) in fp32 before the single cast to the input dtype: ``dI = s Gx T``, ``dT = s Gx^T I``,
+  and row/column sums of ``Gx o R`` give ``dL/ds``; ``theta``'s gradient goes through torch's
+  ``clamp(exp(theta), max=100)`` exactly as in the reference (zero where the clamp is active). Each loop runs in
+  four parts: full tiles before the tiles that hold the positives, those tiles (positives and load masks), full
+  tiles after them, the ragged last tile. No logit masks are needed: a padded row or column has zero features and
+  adds nothing. Each gradient element is written by exactly one program: no atomics, bitwise deterministic. Extra
+  memory: O(B + M) (gradients are written in the input dtype; with W > 1 the cross-rank ``dT`` sum is an fp32
+  ``[W*B*K, D]`` buffer).
 * numerics: logits in base 2 (``log2 e`` folded into the scale, ``exp2``), fp32 accumulation and LSEs for
-  fp16/bf16/fp32 inputs, fp64 throughout for fp64 inputs (gradcheck). fp32 ``tl.dot`` follows
-  ``torch.get_float32_matmul_precision()`` (``"highest"`` -> ieee, else tf32).
+  fp16/bf16/fp32 inputs, fp64 throughout for fp64 inputs (gradcheck). fp32 dots always run on tensor cores:
+  ``torch.get_float32_matmul_precision() == "highest"`` -> ``tf32x3`` (three TF32 products, close to fp32
+  accuracy), else ``tf32`` (10-bit mantissa operands); fp64 dots are exact (``ieee``).
 
 **Distributed** (initialised ``torch.distributed``, world size W > 1, ``B`` local rows, ``K`` prompts): rank r owns
 rows ``rank*B ...`` of the global ``[W*B, W*B*K]`` matrix. Only the *texts* are gathered (the local rows need every
@@ -59,7 +69,7 @@ LN2 = 0.6931471805599453
 MAX_D = 512  # tiles hold the whole embedding dim; larger D would not fit registers/shared memory on the GPU
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Interpreter: one fixed config with few, large programs. GPU: see _fwd_block and the autotune configs below.
+# Interpreter: one fixed config with few, large programs. GPU: see _fwd_tiles and the autotune configs below.
 _INTERP_BLOCK = 64
 _check_finite = True
 
@@ -76,175 +86,327 @@ def set_check_finite(enabled: bool) -> None:
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, stride, offs_d, D, UPCAST: tl.constexpr):
-    """Load a ``[len(rows), BLOCK_D]`` tile of a row-major matrix, zero outside; bf16 -> fp32 if UPCAST."""
-    mask = (rows < n_rows)[:, None] & (offs_d < D)[None, :]
-    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
-    if UPCAST:
+def _load(ptrs, row_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a ``[rows, BLOCK_D]`` tile; masks only on ragged tiles (``MASKED``) and when ``D < BLOCK_D``."""
+    if MASKED:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:  # interpreter: bf16 arithmetic is broken there, compute in fp32
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
+def _tile_offs(stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """32-bit element offsets of a ``[BLOCK, BLOCK_D]`` row-major tile; tiles move by a scalar 64-bit base pointer."""
+    return tl.arange(0, BLOCK)[:, None] * stride + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """``log2``; ``FAST``: one MUFU.LG2 (``lg2.approx``, absolute error ~2^-22; GPU fp32 only) instead of libdevice's
+    ~15-instruction polynomial, which the report showed costing ~3 instructions per logit for the column LSEs."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _fwd_stats(r, m_i, l_i, s2, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
+    """One tile of raw cosines ``r [BM, BN]`` (``MASKED``: ``-inf`` outside B x M): the online row max / sum (max
+    in cosine units; the scale ``s2 = s log2 e > 0`` sits in the exponent, one FFMA per logit) and the base-2
+    column LSE over the tile's rows."""
+    m_new = tl.maximum(m_i, tl.max(r, 1))
+    cm = tl.max(r, 0)
+    if MASKED:  # all-masked rows / columns: shift by 0, not -inf (no NaN)
+        m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        cm = tl.where(cm == float("-inf"), 0.0, cm)
+    else:
+        m_new_s = m_new
+    m2 = m_new_s * s2
+    c2 = cm * s2
+    l_i = l_i * tl.exp2(m_i * s2 - m2) + tl.sum(tl.exp2(r * s2 - m2[:, None]), 1)
+    cl = tl.sum(tl.exp2(r * s2 - c2[None, :]), 0)
+    return m_new, l_i, c2 + _log2(tl.maximum(cl, 1.0), FAST_LOG)  # a stored column's own max adds 1
+
+
+@triton.jit
 def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
                 B, M, D, stride_i, stride_t, n_col_tiles, tiles_per_split,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Program (row tile, column split): base-2 row LSE over the split (running max) -> row_part[split, rows];
-    base-2 column LSE over the row tile of every visited column tile -> col_part[row_tile, cols]."""
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Program (row tile, column split): base-2 row LSE over the split -> ``row_part[split, rows]``; base-2
+    column LSE over the row tile of every visited column tile -> ``col_part[row_tile, cols]``. The image tile
+    stays resident; full tiles of a full row tile run without masks, the ragged ones after them."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = tl.arange(0, BLOCK_D) < D
     row_ok = rows < B
-    a = _load_rows(img_ptr, rows, B, stride_i, offs_d, D, UPCAST)  # [BM, BD]
-    scale2 = tl.load(scale2_ptr)  # s * log2(e)
+    a = _load(img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D), row_ok,
+              d_ok, True, EVEN_D, UPCAST)
+    s2 = tl.load(scale2_ptr)  # s * log2(e) > 0
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_col_tiles)
-    for t in range(t0, t1):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        bt = _load_rows(txt_ptr, cols, M, stride_t, offs_d, D, UPCAST)  # [BN, BD]
-        x = tl.dot(a, tl.trans(bt), input_precision=PRECISION) * scale2  # [BM, BN] base-2 logits
-        x = tl.where(row_ok[:, None] & col_ok[None, :], x, float("-inf"))
-        # rows: online logsumexp (padded rows stay at -inf without producing NaN)
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
-        m_i = m_new
-        # columns: exact LSE over this row tile
-        cm = tl.max(x, 0)
-        cm_use = tl.where(cm == float("-inf"), 0.0, cm)
-        cl = tl.where(col_ok, tl.sum(tl.exp2(x - cm_use[None, :]), 0), 1.0)  # padded columns: no log2(0)
-        tl.store(col_part_ptr + pid_m.to(tl.int64) * M + cols, cm_use + tl.log2(cl), mask=col_ok)
+    t_fast = tl.where((pid_m + 1) * BLOCK_M <= B, tl.maximum(tl.minimum(t1, M // BLOCK_N), t0), t0)
+    b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
+    b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
+    c_base = col_part_ptr + pid_m.to(tl.int64) * M + t0 * BLOCK_N
+    for _ in range(t0, t_fast):  # full tiles: no masks
+        r = tl.dot(a, tl.trans(_load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)),
+                   input_precision=PRECISION, out_dtype=ACC)  # [BM, BN] cosines
+        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, False, FAST_LOG)
+        tl.store(c_base + offs_n, cpart)
+        b_base += BLOCK_N * stride_t
+        c_base += BLOCK_N
+    for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
+        col_ok = t * BLOCK_N + offs_n < M
+        r = tl.dot(a, tl.trans(_load(b_base + b_offs, col_ok, d_ok, True, EVEN_D, UPCAST)),
+                   input_precision=PRECISION, out_dtype=ACC)
+        r = tl.where(row_ok[:, None] & col_ok[None, :], r, float("-inf"))
+        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, True, FAST_LOG)
+        tl.store(c_base + offs_n, cpart, mask=col_ok)
+        b_base += BLOCK_N * stride_t
+        c_base += BLOCK_N
     l_i = tl.where(row_ok, l_i, 1.0)  # padded rows: no log2(0)
-    tl.store(row_part_ptr + pid_s.to(tl.int64) * B + rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(row_part_ptr + pid_s.to(tl.int64) * B + rows, m_i * s2 + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _grad_tile(x, fixed, loop_lse, loop_w, roww, ROWS: tl.constexpr):
+    """``Gx`` without the positive terms for one tile of base-2 logits ``x``, and ``P`` of the kernel's own
+    direction (for ``dL/ds``). ``ROWS``: tile ``[rows, cols]`` (row LSEs ``fixed [rows]``, column LSEs / weights
+    ``loop_* [cols]``); else ``[cols, rows]`` (column LSE ``fixed``, row LSEs ``loop_lse``)."""
+    if ROWS:
+        p_row = tl.exp2(x - fixed[:, None])
+        p_col = tl.exp2(x - loop_lse[None, :])
+        return roww * p_row + loop_w[None, :] * p_col, p_row
+    else:
+        p_row = tl.exp2(x - loop_lse[None, :])
+        p_col = tl.exp2(x - fixed[:, None])
+        return roww * p_row + loop_w[:, None] * p_col, p_col
+
+
+@triton.jit
+def _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, t_start, t_end, M, stride_t, col0, K,
+               d_ok, SLOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Column tiles ``[t_start, t_end)`` of the row-block backward; ``SLOW``: masked loads and the positive
+    pairs (only the tiles holding them, and the ragged last tile, take this path)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
+    b_base = txt_ptr + tl.cast(t_start, tl.int64) * BLOCK_N * stride_t
+    for t in range(t_start, t_end):
+        cols = t * BLOCK_N + offs_n
+        bt = _load(b_base + b_offs, cols < M, d_ok, SLOW, EVEN_D, UPCAST)  # [BN, BD]
+        if SLOW:
+            c2 = tl.load(c2_ptr + cols, mask=cols < M, other=0.0)
+            cw = tl.load(colw_ptr + cols, mask=cols < M, other=0.0)
+        else:
+            c2 = tl.load(c2_ptr + cols)
+            cw = tl.load(colw_ptr + cols)
+        r = tl.dot(a, tl.trans(bt), input_precision=PRECISION, out_dtype=ACC)  # [BM, BN] cosines
+        gx, p = _grad_tile(r * s2, r2, c2, cw, roww, True)
+        if SLOW:  # positives: local row i, columns col0 + i*K ... + K - 1
+            jj = (cols - col0)[None, :]
+            first = (rows * K)[:, None]
+            pos = ((jj >= first) & (jj < first + K)).to(ACC)
+            gx -= pos * (roww / K + cw[None, :])
+            p -= pos / K
+        rs += tl.sum(p * r, 1)
+        acc = tl.dot(gx.to(bt.dtype), bt, acc, input_precision=PRECISION, out_dtype=ACC)
+        b_base += BLOCK_N * stride_t
+    return acc, rs
 
 
 @triton.jit
 def _bwd_rows_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, colw_ptr, out_scale_ptr,
                      di_ptr, rowsum_ptr, B, M, D, stride_i, stride_t, col0, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """Program per row tile, loop over all column tiles:
     ``dI = out_scale * Gx T`` [BM, D] in di's dtype and ``rowsum_i = sum_j (P_row - t_row)_ij R_ij``, where
     ``Gx = roww (P_row - t/K) + colw_j (P_col - t)`` and ``t`` marks the positives (local row i, column
-    ``col0 + i*K + k``)."""
+    ``col0 + i*K + k``). No logit masks: a padded row or column has zero features and adds nothing."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    r0 = pid * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    d_ok = tl.arange(0, BLOCK_D) < D
     row_ok = rows < B
-    a = _load_rows(img_ptr, rows, B, stride_i, offs_d, D, UPCAST)  # [BM, BD]
-    scale2 = tl.load(scale2_ptr)
+    a = _load(img_ptr + r0.to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D), row_ok, d_ok, True,
+              EVEN_D, UPCAST)
+    s2 = tl.load(scale2_ptr)
     roww = tl.load(roww_ptr)
     r2 = tl.load(r2_ptr + rows, mask=row_ok, other=0.0)
-    first = rows * K  # first positive column of each row, relative to col0
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     rs = tl.zeros([BLOCK_M], ACC)
-    for n0 in range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        bt = _load_rows(txt_ptr, cols, M, stride_t, offs_d, D, UPCAST)  # [BN, BD]
-        c2 = tl.load(c2_ptr + cols, mask=col_ok, other=0.0)
-        cw = tl.load(colw_ptr + cols, mask=col_ok, other=0.0)
-        r = tl.dot(a, tl.trans(bt), input_precision=PRECISION)  # [BM, BN] cosine similarities
-        x = tl.where(row_ok[:, None] & col_ok[None, :], r * scale2, float("-inf"))
-        jj = (cols - col0)[None, :]
-        t = ((jj >= first[:, None]) & (jj < first[:, None] + K) & row_ok[:, None]).to(ACC)
-        g_row = tl.exp2(x - r2[:, None]) - t / K
-        g_col = tl.exp2(x - c2[None, :]) - t
-        rs += tl.sum(g_row * r, 1)
-        gx = roww * g_row + cw[None, :] * g_col
-        acc = tl.dot(gx.to(bt.dtype), bt, acc, input_precision=PRECISION, out_dtype=ACC)
+    n_tiles, n_full = tl.cdiv(M, BLOCK_N), M // BLOCK_N
+    p0 = (col0 + r0 * K) // BLOCK_N  # column tiles [p0, p1) hold this row tile's positives
+    p1 = (col0 + tl.minimum(r0 + BLOCK_M, B) * K - 1) // BLOCK_N + 1
+    # column tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
+    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, 0, tl.minimum(p0, n_full), M,
+                         stride_t, col0, K, d_ok, False, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, p0, p1, M,
+                         stride_t, col0, K, d_ok, True, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, p1, n_full, M,
+                         stride_t, col0, K, d_ok, False, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, tl.maximum(p1, n_full), n_tiles,
+                         M, stride_t, col0, K, d_ok, True, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
     acc = acc * tl.load(out_scale_ptr)
-    mask = row_ok[:, None] & (offs_d < D)[None, :]
-    tl.store(di_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], acc.to(di_ptr.dtype.element_ty), mask=mask)
+    tl.store(di_ptr + r0.to(tl.int64) * D + _tile_offs(D, BLOCK_M, BLOCK_D), acc.to(di_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
     tl.store(rowsum_ptr + rows, rs, mask=row_ok)
+
+
+@triton.jit
+def _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, t_start, t_end, B, stride_i, col0, K,
+               d_ok, SLOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Row tiles ``[t_start, t_end)`` of the column-block backward (tiles held transposed, ``[BN, BM]``)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    a_offs = _tile_offs(stride_i, BLOCK_M, BLOCK_D)
+    a_base = img_ptr + tl.cast(t_start, tl.int64) * BLOCK_M * stride_i
+    for t in range(t_start, t_end):
+        rows = t * BLOCK_M + offs_m
+        a = _load(a_base + a_offs, rows < B, d_ok, SLOW, EVEN_D, UPCAST)  # [BM, BD]
+        if SLOW:
+            r2 = tl.load(r2_ptr + rows, mask=rows < B, other=0.0)
+        else:
+            r2 = tl.load(r2_ptr + rows)
+        rt = tl.dot(bt, tl.trans(a), input_precision=PRECISION, out_dtype=ACC)  # [BN, BM] = R^T
+        gx, p = _grad_tile(rt * s2, c2, r2, cw, roww, False)
+        if SLOW:
+            jj = (cols - col0)[:, None]
+            first = (rows * K)[None, :]
+            pos = ((jj >= first) & (jj < first + K) & (rows < B)[None, :]).to(ACC)
+            gx -= pos * (roww / K + cw[:, None])
+            p -= pos
+        cs += tl.sum(p * rt, 1)
+        acc = tl.dot(gx.to(a.dtype), a, acc, input_precision=PRECISION, out_dtype=ACC)
+        a_base += BLOCK_M * stride_i
+    return acc, cs
 
 
 @triton.jit
 def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, colw_ptr, out_scale_ptr,
                      dt_ptr, colsum_ptr, B, M, D, stride_i, stride_t, col0, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Program per column tile, loop over all row tiles (tiles held transposed, ``[BN, BM]``):
-    ``dT = out_scale * Gx^T I`` [BN, D] in dt's dtype and ``colsum_j = sum_i (P_col - t)_ij R_ij``."""
+    """Program per column tile, loop over all row tiles: ``dT = out_scale * Gx^T I`` [BN, D] in dt's dtype and
+    ``colsum_j = sum_i (P_col - t)_ij R_ij``."""
     pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    c0 = pid * BLOCK_N
+    cols = c0 + tl.arange(0, BLOCK_N)
+    d_ok = tl.arange(0, BLOCK_D) < D
     col_ok = cols < M
-    bt = _load_rows(txt_ptr, cols, M, stride_t, offs_d, D, UPCAST)  # [BN, BD]
-    scale2 = tl.load(scale2_ptr)
+    bt = _load(txt_ptr + c0.to(tl.int64) * stride_t + _tile_offs(stride_t, BLOCK_N, BLOCK_D), col_ok, d_ok, True,
+               EVEN_D, UPCAST)
+    s2 = tl.load(scale2_ptr)
     roww = tl.load(roww_ptr)
     c2 = tl.load(c2_ptr + cols, mask=col_ok, other=0.0)
     cw = tl.load(colw_ptr + cols, mask=col_ok, other=0.0)
-    jj = (cols - col0)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     cs = tl.zeros([BLOCK_N], ACC)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        a = _load_rows(img_ptr, rows, B, stride_i, offs_d, D, UPCAST)  # [BM, BD]
-        r2 = tl.load(r2_ptr + rows, mask=row_ok, other=0.0)
-        rt = tl.dot(bt, tl.trans(a), input_precision=PRECISION)  # [BN, BM] = R^T
-        x = tl.where(col_ok[:, None] & row_ok[None, :], rt * scale2, float("-inf"))
-        first = (rows * K)[None, :]
-        t = ((jj >= first) & (jj < first + K) & row_ok[None, :]).to(ACC)
-        g_row = tl.exp2(x - r2[None, :]) - t / K
-        g_col = tl.exp2(x - c2[:, None]) - t
-        cs += tl.sum(g_col * rt, 1)
-        gx = roww * g_row + cw[:, None] * g_col
-        acc = tl.dot(gx.to(a.dtype), a, acc, input_precision=PRECISION, out_dtype=ACC)
+    n_tiles, n_full = tl.cdiv(B, BLOCK_M), B // BLOCK_M
+    # rows whose positives fall in columns [c0, c0 + BN): i in [(j_lo - col0) // K, (j_hi - 1 - col0) // K]
+    j_lo = tl.maximum(c0, col0)
+    j_hi = tl.minimum(tl.minimum(c0 + BLOCK_N, M), col0 + B * K)
+    has = j_hi > j_lo
+    p0 = tl.where(has, ((j_lo - col0) // K) // BLOCK_M, 0)
+    p1 = tl.where(has, ((tl.maximum(j_hi, j_lo + 1) - 1 - col0) // K) // BLOCK_M + 1, 0)
+    # row tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
+    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, 0, tl.minimum(p0, n_full), B,
+                         stride_i, col0, K, d_ok, False, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, p0, p1, B,
+                         stride_i, col0, K, d_ok, True, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, tl.maximum(p1, p0), n_full, B,
+                         stride_i, col0, K, d_ok, False, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, tl.maximum(tl.maximum(p1, p0), n_full),
+                         n_tiles, B, stride_i, col0, K, d_ok, True, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
     acc = acc * tl.load(out_scale_ptr)
-    mask = col_ok[:, None] & (offs_d < D)[None, :]
-    tl.store(dt_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :], acc.to(dt_ptr.dtype.element_ty), mask=mask)
+    tl.store(dt_ptr + c0.to(tl.int64) * D + _tile_offs(D, BLOCK_N, BLOCK_D), acc.to(dt_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & d_ok[None, :])
     tl.store(colsum_ptr + cols, cs, mask=col_ok)
 
 
-# Shared memory: the kernels keep whole-D tiles, so the tile sizes follow D and the element size. Measured on sm_90
-# (triton 3.6, D = 256): forward 128x128 bf16 = 128 KB, 64x64 fp32 = 128 KB (1 stage); backward bf16
-# ~(BM + BN)*D*2 bytes, fp32/fp64 ~(BM + BN + BN or BM)*D*E (the transposed operand of the tf32/fp64 dot gets its own
-# copy). The H100 limit is 227 KB per block.
-_SMEM_BUDGET = 224 * 1024
+# Tiles and autotune configs. Every config listed here was compiled for sm_90a and sm_80 at D = 256 by
+# ``python -m bench.kernel_report`` (bench/results/kernel_report.md): spill-free, within shared memory, dots on tensor
+# cores; tests/test_kernel_report.py gates a subset in CI. Shared memory is dominated by the resident whole-D operand
+# tile plus one tile per pipeline stage; _fits() prunes by that estimate against the device's per-block limit.
+_SMEM_SLACK = 8 * 1024  # reduction scratch and barriers beside the operand tiles
+# backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by element size
+_BWD_ROWS = {2: ((128, 32, 8, 2), (128, 32, 8, 3)), 4: ((64, 32, 4, 1), (64, 32, 8, 1)), 8: ((32, 32, 4, 1),)}
+_BWD_COLS = {2: ((32, 128, 8, 2), (32, 128, 8, 3)), 4: ((32, 64, 4, 1), (32, 64, 8, 1)), 8: ((32, 32, 4, 1),)}
 
 
-def _fwd_block(block_d: int, elsize: int) -> int:
-    """Square forward tile: 128 for 16-bit inputs at D <= 256, smaller for wider elements or D (A + B tiles <= 128 KB)."""
-    return max(16, min(128, triton.next_power_of_2(65536 // (block_d * elsize) + 1) // 2))
+def _smem_limit(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
+
+
+def _fits(resident: int, moving: int, stages: int, block_d: int, elsize: int, smem: int) -> bool:
+    return (resident + moving * max(stages, 1)) * block_d * elsize + _SMEM_SLACK <= smem
+
+
+def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
+    """Forward ``(BLOCK_M, BLOCK_N)``: the largest row tile (<= 256) whose resident image tile and one text tile fit
+    ``smem``. 16-bit at D = 256: 256 x 64 on sm_90 (column partials ``4 B M / 256`` bytes: 50 MB at B = 32768,
+    K = 3), 128 x 64 on sm_80 (163 KB)."""
+    bn = 64 if elsize <= 4 else 32
+    bm = 256
+    while bm > 16 and not _fits(bm, bn, 1, block_d, elsize, smem):
+        bm //= 2
+    return bm, bn
+
+
+def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
+    """Forward ``(num_warps, num_stages)`` candidates for the tiles of :func:`_fwd_tiles`."""
+    bm, bn = _fwd_tiles(block_d, elsize, smem)
+    return [(8 if bm >= 128 else 4, st) for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
+
+
+def _bwd_configs(rows: bool, block_d: int, elsize: int, smem: int) -> list[tuple[int, int, int, int]]:
+    """Backward ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that fit ``smem`` (the smallest if none does)."""
+    table = (_BWD_ROWS if rows else _BWD_COLS)[elsize]
+    fits = [c for c in table if _fits(c[0] if rows else c[1], c[1] if rows else c[0], c[3], block_d,
+                                      elsize * (1 if elsize == 2 else 2), smem)]  # tf32 / fp64: a transposed copy
+    return fits or [min(table, key=lambda c: c[0] * c[1])]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    """Drop backward configs whose whole-D tiles would not fit shared memory (estimate above); keep >= 1."""
-    elsize, block_d = named_args["img_ptr"].element_size(), kwargs["BLOCK_D"]
-    rows = "di_ptr" in named_args
+    elsize, rows = named_args["img_ptr"].element_size(), "di_ptr" in named_args
+    keep = set(_bwd_configs(rows, kwargs["BLOCK_D"], elsize, _smem_limit(named_args["img_ptr"].device)))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
-    def smem(c):
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        extra = 0 if elsize == 2 else (bn if rows else bm)
-        return (bm + bn + extra) * block_d * elsize
 
-    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
-    return fits or [min(configs, key=smem)]
+def _prune_fwd(configs, named_args, **kwargs):
+    elsize = named_args["img_ptr"].element_size()
+    keep = set(_fwd_configs(kwargs["BLOCK_D"], elsize, _smem_limit(named_args["img_ptr"].device)))
+    return [c for c in configs if (c.num_warps, c.num_stages) in keep]
+
+
+def _configs(table: dict) -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in sorted({c for cs in table.values() for c in cs})]
 
 
 if INTERPRET:  # autotune with >= 2 configs cannot run under the interpreter
     _fwd_launch, _rows_launch, _cols_launch = _fwd_kernel, _bwd_rows_kernel, _bwd_cols_kernel
 else:
-    _fwd_launch = triton.autotune(  # tiles fixed by _fwd_block (the partial buffers depend on them)
-        configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)],
-        key=["B", "M", "D"],
-    )(_fwd_kernel)
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w in ((128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 64, 4), (64, 64, 8), (64, 32, 4),
-                          (32, 64, 4), (32, 32, 4), (32, 16, 4), (16, 32, 4))
-        for s in (1, 2)
-    ]
-    _rows_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"],
+    _fwd_launch = triton.autotune(  # tiles fixed by _fwd_tiles (the partial buffers depend on them)
+        configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)],
+        key=["B", "M", "D"], prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+    _rows_launch = triton.autotune(configs=_configs(_BWD_ROWS), key=["B", "M", "D"],
                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_rows_kernel)
-    _cols_launch = triton.autotune(configs=_BWD_CONFIGS, key=["B", "M", "D"],
+    _cols_launch = triton.autotune(configs=_configs(_BWD_COLS), key=["B", "M", "D"],
                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_cols_kernel)
 
 
@@ -258,12 +420,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _kernel_consts(x: Tensor) -> dict:
+    """Constexprs shared by the three kernels. fp32 dots run on tensor cores: ``tf32x3`` (~fp32 accuracy, 3 TF32
+    products) at ``torch.get_float32_matmul_precision() == "highest"``, else ``tf32``; never on FMA. fp64: exact
+    (``ieee``, for gradcheck). The interpreter computes every dot exactly whatever the precision."""
     cd = _compute_dtype(x.dtype)
     if x.dtype == torch.float32:
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     else:
         precision = "ieee"  # ignored for fp16/bf16; fp64 must be ieee
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(x.shape[1])), UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+    block_d = max(16, triton.next_power_of_2(x.shape[1]))
+    return dict(BLOCK_D=block_d, EVEN_D=x.shape[1] == block_d, UPCAST=INTERPRET and x.dtype == torch.bfloat16,
                 PRECISION=precision, ACC=tl.float64 if cd == torch.float64 else tl.float32)
 
 
@@ -295,8 +461,11 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     m = text.shape[0]
     cd = _compute_dtype(image.dtype)
     consts = _kernel_consts(image)
-    block = _INTERP_BLOCK if INTERPRET else _fwd_block(consts["BLOCK_D"], image.element_size())
-    n_row, n_col = triton.cdiv(b, block), triton.cdiv(m, block)
+    if INTERPRET:
+        bm = bn = _INTERP_BLOCK
+    else:
+        bm, bn = _fwd_tiles(consts["BLOCK_D"], image.element_size(), _smem_limit(image.device))
+    n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
     if INTERPRET:
         want = 2  # exercise the cross-split merge in CI while keeping few programs
     else:
@@ -308,7 +477,7 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     col_part = torch.empty(n_row, m, device=image.device, dtype=cd)  # [B/BM, M]
     _fwd_launch[(n_row, n_split)](
         image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split,
-        BLOCK_M=block, BLOCK_N=block, **consts)
+        BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=not INTERPRET and cd == torch.float32, **consts)
     return _lse2(row_part), _lse2(col_part)
 
 
@@ -480,56 +649,50 @@ def contrastive_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132) -> list:
-    """One :class:`kernels.variants.Variant` per launchable config at ``shape`` (registry dims ``B, D, K``) and
-    input ``dtype`` (fp32: both matmul precisions), for a GPU with ``num_sms`` SMs. Keep in sync with the launchers."""
+def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem: int = 227 * 1024) -> list:
+    """One :class:`kernels.variants.Variant` per config the launchers and autotuners can pick at ``shape``
+    (registry dims ``B, D, K``) and input ``dtype`` (fp32: both matmul precisions) on a GPU with ``num_sms`` SMs and
+    ``smem`` bytes of shared memory per block. Keep in sync with the launchers."""
     from kernels.variants import Variant
 
     b, d, k = shape["B"], shape["D"], shape.get("K", 1)
     m = b * k
     es = torch.empty((), dtype=dtype).element_size()
     block_d = max(16, triton.next_power_of_2(d))
-    precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    floor = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     out = []
-    for prec in precisions:
+    for prec in (("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
         label = f"{name}-{prec}" if dtype == torch.float32 else name
-        fl = floor.get(dtype, "tf32" if prec == "tf32" else "fp32")
-        consts = dict(BLOCK_D=block_d, UPCAST=False, PRECISION=prec, ACC=acc)
-        case = dict(op="contrastive_loss", case=f"B{b}-D{d}-K{k}", dtype=label, floor_dtype=fl,
+        fl = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
+        flops_mult = 3 if prec == "tf32x3" else 1  # tf32x3: three tf32 products per dot
+        consts = dict(BLOCK_D=block_d, EVEN_D=d == block_d, UPCAST=False, PRECISION=prec, ACC=acc)
+        case = dict(op="contrastive_loss", case=f"B{b}-D{d}-K{k}", dtype=label, floor_dtype=fl, hot_loop=0,
                     meta=dict(mode=f"K={k}"))
-        # forward: tiles fixed by _fwd_block, autotuned warps x stages; grid as in _lse_op
-        blk = _fwd_block(block_d, es)
-        n_row, n_col = triton.cdiv(b, blk), triton.cdiv(m, blk)
+        # forward: tiles fixed by _fwd_tiles, autotuned warps x stages; grid as in _lse_op
+        bm, bn = _fwd_tiles(block_d, es, smem)
+        n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
         per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_row))))
         n_split = triton.cdiv(n_col, per_split)
-        for c in _fwd_launch.configs:
+        for w, st in _fwd_configs(block_d, es, smem):
             out.append(Variant(
-                kernel="fwd", fn=_fwd_kernel, num_warps=c.num_warps, num_stages=c.num_stages, grid=(n_row, n_split),
+                kernel="fwd", fn=_fwd_kernel, num_warps=w, num_stages=st, grid=(n_row, n_split),
                 args=dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, row_part_ptr=torch.float32,
                           col_part_ptr=torch.float32, B=b, M=m, D=d, stride_i=d, stride_t=d, n_col_tiles=n_col,
-                          tiles_per_split=per_split, BLOCK_M=blk, BLOCK_N=blk, **consts),
-                flops=2.0 * b * m * d, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
-                logits_per_iter=blk * blk, config=f"BM={blk} BN={blk} w{c.num_warps} s{c.num_stages}", **case))
+                          tiles_per_split=per_split, BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=acc == tl.float32, **consts),
+                flops=2.0 * b * m * d * flops_mult, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
         # backward: the autotuned configs that survive _prune_bwd
-        for kname, fn, launch in (("bwd_rows", _bwd_rows_kernel, _rows_launch), ("bwd_cols", _bwd_cols_kernel,
-                                                                                 _cols_launch)):
+        for kname, fn in (("bwd_rows", _bwd_rows_kernel), ("bwd_cols", _bwd_cols_kernel)):
             rows = kname == "bwd_rows"
-            mock = {"img_ptr": torch.empty(0, dtype=dtype, device="meta"), **({"di_ptr": None} if rows else {})}
-            for c in _prune_bwd(launch.configs, mock, BLOCK_D=block_d):
-                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                ptrs = dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, r2_ptr=torch.float32,
-                            c2_ptr=torch.float32, roww_ptr=torch.float32, colw_ptr=torch.float32,
-                            out_scale_ptr=torch.float32, rowsum_ptr=torch.float32, colsum_ptr=torch.float32,
-                            di_ptr=dtype, dt_ptr=dtype)
-                args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
+            for bm, bn, w, st in _bwd_configs(rows, block_d, es, smem):
+                ptrs = dict(img_ptr=dtype, txt_ptr=dtype, di_ptr=dtype, dt_ptr=dtype)
+                args = {p.name: ptrs.get(p.name, torch.float32) for p in fn.params if p.name.endswith("_ptr")}
                 out.append(Variant(
-                    kernel=kname, fn=fn, num_warps=c.num_warps, num_stages=c.num_stages,
+                    kernel=kname, fn=fn, num_warps=w, num_stages=st,
                     grid=(triton.cdiv(b, bm) if rows else triton.cdiv(m, bn),),
                     args=dict(args, B=b, M=m, D=d, stride_i=d, stride_t=d, col0=0, K=k, BLOCK_M=bm, BLOCK_N=bn,
                               **consts),
-                    flops=4.0 * b * m * d, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
-                    logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{c.num_warps} s{c.num_stages}", **case))
+                    flops=4.0 * b * m * d * flops_mult, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
+                    logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
     return out

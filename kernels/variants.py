@@ -59,6 +59,7 @@ class Variant:
     logits_per_iter: float = 0  # logits of the op per main-loop iteration of one program (a logit recomputed
     #                             by n programs counts 1/n in each; 0: not a logit loop)
     inner_trips: int = 1  # trip count of the loops nested in the main loop (a runtime value in the kernel)
+    hot_loop: int | None = None  # which top-level tensor-core loop (address order) is the main one; None: largest
     floor_dtype: str = "bf16"  # which tensor-core peak bounds the FLOPs: bf16, fp16, tf32, fp32 (FMA), fp64
     config: str = ""  # the autotune / launcher config in words, e.g. "BM=128 BN=64 w8 s2"
     meta: dict[str, Any] = field(default_factory=dict)  # extra columns (mode, K, ...)
@@ -159,14 +160,20 @@ def _count(ins, ops: tuple[str, ...]) -> int:
     return sum(1 for _, op, _ in ins if op.split(".")[0] in ops)
 
 
-def sass_summary(ins: list[tuple[int, str, str]], inner_trips: int = 1) -> dict[str, int]:
-    """Whole-kernel counts and the main loop: the outermost loop holding tensor-core instructions (else the
-    largest). ``loop_instr`` counts the instructions one main-loop iteration issues: its static body plus
+def sass_summary(ins: list[tuple[int, str, str]], inner_trips: int = 1, hot_loop: int | None = None
+                 ) -> dict[str, int]:
+    """Whole-kernel counts and the main loop: the ``hot_loop``-th outermost loop holding tensor-core instructions
+    in address order (``None``: the largest such loop; else the largest loop). ``loop_instr`` counts the
+    instructions one main-loop iteration issues: its static body plus
     ``inner_trips - 1`` more passes of each loop nested in it (their trip count is a runtime value)."""
     loops = _loops(ins)
     mma_loops = [lp for lp in loops if _count(ins[lp[0]: lp[1] + 1], _MMA)]
     pool = mma_loops or loops
-    main = max(pool, key=lambda lp: lp[1] - lp[0], default=None)
+    top = sorted(lp for lp in pool if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in pool))
+    if hot_loop is not None and hot_loop < len(top):
+        main = top[hot_loop]
+    else:
+        main = max(pool, key=lambda lp: lp[1] - lp[0], default=None)
     body = ins[main[0]: main[1] + 1] if main else []
     nested = [lp for lp in loops if main and lp != main and main[0] <= lp[0] and lp[1] <= main[1]]
     outer = [lp for lp in nested if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in nested)]
@@ -219,7 +226,7 @@ def analyze(v: Variant, arch: int) -> dict[str, Any]:
     """Compile ``v`` for ``arch`` (90 or 80) and return one report row (see the module docstring)."""
     _, (options, signature, constexprs, attrs) = v._bind(arch)
     key = (arch, v.fn.fn.__qualname__, v.fn.fn.__module__, str(signature), str(constexprs), str(attrs),
-           v.num_warps, v.num_stages, v.inner_trips)
+           v.num_warps, v.num_stages, v.inner_trips, v.hot_loop)
     if key not in _cache:
         k, secs = compile_variant(v, arch)
         use = ptxas_usage(k.asm["ptx"], arch)
@@ -233,7 +240,7 @@ def analyze(v: Variant, arch: int) -> dict[str, Any]:
             dots=" ".join(f"{d['unit']}:{d['dtype']}{'/' + d['precision'] if d['precision'] else ''}" for d in dots),
             fma_dots=sum(d["unit"] == "fma" for d in dots),
             fma_tc_dots=sum(d["unit"] == "fma" and _tc_eligible(d) for d in dots),
-            **sass_summary(sass_instructions(k.asm["cubin"]), v.inner_trips),
+            **sass_summary(sass_instructions(k.asm["cubin"]), v.inner_trips, v.hot_loop),
         )
     r = dict(_cache[key])
     t = TARGETS[arch]
