@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["assign_attention", "draw_seed", "gumbel_noise", "philox_bits", "MAX_GROUPS"]
 
@@ -48,6 +50,7 @@ __all__ = ["assign_attention", "draw_seed", "gumbel_noise", "philox_bits", "MAX_
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_GROUPS = 256  # all G rows live in one program
+FAST_LOG = tl.constexpr(not INTERPRET)  # lg2.approx for the outer log of the noise (libdevice: GPU only)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,10 +62,15 @@ MAX_GROUPS = 256  # all G rows live in one program
 def _uniform_to_gumbel(r):
     """Gumbel(0,1) in fp32 from one uint32 Philox word: ``u = (2 (r >> 9) + 1) 2^-24``, exact and inside (0, 1)
     (never 0 or 1, so no clamp), then ``-log(-log u)``. The inner log is the accurate one (it sets the upper tail,
-    where ``-log u`` is tiny); the outer one is ``log2`` (``lg2.approx`` on the GPU: about 1e-7 absolute error)."""
+    where ``-log u`` is tiny); the outer one is ``lg2.approx`` on the GPU (``fast_log2f``, one MUFU instruction,
+    about 1e-7 absolute error in the noise), exact ``log2`` under the interpreter (no libdevice there)."""
     f = ((r >> 9) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + k 2^-23 in [1, 2)
     u = f - 0.99999994039535522  # 1 - 2^-24: (2k + 1) 2^-24, exact
-    return -0.6931471805599453 * tl.math.log2(-tl.log(u))
+    e = -tl.log(u)  # Exp(1), > 0
+    if FAST_LOG:
+        return -0.6931471805599453 * libdevice.fast_log2f(e)
+    else:
+        return -0.6931471805599453 * tl.math.log2(e)
 
 
 @triton.jit
@@ -427,7 +435,7 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
     bn = 64 if bg <= 16 else 32
     if wide == 4 or (backward and bg > 16):
         bn //= 2
-    warps = 8 if bg * nc * bc > 4 * 32 * 64 else 4
+    warps = 8 if bg * nc * bc > 4 * 32 * 64 or (backward and bn * bc >= 64 * 128) else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
     return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=1 if backward and noise == 2 else 2)
@@ -456,9 +464,15 @@ def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward
     splits, per = _split(n, cfg)
     del cfg["SPLITS"]
     dot_t, cd, prec = _types(dtype)
-    kernel[(splits, b)](*args, seed, offset, g, n, c, per, scale, 1.0 / tau, eps,
-                        NOISE=noise_mode, HARD=hard, PARTIAL=partial, CTR64=_ctr64(offset, b, g, n),
-                        DOT_T=dot_t, CD=cd, PREC=prec, **cfg)
+    try:
+        kernel[(splits, b)](*args, seed, offset, g, n, c, per, scale, 1.0 / tau, eps,
+                            NOISE=noise_mode, HARD=hard, PARTIAL=partial, CTR64=_ctr64(offset, b, g, n),
+                            DOT_T=dot_t, CD=cd, PREC=prec, **cfg)
+    except OutOfResources as e:  # e.g. the stage-1 backward's ~224 KB of shared memory on an A100 (163 KB)
+        raise RuntimeError(f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
+                           f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel is "
+                           f"built for sm_90 (H100/H200, 227 KB shared memory per block). Use "
+                           f"ops.set_backend('eager') on this GPU") from e
 
 
 def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
