@@ -11,7 +11,9 @@ non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConf
   TensorBoard, and a final summary (``summary.json``);
 * periodic atomic checkpoints (``latest.pt``) and ``resume`` that reproduces an uninterrupted run's losses exactly
   (same process count): the data order depends only on (seed, epoch), consumed batches are skipped, and the RNG
-  states of every rank are restored.
+  states of every rank are restored;
+* one run per ``output_dir`` (a lock; no fresh run over a checkpoint without ``overwrite``), and SIGTERM ends the
+  run at the next step with a checkpoint (:mod:`train.rundir`).
 """
 
 from __future__ import annotations
