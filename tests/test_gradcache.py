@@ -276,6 +276,8 @@ def test_driver_with_micro_batches_resumes_exactly(tmp_path):
 
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):
         cfg(tmp_path / "x", micro_batch=-1)
+    with pytest.raises(ValueError, match="compile=true does not apply to micro-batched steps"):
+        cfg(tmp_path / "x", compile=True)
     full = [h["loss"] for h in train(cfg(tmp_path / "full"))["history"]]
     part = [h["loss"] for h in train(cfg(tmp_path / "cut", max_steps=1))["history"]]
     rest = [h["loss"] for h in train(cfg(tmp_path / "cut", resume="auto"))["history"]]

@@ -147,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1 (or null: cores minus data workers), got {self.threads}")
         if self.micro_batch is not None and self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0 or null: off), got {self.micro_batch}")
+        if self.compile and self.micro_batch and self.micro_batch < d.batch_size:
+            raise ValueError("compile=true does not apply to micro-batched steps (micro_batch < data.batch_size run "
+                             "the towers eagerly, train.gradcache): set compile=false or micro_batch=null")
 
     # ---- derived quantities ------------------------------------------------------------------------------------
 

@@ -96,6 +96,9 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     optimizer.zero_grad(set_to_none=True)
     with ops.use_check_finite(check_finite):
         if micro_batch and micro_batch < images.shape[0]:
+            if forward is not None:
+                raise ValueError("train_step: a custom (e.g. compiled) forward cannot run micro-batched steps; "
+                                 "pass forward=None or micro_batch=None")
             losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
                                         autocast_dtype=autocast_dtype, host_texts=batch["texts"])
         else:
