@@ -4,7 +4,8 @@
                               [--dtypes bf16,fp32] [--providers eager,compile,triton] [--quick] [--budget-s 180]
 
 Providers: ``eager`` (the reference in kernels/reference.py), ``compile`` (``torch.compile`` of it), ``triton``
-(our kernel, imported lazily through ``OpSpec.triton_fn``); for ``attention`` also ``sdpa`` and ``xformers``
+(our kernel, imported lazily through ``OpSpec.triton_fn``); for ``contrastive_loss`` also ``inf_cl`` (Inf-CL,
+``pip install --no-deps inf-cl==1.2.1``, CUDA only, K = 1); for ``attention`` also ``sdpa`` and ``xformers``
 (where installed). A provider that cannot load gets an ``unavailable`` row instead of stopping the run.
 
 Modes (kernels_notes.md §7): ``fwd``; ``bwd`` (forward built once, ``y.backward(g, retain_graph=True)`` timed;
@@ -35,13 +36,14 @@ import torch
 from torch import Tensor
 
 from bench import common
+from kernels import reference
 from kernels.registry import OPS, Case, OpSpec
 from kernels.tolerance import ATOL
 
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 PROVIDERS: dict[str, tuple[str, ...]] = {
     "assign_attention": ("eager", "compile", "triton"),
-    "contrastive_loss": ("eager", "compile", "triton"),
+    "contrastive_loss": ("eager", "compile", "triton", "inf_cl"),
     "attention": ("eager", "compile", "sdpa", "xformers"),
 }
 # Which byte/FLOP model gives the floor of each op (kernels_notes.md §4, §7).
@@ -91,6 +93,25 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tenso
         return ops.attention(q, k, v, causal=causal)
 
 
+def _inf_cl(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1) -> Tensor:
+    """GroupViT's symmetric loss through Inf-CL (``inf-cl`` 1.2.1, DAMO-NLP-SG/Inf-CLIP; kernels_notes.md §5.1).
+
+    Inf-CL computes one direction per call (row LSE minus the positive logit, fp32, TF32 backward), so the
+    symmetric loss is two calls. The scale multiplies the features here: its ``GradientGather`` would call
+    ``all_reduce`` in the backward of a single process. Hard single positives only (K = 1)."""
+    if num_prompts != 1:
+        raise ValueError(f"inf-cl supports one positive per row only; this case has K = {num_prompts}")
+    d = image.shape[1]
+    head = min(d, 256)
+    if head not in (16, 32, 64, 128, 256) or d % head:
+        raise ValueError(f"inf-cl needs D = 16, 32, 64, 128 or a multiple of 256; got D = {d}")
+    from inf_cl import cal_inf_loss
+
+    s = reference.clamped_scale(logit_scale.float())
+    img, txt = image.float(), text.float()
+    return 0.5 * (cal_inf_loss(s * img, txt, head_dim=head) + cal_inf_loss(s * txt, img, head_dim=head))
+
+
 def load_provider(spec: OpSpec, name: str, device: torch.device) -> Provider | str:
     """The callable for ``name``, or a string saying why it is unavailable here."""
     if name == "eager":
@@ -112,6 +133,14 @@ def load_provider(spec: OpSpec, name: str, device: torch.device) -> Provider | s
         if device.type != "cuda" or not ops._xformers_ok():
             return "unavailable: xformers with CUDA not installed"
         return _xformers
+    if name == "inf_cl":
+        try:
+            import inf_cl  # noqa: F401
+        except ImportError:
+            return "unavailable: inf-cl not installed (pip install --no-deps inf-cl==1.2.1)"
+        if device.type != "cuda":
+            return "unavailable: inf-cl needs CUDA (inline PTX; no Triton interpreter)"
+        return _inf_cl
     raise ValueError(f"{spec.name}: unknown provider {name!r}; known: {PROVIDERS[spec.name]}")
 
 
@@ -418,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tags", default="model", help="registry case tags, comma-separated (smoke, model, sweep)")
     p.add_argument("--cases", default=None, help="only these case names, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    p.add_argument("--providers", default=None, help="comma-separated subset of eager,compile,triton,sdpa,xformers")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of eager,compile,triton,inf_cl,sdpa,xformers")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd_bwd")
     p.add_argument("--quick", action="store_true", help="short timing (warm-up 5 ms, 20 ms of repeats) and a tiny "
                    "max-batch search")

@@ -219,6 +219,45 @@ def test_triton_provider_unavailable_when_module_missing_or_no_interpreter(monke
         bench_ops.load_provider(spec, "cutlass", CPU)
 
 
+def test_inf_cl_provider_says_why_it_cannot_run(monkeypatch):
+    """Inf-CL is optional: a clear row without the package, and it needs CUDA (inline PTX) when installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_inf_cl(name, *args, **kwargs):
+        if name == "inf_cl":
+            raise ImportError("No module named 'inf_cl'")
+        return real_import(name, *args, **kwargs)
+
+    spec = OPS["contrastive_loss"]
+    monkeypatch.setattr(builtins, "__import__", no_inf_cl)
+    assert "inf-cl not installed" in bench_ops.load_provider(spec, "inf_cl", CPU)
+    monkeypatch.undo()
+    img, txt, theta = (torch.randn(4, 256), torch.randn(12, 256), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="one positive per row"):
+        bench_ops._inf_cl(img, txt, theta, num_prompts=3)
+    with pytest.raises(ValueError, match="D = 40"):
+        bench_ops._inf_cl(img[:, :40], txt[:4, :40], theta)
+    pytest.importorskip("inf_cl")
+    assert "needs CUDA" in bench_ops.load_provider(spec, "inf_cl", CPU)
+
+
+@pytest.mark.gpu
+def test_inf_cl_provider_matches_reference():
+    pytest.importorskip("inf_cl")
+    spec = OPS["contrastive_loss"]
+    (img, txt, theta), kw = spec.make_inputs(spec.case("gpu256"), torch.float32, torch.device("cuda"), 0)
+    xs = [t.clone().requires_grad_(True) for t in (img, txt, theta)]
+    ref = [t.double().clone().requires_grad_(True) for t in (img, txt, theta)]
+    loss, ref_loss = bench_ops._inf_cl(*xs, **kw), spec.reference(*ref, **kw)
+    loss.backward()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * max(1.0, abs(ref_loss.item()))
+    for x, r in zip(xs, ref):  # TF32 backward
+        assert (x.grad.double() - r.grad).abs().max().item() < 1e-2 * r.grad.abs().max().item() + 1e-6
+
+
 def test_run_writes_csv_reruns_overwrite_and_max_batch_is_capped(tmp_path, monkeypatch):
     specs = dict(OPS)
     specs["contrastive_loss"] = dataclasses.replace(OPS["contrastive_loss"], triton="kernels.nope:fn")
