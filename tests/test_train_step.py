@@ -69,6 +69,7 @@ def _untrimmed(model: groupvit.GroupViT) -> groupvit.GroupViT:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -103,8 +104,8 @@ def test_trimmed_training_forward_equal_untrimmed_under_triton():
     torch.manual_seed(0)
     model = groupvit.create_model("groupvit-tiny", **{"text.context_length": 77}).eval()
     off = _untrimmed(model)
-    images = torch.randn(6, 3, 32, 32)
-    texts = _texts(GCC_LIKE[:6], 3, 77)
+    images = torch.randn(4, 3, 32, 32)
+    texts = _texts(GCC_LIKE[:4], 3, 77)
     results = []
     with ops.use_backend("triton"):
         for m in (model, off):
@@ -281,3 +282,30 @@ def test_compiled_step_equals_eager(compiler):
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(pb[n], pa[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+# ---- FLOP/byte budget, threads ---------------------------------------------------------------------------------------
+
+
+def test_step_budget_counts_every_part():
+    from bench.bench_model import BUDGET_PARTS, step_budget
+
+    cfg = get_config("groupvit-tiny")
+    texts = _texts(GCC_LIKE[:8], 3, cfg.text.context_length)
+    b8, b4 = step_budget("groupvit-tiny", 8, texts), step_budget("groupvit-tiny", 4, texts[:4])
+    assert b8["step"]["flop"] == sum(b8[p]["flop"] for p in BUDGET_PARTS) > 0
+    assert b8["image tower"]["flop"] == 2 * b4["image tower"]["flop"] > 0  # per-sample work
+    assert b8["text tower"]["flop"] > 0 and b8["losses"]["flop"] > 0 and b8["optimizer"]["flop"] == 0  # elementwise
+    n = sum(p.numel() for p in groupvit.create_model("groupvit-tiny").parameters())
+    assert b8["optimizer"]["bytes"] >= 7 * 4 * n  # AdamW reads params, grads, two moments and writes three, fp32
+
+
+def test_torch_threads_default_is_cores_minus_workers(monkeypatch):
+    from train.config import load_config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cfg = load_config(preset="demo", overrides=["data.num_workers=3"])
+    assert cfg.torch_threads() == 5 and cfg.torch_threads(local_ranks=2) == 1  # 8 // 2 - 3
+    assert load_config(preset="demo", overrides=["threads=3"]).torch_threads(local_ranks=4) == 3
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        load_config(preset="demo", overrides=["threads=0"])
