@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, at most 7 minutes, most valuable first: the verdict (this device's ceilings,
 # headline parity, triton vs eager vs compile), the GPU tests (pytest -m gpu: real shapes, determinism), the
-# end-to-end groupvit-s step at 256/GPU, then the broader op sweeps; plots and the markdown report. All under OUTDIR.
+# end-to-end groupvit-s step at 256/GPU, the broader op sweeps, the contrastive max-batch search if time is left;
+# plots and the markdown report. All under OUTDIR.
 #
 #   bash bench/gpu_run.sh OUTDIR [--dry-run]        # from anywhere; the repository is found from this file
 #
@@ -14,7 +15,8 @@
 #   PYTHON=python3        interpreter (default: the checkout's .venv/bin/python if its torch fits the run, else
 #                         python3; on a GPU run the torch must see CUDA)
 #   T_TOTAL=420           whole-run budget (s): a stage never gets more than what is left of it
-#   T_INSTALL T_VERDICT T_TESTS T_MODEL T_OPS_BF16 T_OPS_FP32 T_PLOT: stage budgets (s)
+#   T_INSTALL T_VERDICT T_TESTS T_MODEL T_OPS_BF16 T_OPS_FP32 T_MAXB T_PLOT: stage budgets (s); the max-batch
+#                         search runs only when T_MAXB + T_PLOT are still left
 #   GPU_TESTS="tests/a.py ..."   where `pytest -m gpu` looks (default: tests/)
 #   GPU_TESTS_K="not ieee"       its -k filter (default: leave out the fp32 "highest" cases; "" keeps all)
 #
@@ -63,11 +65,11 @@ if [[ "$DRY" == 1 ]]; then  # CPU, tiny: exercises every stage's command line in
   export OMP_NUM_THREADS=1  # tiny CPU ops: one thread avoids scheduler stalls on a busy machine
   T_TOTAL=${T_TOTAL:-900}
   T_INSTALL=${T_INSTALL:-60} T_VERDICT=${T_VERDICT:-120} T_TESTS=${T_TESTS:-120} T_MODEL=${T_MODEL:-120}
-  T_OPS_BF16=${T_OPS_BF16:-120} T_OPS_FP32=${T_OPS_FP32:-120} T_PLOT=${T_PLOT:-60}
-else                        # 15+170+75+90+40+15+15 = 420 s: a second run fits in the same 15 minutes
+  T_OPS_BF16=${T_OPS_BF16:-120} T_OPS_FP32=${T_OPS_FP32:-120} T_MAXB=${T_MAXB:-60} T_PLOT=${T_PLOT:-60}
+else                        # 15+170+75+90+40+15+15 = 420 s (+ max_batch only when time is left): a second run fits
   T_TOTAL=${T_TOTAL:-420}
   T_INSTALL=${T_INSTALL:-15} T_VERDICT=${T_VERDICT:-170} T_TESTS=${T_TESTS:-75} T_MODEL=${T_MODEL:-90}
-  T_OPS_BF16=${T_OPS_BF16:-40} T_OPS_FP32=${T_OPS_FP32:-15} T_PLOT=${T_PLOT:-15}
+  T_OPS_BF16=${T_OPS_BF16:-40} T_OPS_FP32=${T_OPS_FP32:-15} T_MAXB=${T_MAXB:-40} T_PLOT=${T_PLOT:-15}
 fi
 
 : >"$SUMMARY"
@@ -192,7 +194,21 @@ else
     --providers eager,triton --modes fwd_bwd --budget-s $((T_OPS_FP32 - 5))
 fi
 
-# ---- 6. report ----------------------------------------------------------------------------------------------------
+# ---- 6. only if time is left: the largest contrastive batch that fits, per provider (bf16, K = 1) -------------------
+LEFT=$(( T_TOTAL - ($(date +%s) - T0) - T_PLOT ))
+if (( LEFT >= T_MAXB )); then
+  MB=(-m bench.bench_ops --out "$OUT" --ops contrastive_loss --cases none --dtypes bf16 --providers eager,triton)
+  if [[ "$DRY" == 1 ]]; then
+    MB+=(--device cpu --quick --max-batch-start 5 --max-batch-cap 20)
+  else
+    MB+=(--max-batch-budget-s $(( (T_MAXB - 10) / 2 )))
+  fi
+  stage max_batch "$T_MAXB" "$PY" "${MB[@]}"
+else
+  echo "max_batch not run (${LEFT}s left before the report, needs ${T_MAXB}s)" | tee -a "$SUMMARY"
+fi
+
+# ---- 7. report ----------------------------------------------------------------------------------------------------
 if [[ -f "$OUT/bench.csv" ]]; then
   PLOT_ARGS=()
   [[ "${GPU_RUN_PLOTS:-1}" == 0 ]] && PLOT_ARGS=(--no-plots)

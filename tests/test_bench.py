@@ -438,8 +438,8 @@ def test_gpu_run_script_parses():
 
 def test_gpu_run_dry_run_on_cpu(tmp_path):
     """Every stage of the GPU run with tiny CPU settings, in the GPU run's order: installs (pip --dry-run), the
-    verdict (--dry-run), the gpu-marked tests (collect only), the training step, both op sweeps and the report,
-    plus the export of the result files."""
+    verdict (--dry-run), the gpu-marked tests (collect only), the training step, both op sweeps, the max-batch
+    search (time is left) and the report, plus the export of the result files."""
     out, export = tmp_path / "out", tmp_path / "export"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_EXPORT": str(export), "GIT_SHA": "drysha",
            "GPU_TESTS": "tests/test_contrastive_loss.py", "GPU_RUN_PLOTS": "0"}  # PNGs are covered in-process above
@@ -447,11 +447,12 @@ def test_gpu_run_dry_run_on_cpu(tmp_path):
                        text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
-    stages = ("install", "verdict", "tests", "model", "ops_bf16", "ops_fp32", "plot")
+    stages = ("install", "verdict", "tests", "model", "ops_bf16", "ops_fp32", "max_batch", "plot")
     for stage in stages:
         assert f"{stage} rc=0 " in summary, summary + r.stdout[-3000:]
     assert [ln.split()[0] for ln in summary.splitlines()[:-1]] == list(stages)  # the order of value
-    assert "stages ok 7, failed 0" in summary
+    assert "stages ok 8, failed 0" in summary
+    assert any(r["metric"] == "max_batch" for r in common.read_rows(out / "bench.csv"))
     assert "**PASS**" in (out / "verdict" / "verdict.md").read_text()
     assert "test_gpu_parity_large" in (out / "logs" / "tests.log").read_text()  # -m gpu selected the GPU tests
     rows = common.read_rows(out / "bench.csv")
