@@ -41,9 +41,9 @@ def pytest_configure(config):
 
 def skip_reason(item: pytest.Item) -> str | None:
     """Why ``item`` does not run in this setting (None: it runs)."""
-    if "gpu" in item.keywords and not (HAS_CUDA and not INTERPRET):
+    if item.get_closest_marker("gpu") and not (HAS_CUDA and not INTERPRET):
         return "needs a CUDA GPU with the Triton interpreter off (real kernel compilation)"
-    if "interpreter" in item.keywords and not INTERPRET:
+    if item.get_closest_marker("interpreter") and not INTERPRET:
         return ("CPU-interpreter test (TRITON_INTERPRET=1); the interpreter is off here, "
                 "the GPU tests (-m gpu) cover the compiled kernels")
     return None
@@ -63,7 +63,7 @@ def pytest_report_collectionfinish(config, start_path, items):
     for item in items:
         reason = skip_reason(item)
         where = "device" if "device" in getattr(item, "fixturenames", ()) else "-"
-        marks = ",".join(m for m in ("gpu", "interpreter") if m in item.keywords) or "-"
+        marks = ",".join(m for m in ("gpu", "interpreter") if item.get_closest_marker(m)) or "-"
         lines.append(f"selection: {'skip' if reason else 'run'} {where} {marks} {item.nodeid}"
                      + (f" :: {reason}" if reason else ""))
     return lines
