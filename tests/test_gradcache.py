@@ -289,3 +289,5 @@ def test_driver_with_micro_batches_resumes_exactly(tmp_path):
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
     assert a["train_config"]["micro_batch"] == 3
+    with pytest.warns(UserWarning, match="different micro_batch"):  # finished run: resumes, warns, trains nothing
+        train(cfg(tmp_path / "cut", resume="auto", micro_batch=None))

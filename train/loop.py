@@ -498,6 +498,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
         if changed and ctx.is_main:
             warnings.warn(f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
                           f"(and so the losses) will differ from an uninterrupted run")
+        if _micro(ck.get("train_config", {}).get("micro_batch"), cfg) != _micro(cfg.micro_batch, cfg) and ctx.is_main:
+            warnings.warn("resuming with a different micro_batch than the checkpoint: the same objective, but the "
+                          "Gumbel and drop-path draws are grouped differently, so the losses will differ from an "
+                          "uninterrupted run")
         counters.update(ck.get("counters", {}))
         if ck["world_size"] == ctx.world_size:
             set_rng_state(ck["rng"][ctx.rank])
@@ -517,8 +521,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                     f"backend {cfg.backend}{' (compiled)' if cfg.compile else ''}, {torch.get_num_threads()} threads, "
                     f"precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
                     f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
-                    + (f" (towers in micro-batches of {cfg.micro_batch})"
-                       if cfg.micro_batch and cfg.micro_batch < cfg.data.batch_size else "") + ", peak lr "
+                    + (f" (towers in micro-batches of {cfg.micro_batch})" if _micro(cfg.micro_batch, cfg) else "")
+                    + ", peak lr "
                     f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else ""))
 
     history: list[dict[str, Any]] = []
@@ -629,6 +633,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     summary["history"] = history
     summary["model"] = unwrap(model)
     return summary
+
+
+def _micro(micro_batch: int | None, cfg: TrainConfig) -> int | None:
+    """The micro-batch a step really uses (None: the whole batch at once)."""
+    return micro_batch if micro_batch and micro_batch < cfg.data.batch_size else None
 
 
 def _sum_over_ranks(counts: dict[str, int], ctx: DistContext) -> dict[str, int]:
