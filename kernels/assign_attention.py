@@ -422,10 +422,12 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
 
     GPU choices, from sm_90a builds (``python -m bench.kernel_report``; no GPU timing yet): the transposed
     accumulators ``[BLOCK_C, BLOCK_G]`` put channels on the MMA's M axis, so G = 8 needs no padding; q (and dO)
-    stay in shared memory, k / v token tiles are double-buffered (single-buffered in the backward with an explicit
-    noise tensor, whose tiles would exceed 227 KB); 8 warps once the accumulators exceed 64 registers per thread
-    at 4 warps; backward token tiles of 16 at G = 64 (32 spill, 64 spill more: measured). Tokens are split across programs only when B programs leave SMs idle
-    (448-px crops at small B); the partial sums are reduced in a fixed order (deterministic).
+    stay in shared memory. k / v token tiles: triple-buffered in the 16-bit forward at G > 16 (176 KB), else
+    double-buffered (stage 2 spills with three), single-buffered in the backward with an explicit noise tensor
+    (double would exceed 227 KB). Warps: 8 in the backward and once the forward's accumulators exceed 64
+    registers per thread at 4. Backward token tiles of 16 at G = 64 (32 and 64 spill: measured). Tokens are
+    split across programs only when B programs leave SMs idle (448-px crops at small B); the partial sums are
+    reduced in a fixed order (deterministic).
     Interpreter: whole dimensions in one tile (few, large programs), no split."""
     bg, bc, nc = _channel_blocks(g, c, backward)
     if INTERPRET:
@@ -439,7 +441,7 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
     warps = 8 if backward or bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=1 if backward and noise == 2 else 2)
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == 2 else 2) if backward else 3 if wide == 2 and bg > 16 else 2)
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
