@@ -43,7 +43,7 @@ def deterministic_towers(model: groupvit.GroupViT) -> groupvit.GroupViT:
     return model
 
 
-def assert_grads_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
+def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
     """Per tensor ``|a - b| <= rtol * (|b| + |g|)`` in the 2-norm, ``|g|`` the global norm of ``b``: the floor
     measures the gradients that are zero in exact arithmetic (biases before a LayerNorm, a BatchNorm or a softmax
     over groups: rounding noise of up to ~1e-8 in fp64 here, against a global norm of ~65) on the global scale."""
@@ -87,7 +87,7 @@ def test_step_equals_full_batch_step(backend, micro, device):
     plain, micro_st = states
     assert losses[1] == pytest.approx(losses[0], rel=1e-12, abs=0)
     for key in ("grads", "params", "buffers", "opt"):
-        assert_grads_close(micro_st[key], plain[key], rtol=1e-9)
+        assert_tensors_close(micro_st[key], plain[key], rtol=1e-9)
     assert micro_st["buffers"]["img_projector.linear_hidden.1.num_batches_tracked"] == 1  # running stats: once
 
 
@@ -151,12 +151,12 @@ def test_replay_draws_the_cache_pass_noise(backend, micro, device, monkeypatch):
     gc_fn = lambda m: gradcache_backward(m, loss_fn, batch["images"], batch["texts"], micro)  # noqa: E731
     losses, grads, rng = run(gc_fn)
     assert losses["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-12)
-    assert_grads_close(grads, ref_grads, rtol=1e-9)
+    assert_tensors_close(grads, ref_grads, rtol=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(rng, ref_rng))
     monkeypatch.setattr(gc, "_rng_set", lambda state, device: None)  # replay on from the cache pass's end state
     _, wrong, _ = run(gc_fn)
     with pytest.raises(AssertionError):
-        assert_grads_close(wrong, ref_grads, rtol=1e-6)
+        assert_tensors_close(wrong, ref_grads, rtol=1e-6)
 
 
 def test_two_process_step_equals_ddp_step():
@@ -171,9 +171,9 @@ def test_two_process_step_equals_ddp_step():
         for m in micro:
             assert m["loss"] == pytest.approx(plain["loss"], rel=1e-12)
             for key in ("grads", "params", "buffers"):
-                assert_grads_close(m[key], plain[key], rtol=1e-8)
+                assert_tensors_close(m[key], plain[key], rtol=1e-8)
             for sm, sp in zip(m["opt"], plain["opt"]):
-                assert_grads_close(sm, sp, rtol=1e-8)
+                assert_tensors_close(sm, sp, rtol=1e-8)
     assert ranks[0][0]["loss"] != ranks[1][0]["loss"]  # different local rows
     for n, v in ranks[0][2]["params"].items():
         assert torch.equal(v, ranks[1][2]["params"][n]), n
