@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 from pathlib import Path
 
@@ -159,3 +160,25 @@ def test_load_val_names_an_incomplete_shard(tmp_path):
                 tout.addfile(m, io.BytesIO(data))
     with pytest.raises(ValueError, match=r"val-000000\.tar.*lacks \['txt'\].*regenerate"):
         load_val(res)
+
+
+def test_train_shards_carry_the_objects_as_prompt_words(tmp_path):
+    """The multi-label prompts' words are the objects' "colour shape" phrases, in caption order, and the loader
+    takes them (no tagging): each is the object of one colour in the mask, named in the caption."""
+    import webdataset as wds
+
+    from train.prompts import make_prompts, parse_nouns
+
+    res = write_synthetic_shards(tmp_path, n_train=12, n_val=0, seed=3, size=32, shard_size=100)
+    ref = generate(12, seed=3, size=32, kind="object")
+    samples = list(wds.tariterators.tarfile_samples({"url": p} for p in res.train))
+    assert [s["__key__"] for s in samples] == [f"train{i:08d}" for i in range(12)]
+    for s, (_, cap, obj) in zip(samples, ref):
+        caption = s["txt"].decode("utf-8")
+        words = parse_nouns(s["nouns"], caption)
+        assert caption == cap and words, caption
+        present = {class_names("object")[v] for v in np.unique(obj) if v}
+        assert set(words) == present and len(words) == len(present)
+        assert sorted(words, key=caption.index) == words  # caption order
+        prompts = make_prompts(caption, 3, random.Random(0), words=words)
+        assert all(any(w in p for w in words) for p in prompts[:len(words)])

@@ -139,10 +139,12 @@ def _sha1(caption: str) -> str:
     return hashlib.sha1(caption.encode("utf-8")).hexdigest()
 
 
-def nouns_record(caption: str) -> bytes:
-    """The ``.nouns`` member for ``caption`` (stripped as the loader strips it)."""
+def nouns_record(caption: str, words: Sequence[str] | None = None) -> bytes:
+    """The ``.nouns`` member for ``caption`` (stripped as the loader strips it); ``words`` default to
+    :func:`candidate_words` (a dataset that knows its entities, such as :mod:`train.synthetic`, passes them)."""
     caption = caption.strip()
-    return json.dumps({"words": candidate_words(caption), "caption_sha1": _sha1(caption)}).encode("utf-8")
+    words = candidate_words(caption) if words is None else [str(w) for w in words]
+    return json.dumps({"words": words, "caption_sha1": _sha1(caption)}).encode("utf-8")
 
 
 def parse_nouns(data: bytes, caption: str) -> list[str] | None:

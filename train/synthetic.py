@@ -5,6 +5,8 @@ Each image (``size × size``, default 64) shows 1–3 non-overlapping shapes (ci
 with per-object colour jitter and pixel noise so that no two images are alike. The caption names every object by
 colour and shape in random order, e.g. ``"a red circle and a blue square"`` or
 ``"a picture of a green cross, an orange triangle and a purple circle"``. Generation costs ~2 ms per 64² sample.
+The train shards also store the objects' phrases (``"green cross"``, ...) as the words of the multi-label prompts
+(``"a photo of a green cross."``): the caption's noun phrases, where a POS tagger would keep only the shape nouns.
 
 Ground truth for zero-shot segmentation: the object mask stores ``0`` for background and
 ``1 + colour_index * len(SHAPES) + shape_index`` per object pixel. :func:`class_names` / :func:`remap_mask` turn it
@@ -34,6 +36,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from train.data import write_shards
+from train.prompts import NOUNS_KEY, nouns_record
 
 __all__ = ["COLORS", "SHAPES", "KINDS", "SyntheticShards", "class_names", "generate", "load_val", "remap_mask",
            "write_synthetic_shards"]
@@ -46,7 +49,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 KINDS = ("color", "shape", "object")
 _SPLITS = {"train": 0, "val": 1}
 _PHRASES = ("{}", "{}", "a picture of {}", "an image of {}", "{} on a grey background")
-_VERSION = 1
+_VERSION = 2  # 2: train samples carry a .nouns member
 
 
 def class_names(kind: str = "color") -> list[str]:
@@ -102,14 +105,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _sample(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, str, np.ndarray]:
+def _sample(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, str, np.ndarray, list[str]]:
+    """One sample: image, caption, object-id mask and the objects' phrases (``"blue circle"``) in caption order."""
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     img = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     n_obj = int(rng.integers(1, 4))
     colour_ids = rng.choice(len(COLORS), size=n_obj, replace=False)
     boxes: list[tuple[float, float, float, float]] = []
-    names: list[str] = []
+    names: list[str] = []  # "colour shape" per object
     for ci in colour_ids:
         si = int(rng.integers(len(SHAPES)))
         for _ in range(50):  # rejection-sample a spot whose box (plus a 1 px gap) overlaps no other object
@@ -127,13 +131,13 @@ def _sample(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, 
         img[where] = colour + rng.normal(0.0, 7.0, (int(where.sum()), 3))
         mask[where] = 1 + int(ci) * len(SHAPES) + si
         boxes.append(box)
-        colour_name = list(COLORS)[ci]
-        names.append(f"{'an' if colour_name[0] in 'aeiou' else 'a'} {colour_name} {SHAPES[si]}")
+        names.append(f"{list(COLORS)[ci]} {SHAPES[si]}")
     order = rng.permutation(len(names))
-    parts = [names[k] for k in order]
+    objects = [names[k] for k in order]
+    parts = [f"{'an' if o[0] in 'aeiou' else 'a'} {o}" for o in objects]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     caption = _PHRASES[int(rng.integers(len(_PHRASES)))].format(listed)
-    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB"), caption, mask
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB"), caption, mask, objects
 
 
 def _check(n: int, seed: int, size: int, split: str) -> None:
@@ -157,7 +161,7 @@ def generate(n: int, seed: int = 0, size: int = 64, *, kind: str = "color", spli
     class_names(kind)
     out = []
     for i in range(start, start + n):
-        img, cap, obj = _sample(seed, split, i, size)
+        img, cap, obj, _ = _sample(seed, split, i, size)
         out.append((img, cap, remap_mask(obj, kind)))
     return out
 
@@ -202,7 +206,8 @@ def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_
 
     Idempotent: if ``manifest.json`` records the same parameters and all its shards exist, nothing is written.
     Otherwise everything is (re)generated and shards of an older manifest that are no longer listed are removed.
-    Train shards hold ``jpg`` (quality 95) + ``txt``; val shards hold ``png`` + ``txt`` + ``mask.png`` (object ids,
+    Train shards hold ``jpg`` (quality 95) + ``txt`` + ``nouns`` (the objects' phrases, ``"blue circle"``, as the
+    multi-label prompts' words: :func:`train.prompts.nouns_record`); val shards hold ``png`` + ``txt`` + ``mask.png`` (object ids,
     see :func:`remap_mask`).
     """
     _check(n_train, seed, size, "train")
@@ -227,12 +232,12 @@ def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_
 
     def train_samples():
         for i in range(n_train):
-            img, cap, _ = _sample(seed, "train", i, size)
-            yield f"train{i:08d}", img, cap
+            img, cap, _, objects = _sample(seed, "train", i, size)
+            yield f"train{i:08d}", img, cap, {NOUNS_KEY: nouns_record(cap, objects)}
 
     def val_samples():
         for i in range(n_val):
-            img, cap, obj = _sample(seed, "val", i, size)
+            img, cap, obj, _ = _sample(seed, "val", i, size)
             yield f"val{i:08d}", img, cap, {"mask.png": _png(obj)}
 
     train = write_shards(train_samples(), root, "train", maxcount=shard_size, image_format="jpg") if n_train else []
