@@ -117,22 +117,35 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_stats(r, m_i, l_i, s2, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
-    """One tile of raw cosines ``r [BM, BN]`` (``MASKED``: ``-inf`` outside B x M): the online row max / sum (max
-    in cosine units; the scale ``s2 = s log2 e > 0`` sits in the exponent, one FFMA per logit) and the base-2
-    column LSE over the tile's rows."""
-    m_new = tl.maximum(m_i, tl.max(r, 1))
-    cm = tl.max(r, 0)
+def _fwd_stats(r, m_i, l_i, s2, col_ok, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
+    """One tile of raw cosines ``r [BM, BN]`` (``MASKED``: ``-inf`` outside B x M, ``col_ok`` the valid columns):
+    the online row max / sum and the base-2 column LSE over the tile's rows, from ONE exponential per logit.
+
+    ``p = exp2(s2 r - tm2_i)`` with the tile's scaled row maxima ``tm2`` (the scale ``s2 = s log2 e > 0`` sits in
+    the exponent: one FFMA) gives the row sums; the column sums reuse it through the rank-1 factor
+    ``exp2(tm2_i - cm2_j) = u_i v_j`` (``u_i = exp2(tm2_i - T2) <= 1`` with the tile max ``T2``, ``v_j =
+    exp2(T2 - cm2_j)``): ``cl_j = v_j sum_i p_ij u_i = sum_i exp2(s2 r_ij - cm2_j)``, anchored at the column max
+    ``cm2_j`` as an exact two-pass LSE would be. A column far below the tile max (``cm2_j < T2 - 60``: never at
+    s <= 20 for unit vectors, rare tiles at s = 100) would underflow there: such a tile takes the second
+    exponential instead."""
+    tm = tl.max(r, 1)  # [BM]
+    cm = tl.max(r, 0)  # [BN]
+    m_new = tl.maximum(m_i, tm)
     if MASKED:  # all-masked rows / columns: shift by 0, not -inf (no NaN)
-        m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        tm = tl.where(tm == float("-inf"), 0.0, tm)
         cm = tl.where(cm == float("-inf"), 0.0, cm)
+        m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new_s = m_new
-    m2 = m_new_s * s2
-    c2 = cm * s2
-    l_i = l_i * tl.exp2(m_i * s2 - m2) + tl.sum(tl.exp2(r * s2 - m2[:, None]), 1)
-    cl = tl.sum(tl.exp2(r * s2 - c2[None, :]), 0)
-    return m_new, l_i, c2 + _log2(tl.maximum(cl, 1.0), FAST_LOG)  # a stored column's own max adds 1
+    tm2, cm2 = tm * s2, cm * s2
+    p = tl.exp2(r * s2 - tm2[:, None])  # [BM, BN] in [0, 1]
+    l_i = l_i * tl.exp2((m_i - m_new_s) * s2) + tl.exp2(tm2 - m_new_s * s2) * tl.sum(p, 1)
+    t2 = tl.max(tm2, 0)
+    if tl.min(tl.where(col_ok, cm2 - t2, 0.0), 0) < -60.0:
+        cl = tl.sum(tl.exp2(r * s2 - cm2[None, :]), 0)
+    else:
+        cl = tl.sum(p * tl.exp2(tm2 - t2)[:, None], 0) * tl.exp2(t2 - cm2)
+    return m_new, l_i, cm2 + _log2(tl.maximum(cl, 1.0), FAST_LOG)  # a column's own max adds 1: cl >= 1
 
 
 @triton.jit
@@ -163,7 +176,7 @@ def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
     for _ in range(t0, t_fast):  # full tiles: no masks
         r = tl.dot(a, tl.trans(_load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)),
                    input_precision=PRECISION, out_dtype=ACC)  # [BM, BN] cosines
-        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, False, FAST_LOG)
+        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, offs_n >= 0, False, FAST_LOG)
         tl.store(c_base + offs_n, cpart)
         b_base += BLOCK_N * stride_t
         c_base += BLOCK_N
@@ -172,7 +185,7 @@ def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
         r = tl.dot(a, tl.trans(_load(b_base + b_offs, col_ok, d_ok, True, EVEN_D, UPCAST)),
                    input_precision=PRECISION, out_dtype=ACC)
         r = tl.where(row_ok[:, None] & col_ok[None, :], r, float("-inf"))
-        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, True, FAST_LOG)
+        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, col_ok, True, FAST_LOG)
         tl.store(c_base + offs_n, cpart, mask=col_ok)
         b_base += BLOCK_N * stride_t
         c_base += BLOCK_N

@@ -131,21 +131,26 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
-    """``(address, opcode, operands)`` of every SASS instruction (``cuobjdump -sass``)."""
+def sass_instructions(cubin: bytes) -> list[tuple[int, str, str, bool]]:
+    """``(address, opcode, operands, predicated)`` of every SASS instruction (``cuobjdump -sass``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
                              check=True).stdout
-    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(out)]
+    return [(int(m.group(1), 16), m.group(3), m.group(4), bool(m.group(2))) for m in _SASS_LINE.finditer(out)]
 
 
-def _loops(ins: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+def _branch_target(ins, i: int) -> int | None:
+    m = re.search(r"0x([0-9a-f]+)", ins[i][2]) if ins[i][1].startswith("BRA") else None
+    return int(m.group(1), 16) if m else None
+
+
+def _loops(ins) -> list[tuple[int, int]]:
     """``[first, last]`` instruction indices of every loop (a branch back to an earlier address)."""
-    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    index = {ins[i][0]: i for i in range(len(ins))}
     out = []
-    for i, (a, op, rest) in enumerate(ins):
+    for i, (a, op, rest, *_) in enumerate(ins):
         if op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", rest)
             if m and int(m.group(1), 16) < a and int(m.group(1), 16) in index:
@@ -157,15 +162,31 @@ _MMA = ("HGMMA", "HMMA", "DMMA", "IMMA")
 
 
 def _count(ins, ops: tuple[str, ...]) -> int:
-    return sum(1 for _, op, _ in ins if op.split(".")[0] in ops)
+    return sum(1 for x in ins if x[1].split(".")[0] in ops)
 
 
-def sass_summary(ins: list[tuple[int, str, str]], inner_trips: int = 1, hot_loop: int | None = None
+def _shortest_path(ins, first: int, last: int) -> int:
+    """Fewest instructions from ``first`` to ``last`` following the forward branches inside (a conditional branch
+    may go either way; backward branches of nested loops fall through): the loop's fast path, without rarely
+    taken fallback blocks."""
+    index = {ins[i][0]: i for i in range(first, last + 1)}
+    dist = {last: 1}
+    for i in range(last - 1, first - 1, -1):
+        target = _branch_target(ins, i)
+        succ = [i + 1]
+        if target is not None and target > ins[i][0] and target in index:
+            succ = [index[target]] + ([i + 1] if ins[i][3] else [])
+        dist[i] = 1 + min(dist[j] for j in succ)
+    return dist[first]
+
+
+def sass_summary(ins: list[tuple[int, str, str, bool]], inner_trips: int = 1, hot_loop: int | None = None
                  ) -> dict[str, int]:
     """Whole-kernel counts and the main loop: the ``hot_loop``-th outermost loop holding tensor-core instructions
     in address order (``None``: the largest such loop; else the largest loop). ``loop_instr`` counts the
-    instructions one main-loop iteration issues: its static body plus
-    ``inner_trips - 1`` more passes of each loop nested in it (their trip count is a runtime value)."""
+    instructions one main-loop iteration issues on its fast path (:func:`_shortest_path`) plus ``inner_trips - 1``
+    more passes of each loop nested in it (their trip count is a runtime value); ``loop_static`` is its whole body
+    (all branches); the per-opcode counts are over the whole body."""
     loops = _loops(ins)
     mma_loops = [lp for lp in loops if _count(ins[lp[0]: lp[1] + 1], _MMA)]
     pool = mma_loops or loops
@@ -180,9 +201,11 @@ def sass_summary(ins: list[tuple[int, str, str]], inner_trips: int = 1, hot_loop
     extra = [ins[a: b + 1] for a, b in outer] * (inner_trips - 1)
     dyn = [i for part in [body, *extra] for i in part]
     return dict(sass=len(ins), sass_mma=_count(ins, _MMA), sass_ffma=_count(ins, ("FFMA",)),
-                loops=len(loops), loop_static=len(body), loop_instr=len(dyn), loop_mma=_count(dyn, _MMA),
+                loops=len(loops), loop_static=len(body),
+                loop_instr=(_shortest_path(ins, *main) + len(dyn) - len(body)) if main else 0,
+                loop_mma=_count(dyn, _MMA),
                 loop_ffma=_count(dyn, ("FFMA", "DFMA")), loop_mufu=_count(dyn, ("MUFU",)),
-                loop_i64=sum(1 for _, op, _ in dyn if op.startswith(("IADD.64", "IMAD.WIDE", "LEA.HI.X", "IADD3.X"))),
+                loop_i64=sum(1 for x in dyn if x[1].startswith(("IADD.64", "IMAD.WIDE", "LEA.HI.X", "IADD3.X"))),
                 inner_loop_instr=sum(b - a + 1 for a, b in outer),
                 ldgsts=_count(ins, ("LDGSTS",)), tma=_count(ins, ("UTMALDG", "UBLKCP")))
 

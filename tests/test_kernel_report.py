@@ -80,12 +80,22 @@ def test_sass_loops_and_counts():
     # prologue; outer loop 0x20..0x90 holding an MMA and an inner loop 0x40..0x60; a second loop 0xa0..0xb0
     ops = ["MOV", "S2R", "HGMMA.64x64x16", "FADD", "FFMA", "MUFU.EX2", "BRA 0x40", "FMNMX", "FADD", "BRA 0x20",
            "HMMA.16816", "BRA 0xa0", "EXIT"]
-    ins = [(16 * i, op.split()[0], " " + op.split()[1] if " " in op else "") for i, op in enumerate(ops)]
+    ins = [(16 * i, op.split()[0], " " + op.split()[1] if " " in op else "", False) for i, op in enumerate(ops)]
     s = kv.sass_summary(ins, inner_trips=3)
     assert s["loops"] == 3 and s["sass"] == 13 and s["sass_mma"] == 2
     assert s["loop_static"] == 8 and s["inner_loop_instr"] == 3  # outer body 0x20..0x90, inner 0x40..0x60
     assert s["loop_instr"] == 8 + 2 * 3 and s["loop_mufu"] == 3 and s["loop_mma"] == 1
     assert kv.sass_summary(ins, hot_loop=1)["loop_static"] == 2  # the second top-level MMA loop
+
+
+def test_fast_path_skips_fallback_blocks():
+    # loop 0x00..0x70: a conditional branch over a 3-instruction block to an unconditional branch over 1 more
+    ops = [("HGMMA", "", False), ("BRA", " 0x50", True), ("MUFU", "", False), ("MUFU", "", False),
+           ("FADD", "", False), ("BRA", " 0x70", False), ("FMUL", "", False), ("BRA", " 0x0", True)]
+    ins = [(16 * i, op, rest, pred) for i, (op, rest, pred) in enumerate(ops)]
+    s = kv.sass_summary(ins)
+    assert s["loop_static"] == 8 and s["loop_instr"] == 4  # HGMMA, @P BRA 0x50, BRA 0x70, @P BRA 0x0
+
 
 
 @pytest.mark.parametrize("arch,regs,shared,warps,expect", [(90, 128, 100 * 1024, 4, 2), (90, 255, 0, 8, 1),
