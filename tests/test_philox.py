@@ -93,11 +93,12 @@ def test_gumbel_noise_large_offset_uses_64bit_counters(device):
 
 
 def test_gumbel_noise_independent_of_block_size(device):
-    ref = aa.gumbel_noise(77, 0, (3, 64, 196), device)
-    for bn, bg in ((16, 4), (64, 32), (256, 64)):
-        out = torch.full((3, 64, 196), float("nan"), device=device)
-        aa._gumbel_kernel[(math.ceil(196 / bn), math.ceil(64 / bg), 3)](out, 77, 0, 64, 196, BLOCK_N=bn, BLOCK_G=bg,
-                                                                        CTR64=False)
+    b, g, n = 2, 12, 37
+    ref = aa.gumbel_noise(77, 0, (b, g, n), device)
+    for bn, bg in ((16, 4), (32, 8), (64, 16)):
+        out = torch.full((b, g, n), float("nan"), device=device)
+        aa._gumbel_kernel[(math.ceil(n / bn), math.ceil(g / bg), b)](out, 77, 0, g, n, BLOCK_N=bn, BLOCK_G=bg,
+                                                                     CTR64=False)
         assert torch.equal(out, ref)
 
 
