@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from groupvit.config import GroupViTConfig, TextConfig, VisionConfig
+from groupvit.config import GroupViTConfig, TextConfig, VisionConfig, get_config
 from groupvit.grouping import GroupingBlock, GroupingMaps
 from groupvit.layers import Block, MixerMlp, TextBlock
 from kernels.reference import clamped_scale
@@ -186,6 +186,15 @@ class TextPlan:
         views = iter(flat.split([t.numel() for t in parts]))
         groups = tuple((None if rows is None else next(views), next(views), length) for rows, _, length in self.groups)
         return TextPlan(groups, next(views) if self.inverse is not None else None)
+
+    def mark_dynamic(self) -> "TextPlan":
+        """Mark the group sizes dynamic for ``torch.compile``: one graph serves every batch with the same number of
+        trim lengths (sizes of 1 are still specialised), instead of a recompile when the sizes first change."""
+        for rows, eot, _ in self.groups:
+            for t in (rows, eot):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self
 
 
 class TextEncoder(nn.Module):
@@ -407,6 +416,4 @@ def create_model(preset_or_config: str | GroupViTConfig | dict = "groupvit-s", *
     """Build a randomly initialised GroupViT from a preset name (``groupvit-s``, ``groupvit-tiny``), a
     :class:`GroupViTConfig` or a dict, with optional overrides such as ``multi_label=0`` or
     ``**{"vision.depths": (2, 1, 1)}``."""
-    from groupvit.config import get_config
-
     return GroupViT(get_config(preset_or_config, **overrides))

@@ -159,11 +159,19 @@ def forward_loss(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tex
 
 def compile_forward_loss(mode: str | None = None, backend: str = "inductor", fullgraph: bool = False
                          ) -> Callable[..., dict[str, torch.Tensor]]:
-    """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs). The fused kernels are
-    custom ops (one node each); the graph breaks left are the Philox seed draw of the triton assignment
-    (:func:`kernels.assign_attention.draw_seed`, a CPU-generator read kept eager so compiled and eager runs draw the
-    same seeds) and, in distributed runs, DDP's bucketed all-reduce (its optimizer split)."""
-    return torch.compile(forward_loss, mode=mode, backend=backend, fullgraph=fullgraph)
+    """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs), the text plan's group
+    sizes marked dynamic (:meth:`groupvit.model.TextPlan.mark_dynamic`). The fused kernels are custom ops (one node
+    each). With the eager backend it is one graph; the breaks left with triton are host reads in the assignment
+    op's Python wrapper: the Philox seed draw (:func:`kernels.assign_attention.draw_seed`, a CPU-generator read kept
+    eager so compiled and eager runs draw the same seeds) and its matmul-precision lookup; in distributed runs DDP
+    also splits the graph at its gradient buckets."""
+    compiled = torch.compile(forward_loss, mode=mode, backend=backend, fullgraph=fullgraph)
+
+    def run(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor,
+            text_plan: Any = None) -> dict[str, torch.Tensor]:
+        return compiled(model, loss_fn, images, texts, text_plan.mark_dynamic() if text_plan is not None else None)
+
+    return run
 
 
 _SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]]" = weakref.WeakKeyDictionary()
