@@ -353,8 +353,9 @@ def _download_hf(repo_id: str) -> Path:
     raise CheckpointReadError(f"hf:{repo_id} has neither model.safetensors nor pytorch_model.bin")
 
 
-def _read(spec: str | os.PathLike | Mapping[str, Any], trust_checkpoint: bool = False) -> Mapping[str, Any]:
-    """A checkpoint spec -> its payload (a mapping). See :func:`load_checkpoint` for the accepted specs."""
+def read_checkpoint(spec: str | os.PathLike | Mapping[str, Any], trust_checkpoint: bool = False) -> Mapping[str, Any]:
+    """A checkpoint spec -> its payload (a mapping; :func:`load_checkpoint` accepts it). See :func:`load_checkpoint`
+    for the accepted specs; extra entries (e.g. the demo's ``"segmentation"`` settings) are kept."""
     if isinstance(spec, Mapping):
         return spec
     if isinstance(spec, str) and spec.startswith("hf:"):
@@ -386,13 +387,18 @@ def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], m
     the file. Keys are checked strictly: missing or unexpected keys raise ``ValueError`` listing them. The one
     documented exception: HF weights have no ``multi_label_logit_scale``; a multi-label model keeps its initial value.
     """
-    obj = _read(path_or_state_dict, trust_checkpoint)
+    obj = read_checkpoint(path_or_state_dict, trust_checkpoint)
     cfg: GroupViTConfig | None = None
     sd: Mapping[str, Any] = obj
     if "model" in obj and isinstance(obj["model"], Mapping):
         sd = obj["model"]
         if obj.get("format") == FORMAT:
-            cfg = GroupViTConfig.from_dict(obj["config"])
+            raw = obj.get("config")
+            if isinstance(raw, Mapping):
+                cfg = GroupViTConfig.from_dict(raw)
+            elif model is None:
+                raise CheckpointReadError(f"the checkpoint's config is {type(raw).__name__}, not a dict: pass the "
+                                          f"architecture (a model, or --preset NAME) to load its weights")
         elif isinstance(obj.get("hf_config"), Mapping):
             cfg = config_from_hf(obj["hf_config"])
         elif obj.get("config") is not None:

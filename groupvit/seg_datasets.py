@@ -319,6 +319,8 @@ def evaluate(model, dataset: SegDataset, cfg: SegConfig | None = None, progress:
     cfg = cfg or dataset.seg_config()
     if not cfg.background:
         raise ValueError("evaluate: the benchmark datasets label background as class 0; use SegConfig(background=True)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"evaluate: limit must be >= 1 images (or None for all), got {limit}")
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise ValueError(f"evaluate: dataset {dataset.name!r} is empty")
@@ -347,11 +349,14 @@ def evaluate(model, dataset: SegDataset, cfg: SegConfig | None = None, progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m groupvit.seg_datasets --dataset voc --root DIR --checkpoint CKPT|demo``: mIoU table."""
-    import torch
+    """``python -m groupvit.seg_datasets --dataset voc --root DIR --checkpoint CKPT|demo``: mIoU table.
+
+    The official protocol (background by the dataset's score threshold); a checkpoint's own ``"segmentation"``
+    settings (the training demo's prompts, mode and size) replace the defaults, options replace both."""
+    import traceback
 
     from groupvit import ops
-    from groupvit.segment_cli import check_backend, load_model
+    from groupvit.segment_cli import CliError, check_backend, check_device, load_model, seg_settings
 
     ap = argparse.ArgumentParser(prog="python -m groupvit.seg_datasets", description=main.__doc__)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
@@ -362,26 +367,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
                     "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
     ap.add_argument("--preset", default=None, help="architecture preset; without --checkpoint: random weights")
-    ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
+    ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default: the checkpoint's, else slide")
     ap.add_argument("--bg-thresh", type=float, default=None, help="default: the dataset's (VOC/COCO 0.95, Context 0.35)")
-    ap.add_argument("--short-side", type=int, default=448)
-    ap.add_argument("--crop", type=int, default=448)
-    ap.add_argument("--stride", type=int, default=224)
+    ap.add_argument("--short-side", type=int, default=None, help="default: the checkpoint's, else 448")
+    ap.add_argument("--crop", type=int, default=None, help="default: the checkpoint's, else 448")
+    ap.add_argument("--stride", type=int, default=None, help="default: the checkpoint's, else 224")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N >= 1 images only")
     ap.add_argument("--backend", choices=ops.BACKENDS, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     args = ap.parse_args(argv)
     try:
-        check_backend(args.backend, args.device)
+        if args.limit is not None and args.limit < 1:
+            raise CliError(f"--limit {args.limit}: give a number of images >= 1 (or leave it out for all)")
+        device = check_device(args.device)
+        check_backend(args.backend, device)
         ds = build_dataset(args.dataset, args.root, args.split)
-        model = load_model(args.checkpoint, args.preset, args.trust_checkpoint).to(args.device)
-        cfg = ds.seg_config(mode=args.mode, short_side=args.short_side, crop=args.crop, stride=args.stride,
-                            batch_size=args.batch_size,
-                            **({} if args.bg_thresh is None else {"bg_thresh": args.bg_thresh}))
+        model, settings = load_model(args.checkpoint, args.preset, args.trust_checkpoint)
+        kw = {k: v for k, v in seg_settings(settings, model.cfg.vision.img_size).items() if k != "bg_thresh"}
+        kw.update({k: v for k, v in (("mode", args.mode), ("short_side", args.short_side), ("crop", args.crop),
+                                     ("stride", args.stride), ("bg_thresh", args.bg_thresh)) if v is not None})
+        if args.bg_thresh is not None and not 0 <= args.bg_thresh <= 1:  # NaN fails too
+            raise CliError(f"--bg-thresh {args.bg_thresh}: give a number in [0, 1] (a score; VOC 0.95)")
+        cfg = ds.seg_config(batch_size=args.batch_size, **kw)
+        model = model.to(device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print("error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()), file=sys.stderr)
         return 2
     if args.checkpoint is None:
         print("warning: no --checkpoint: random weights, the mIoU is meaningless (useful for timing)", file=sys.stderr)

@@ -7,34 +7,50 @@ Example::
 
 For each image ``<name>.<ext>`` it writes ``<out>/<name>_mask.png`` (palette PNG whose pixel values are label
 indices: 0 = background, then the classes in the order given) and ``<out>/<name>_overlay.png`` (the image tinted by
-class with a legend of the classes found), and prints the classes found with their share of the pixels.
-``--checkpoint demo`` uses the model the training demo (``python -m train.demo``) writes, ``runs/demo/latest.pt``,
-with the demo's settings unless given: short side = twice the model's training size, whole-image mode, background
-threshold 0.9. Also runnable as
-``python -m groupvit.segment_cli``. Exit status: 0 on success, 1 if some images failed (the others are still
-written), 2 on a usage, checkpoint or configuration error.
+class with a legend of the classes found; colours from :mod:`groupvit.drawing`), and prints the classes found with
+their share of the pixels.
+
+Settings come from the command line, else from the checkpoint's own ``"segmentation"`` entry (the training demo
+stores its classes, prompts, threshold and evaluation size there), else the official VOC protocol (slide 448/224,
+"a photo of a {}.", threshold 0.95). ``--checkpoint demo`` is ``runs/demo/latest.pt``, where ``python -m train.demo``
+writes its model. Background (``--background``):
+
+* ``threshold`` (the official protocol, used for dataset mIoU): a pixel is background where its best class score,
+  a softmax over the classes given, is below ``--bg-thresh``. Reliable with about four or more classes; with one to
+  three the softmax is confident everywhere and the background is painted as a class;
+* ``prompt``: the background is one more text class (``--bg-name``, default the checkpoint's, e.g. the demo's
+  "grey background", else "background"); works with any number of classes, as well as the text tower knows the
+  background;
+* ``none``: every pixel gets a class.
+
+Default: ``prompt`` for fewer than four classes, else ``threshold``. Also runnable as
+``python -m groupvit.segment_cli``. Exit status: 0 on success, 1 if some images failed (each is reported, the
+others are still written), 2 on a usage, checkpoint or configuration error (one line; ``--debug`` for a traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from groupvit.segmentation import SegConfig, ZeroShotSegmenter, load_image
+from groupvit import drawing
+from groupvit.segmentation import SIMPLE_TEMPLATES, SegConfig, ZeroShotSegmenter, class_embeddings, load_image
 
-__all__ = ["DEMO_CHECKPOINT", "load_model", "main", "overlay_with_legend", "palette", "parse_classes",
-           "save_mask"]
+__all__ = ["BACKGROUNDS", "CliError", "DEMO_CHECKPOINT", "check_device", "load_model", "main", "parse_classes",
+           "seg_settings"]
 
-DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # where the training demo (train/demo.py) writes its model
-DEMO_BG_THRESH = 0.9  # the training demo's background threshold (train/demo.py uses these two)
-DEMO_EVAL_SCALE = 2  # the demo segments at twice the training size, as the official protocol
+DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # `--checkpoint demo`: the training demo's default output
+BACKGROUNDS = ("threshold", "prompt", "none")
+FEW_CLASSES = 4  # below this many classes the default background is "prompt" (the threshold cannot act)
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,13 +67,15 @@ def demo_checkpoint_path() -> Path:
                    f"train it first with the training demo (python -m train.demo), or pass --checkpoint FILE")
 
 
-def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoint: bool = False):
-    """A GroupViT in eval mode from a checkpoint (any spec :func:`groupvit.load_checkpoint` reads: file, HF model
-    folder, ``hf:ORG/NAME``) or ``"demo"``; with ``preset`` the weights are loaded into that architecture (a mismatch
-    is an error); with a preset and no checkpoint the weights are random. ``trust_checkpoint``: see
-    :func:`groupvit.load_checkpoint` (it can run code from the file)."""
+def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoint: bool = False
+               ) -> tuple[Any, dict[str, Any]]:
+    """``(model, settings)``: a GroupViT in eval mode from a checkpoint (any spec :func:`groupvit.load_checkpoint`
+    reads: file, HF model folder, ``hf:ORG/NAME``) or ``"demo"``, and the checkpoint's ``"segmentation"`` entry
+    (``{}`` if none). With ``preset`` the weights are loaded into that architecture (a mismatch is an error); with a
+    preset and no checkpoint the weights are random. ``trust_checkpoint``: see :func:`groupvit.load_checkpoint`
+    (it can run code from the file)."""
     from groupvit import create_model, load_checkpoint
-    from groupvit.checkpoint import CheckpointReadError
+    from groupvit.checkpoint import read_checkpoint
 
     if checkpoint is None and preset is None:
         raise CliError("give --checkpoint FILE (or 'demo'), or --preset NAME for a randomly initialised model")
@@ -66,116 +84,95 @@ def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoi
     except ValueError as e:
         raise CliError(str(e)) from e
     if checkpoint is None:
-        return model.eval()
+        return model.eval(), {}
     path = demo_checkpoint_path() if checkpoint == "demo" else checkpoint
     if not str(path).startswith("hf:") and not Path(path).exists():
-        raise CliError(f"checkpoint {str(path)!r} does not exist")
+        raise CliError(f"checkpoint {str(path)!r} does not exist: give a checkpoint file, a HuggingFace model "
+                       f"folder, hf:ORG/NAME or 'demo'")
     try:
-        model = load_checkpoint(path, model, trust_checkpoint=trust_checkpoint)
-    except CheckpointReadError as e:
-        raise CliError(f"cannot load checkpoint {str(path)!r}: {e}") from e
+        payload = read_checkpoint(path, trust_checkpoint)
+        model = load_checkpoint(payload, model)
     except ValueError as e:
         arch = f" and the --preset {preset!r} architecture" if preset else ""
-        raise CliError(f"checkpoint {str(path)!r}{arch} do not match: {e}") from e
-    except RuntimeError as e:
+        if "does not match" in str(e) or "mismatch" in str(e):
+            raise CliError(f"checkpoint {str(path)!r}{arch} do not match: {e}") from e
         raise CliError(f"cannot load checkpoint {str(path)!r}: {e}") from e
-    return model.eval()
+    except (OSError, RuntimeError, TypeError, KeyError, AttributeError) as e:
+        raise CliError(f"cannot load checkpoint {str(path)!r} ({type(e).__name__}: {e}): is it a GroupViT "
+                       f"checkpoint? (--preset NAME gives the architecture of a bare state dict)") from e
+    settings = payload.get("segmentation")
+    return model.eval(), dict(settings) if isinstance(settings, Mapping) else {}
+
+
+def seg_settings(settings: Mapping[str, Any], img_size: int) -> dict[str, Any]:
+    """:class:`SegConfig` keyword arguments from a checkpoint's ``"segmentation"`` entry (the training demo's:
+    ``templates``, ``bg_thresh``, ``topk``, ``mode``, ``eval_scale`` x the training size as the resize target and
+    window); unknown or absent keys keep SegConfig's defaults (the official VOC protocol)."""
+    kw: dict[str, Any] = {}
+    if settings.get("templates"):
+        kw["templates"] = tuple(settings["templates"])
+    for key in ("bg_thresh", "topk", "mode"):
+        if key in settings:
+            kw[key] = settings[key]
+    if "eval_scale" in settings:
+        side = int(round(float(settings["eval_scale"]) * img_size))
+        kw.update(short_side=side, crop=side, stride=side)
+    return kw
 
 
 def parse_classes(text: str) -> list[str]:
-    """``"cat, dog,sofa"`` -> ``["cat", "dog", "sofa"]``; empty, duplicate or 'background' entries are errors."""
-    names = [n.strip() for n in text.split(",")]
-    names = [n for n in names if n]
+    """``"cat, dog,sofa"`` -> ``["cat", "dog", "sofa"]``; without commas the text is split on spaces
+    (``"red green blue"``; end one multi-word class with a comma: ``"traffic light,"``). Empty, duplicate or
+    'background' entries are errors."""
+    names = [n.strip() for n in (text.split(",") if "," in text else text.split())]
+    names = [re.sub(r"\s+", " ", n) for n in names if n]
     if not names:
         raise CliError(f"--classes is empty ({text!r}): give at least one class name, e.g. --classes cat,dog")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise CliError(f"--classes lists {dup} more than once")
+        raise CliError(f"--classes lists {dup} more than once: name each class once")
     if any(n.lower() == "background" for n in names):
         raise CliError("'background' is added automatically as label 0; remove it from --classes "
-                       "(or pass --no-background)")
+                       "(or pass --background none)")
     if len(names) > 255:
-        raise CliError(f"{len(names)} classes: at most 255 fit a palette mask")
+        raise CliError(f"{len(names)} classes: at most 255 fit a palette mask; give fewer --classes")
     return names
-
-
-def palette(background: bool = True) -> np.ndarray:
-    """Label colours ``uint8 [256, 3]``: the VOC colour map, label 0 black when it is the background (else the
-    map shifted by one, so no class is drawn black)."""
-    from groupvit.seg_datasets import voc_colormap
-
-    return voc_colormap(257)[0 if background else 1:][:256]
-
-
-def save_mask(labels: np.ndarray, path: Path, background: bool = True) -> None:
-    """Palette PNG: pixel value = label index, colours from :func:`palette`."""
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise ValueError(f"save_mask: labels must lie in 0..255, got {labels.min()}..{labels.max()}")
-    im = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
-    im.putpalette(palette(background).reshape(-1).tolist())
-    im.save(path)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
-def overlay_with_legend(rgb: np.ndarray, labels: np.ndarray, names: Sequence[str], background: bool,
-                        alpha: float = 0.55) -> Image.Image:
-    """The image tinted by label colour (background left untinted) with a legend panel on the right listing the
-    labels present, largest first, as colour box + name + pixel share."""
-    colors = palette(background).astype(np.float32)
-    tint = colors[labels]  # [H, W, 3]
-    mix = rgb.astype(np.float32) * (1 - alpha) + tint * alpha
-    if background:
-        mix = np.where((labels == 0)[..., None], rgb.astype(np.float32), mix)
-    img = Image.fromarray(mix.round().clip(0, 255).astype(np.uint8))
-    present = np.bincount(labels.reshape(-1), minlength=len(names))
-    order = [int(i) for i in np.argsort(-present, kind="stable") if present[i] > 0]
-    h, w = labels.shape
-    size = max(12, min(h, w) // 28)
-    font = _font(size)
-    probe = ImageDraw.Draw(img)
-    entries = [f"{names[i]} ({100 * present[i] / labels.size:.1f}%)" for i in order]
-    text_w = max(int(probe.textlength(e, font=font)) for e in entries)
-    pad, box, row = size // 2, size, int(size * 1.6)
-    panel_w = pad * 3 + box + text_w
-    canvas = Image.new("RGB", (w + panel_w, max(h, pad * 2 + row * len(order))), (255, 255, 255))
-    canvas.paste(img, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, (i, entry) in enumerate(zip(order, entries)):
-        y = pad + k * row
-        c = tuple(int(v) for v in colors[i])
-        draw.rectangle([w + pad, y, w + pad + box, y + box], fill=c, outline=(0, 0, 0))
-        draw.text((w + 2 * pad + box, y), entry, fill=(0, 0, 0), font=font)
-    return canvas
 
 
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="groupvit-segment", description=__doc__.split("\n\n")[0],
-                                 epilog="Writes <out>/<name>_mask.png and <out>/<name>_overlay.png per image.")
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__[__doc__.index("For each image"):].replace("``", ""))
     ap.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     ap.add_argument("--checkpoint", required=True, help="checkpoint file (official, HF or ours; .pth/.pt/.bin/"
                     ".safetensors), HuggingFace model folder, hf:ORG/NAME (needs huggingface_hub) or 'demo'")
     ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
                     "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
-    ap.add_argument("--classes", required=True, help="comma-separated class names, e.g. cat,dog,sofa")
+    ap.add_argument("--classes", default=None, help="class names, comma-separated (cat,dog,sofa) or, without "
+                    "commas, space-separated ('red green blue'); default: the checkpoint's classes (the demo's)")
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--preset", default=None, help="check the checkpoint against this architecture preset")
-    ap.add_argument("--bg-thresh", type=float, default=None, help="background threshold (default 0.95; demo 0.9)")
-    ap.add_argument("--no-background", action="store_true", help="no background label: every pixel gets a class")
-    ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default slide (demo: whole)")
+    ap.add_argument("--background", choices=BACKGROUNDS, default=None,
+                    help=f"how background is found (see below); default: prompt with fewer than {FEW_CLASSES} "
+                         f"classes, else threshold")
+    ap.add_argument("--bg-thresh", type=float, default=None,
+                    help="--background threshold: score below which a pixel is background, in [0, 1] "
+                         "(default: the checkpoint's, else 0.95)")
+    ap.add_argument("--bg-name", default=None, help="--background prompt: the background's name (default: the "
+                    "checkpoint's, e.g. the demo's 'grey background', else 'background')")
+    ap.add_argument("--no-background", dest="background", action="store_const", const="none",
+                    help="same as --background none: every pixel gets a class")
+    ap.add_argument("--mode", choices=("slide", "whole"), default=None,
+                    help="sliding windows or the whole image (default: the checkpoint's, else slide)")
     ap.add_argument("--short-side", type=int, default=None,
-                    help="resize target (default 448; demo: 2x the training size)")
-    ap.add_argument("--crop", type=int, default=448, help="sliding-window size (default 448)")
-    ap.add_argument("--stride", type=int, default=224, help="sliding-window step (default 224)")
+                    help="resize target (default: the checkpoint's, e.g. the demo's 2x training size, else 448)")
+    ap.add_argument("--crop", type=int, default=None, help="sliding-window size (default: as --short-side, 448)")
+    ap.add_argument("--stride", type=int, default=None, help="sliding-window step (default 224, or the crop)")
     ap.add_argument("--template", action="append", default=None,
-                    help="prompt template with {} (repeatable; default 'a photo of a {}.')")
+                    help="prompt template with {} (repeatable; default: the checkpoint's, else 'a photo of a {}.')")
     ap.add_argument("--backend", choices=("eager", "triton"), default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    ap.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     return ap
 
 
@@ -186,8 +183,85 @@ def check_backend(backend: str | None, device: str) -> None:
                        f"(the Triton interpreter: correct but slow); or use --backend eager")
 
 
-def _pick(value, default):
-    return default if value is None else value
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda if available, else cpu), checked: a CUDA device must exist."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise CliError(f"--device {device!r} is not a device name ({e}): use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, "
+                           f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
+    elif dev.type != "cpu":
+        raise CliError(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """The output folder, created if missing; an existing file there is an error."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {str(path)!r} is a file, not a folder: give a folder name (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {str(path)!r}: cannot create the folder ({e.strerror}); give a writable folder") from e
+    return path
+
+
+def _config(args: argparse.Namespace, settings: Mapping[str, Any], img_size: int, n_classes: int
+            ) -> tuple[SegConfig, str]:
+    """The SegConfig and background mode: command line, else the checkpoint's settings, else the defaults."""
+    kw = seg_settings(settings, img_size)
+    background = args.background or ("prompt" if n_classes < FEW_CLASSES else "threshold")
+    if args.bg_thresh is not None:
+        if not math.isfinite(args.bg_thresh) or not 0 <= args.bg_thresh <= 1:
+            raise CliError(f"--bg-thresh {args.bg_thresh}: give a number in [0, 1] (a score; official 0.95)")
+        kw["bg_thresh"] = args.bg_thresh
+    for key in ("mode", "short_side", "crop", "stride"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    if args.crop is not None and args.stride is None:
+        kw["stride"] = min(kw.get("stride", 224), args.crop)
+    if args.template:
+        kw["templates"] = tuple(args.template)
+    kw["background"] = background == "threshold"
+    try:
+        return SegConfig(**kw), background
+    except ValueError as e:
+        raise CliError(f"{e}; fix the option (see --help)") from e
+
+
+def build_segmenter(model: Any, names: list[str], cfg: SegConfig, background: str, bg_name: str | None,
+                    settings: Mapping[str, Any]) -> ZeroShotSegmenter:
+    """A segmenter whose label 0 is the background (``threshold``, ``prompt``) or the first class (``none``).
+    ``prompt``: the background is one more text class (its name prompted with the checkpoint's background
+    templates, else the class templates) in front of the classes; its label is called "background"."""
+    if background != "prompt":
+        return ZeroShotSegmenter(model, names, cfg)
+    name = bg_name or settings.get("background_name") or "background"
+    templates = tuple(settings.get("background_templates") or cfg.templates)
+    text = torch.cat([class_embeddings(model, [name], templates), class_embeddings(model, names, cfg.templates)])
+    return ZeroShotSegmenter(model, ["background", *names], cfg, text_embeddings=text)
+
+
+def _segment_one(seg: ZeroShotSegmenter, src: str, out: Path, name: str, background: bool,
+                 colors: np.ndarray) -> str:
+    """Segment ``src``, write its mask and overlay, return the summary line."""
+    rgb = load_image(src)
+    labels = seg.predict(rgb)
+    mask, overlay = out / f"{name}_mask.png", out / f"{name}_overlay.png"
+    drawing.mask_image(labels, colors).save(mask)
+    drawing.overlay_with_legend(rgb, labels, seg.labels, colors, background).save(overlay)
+    counts = np.bincount(labels.reshape(-1), minlength=len(seg.labels))
+    found = ", ".join(f"{seg.labels[i]} ({100 * counts[i] / labels.size:.1f}%)"
+                      for i in np.argsort(-counts, kind="stable") if counts[i] > 0)
+    return f"{src}: {found}  -> {mask}, {overlay}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,45 +269,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     from groupvit import ops
 
     try:
-        names = parse_classes(args.classes)
-        check_backend(args.backend, args.device)
-        model = load_model(args.checkpoint, args.preset, args.trust_checkpoint).to(args.device)
-        demo = args.checkpoint == "demo"
-        demo_side = DEMO_EVAL_SCALE * model.cfg.vision.img_size
-        cfg = SegConfig(bg_thresh=_pick(args.bg_thresh, DEMO_BG_THRESH if demo else 0.95),
-                        mode=_pick(args.mode, "whole" if demo else "slide"),
-                        short_side=_pick(args.short_side, demo_side if demo else 448),
-                        crop=args.crop, stride=args.stride, background=not args.no_background,
-                        **({"templates": tuple(args.template)} if args.template else {}))
+        device = check_device(args.device)
+        check_backend(args.backend, device)
+        given = parse_classes(args.classes) if args.classes is not None else None
+        model, settings = load_model(args.checkpoint, args.preset, args.trust_checkpoint)
+        names = given or list(settings.get("classes") or [])
+        if not names:
+            raise CliError("give --classes (e.g. --classes cat,dog,sofa); this checkpoint names no classes of its own")
+        if given is None:
+            print(f"classes from the checkpoint: {', '.join(names)}", file=sys.stderr)
+        cfg, background = _config(args, settings, model.cfg.vision.img_size, len(names))
+        out = check_out_dir(args.out)
+        model = model.to(device)
         if args.backend:
             ops.set_backend(args.backend)
-        seg = ZeroShotSegmenter(model, names, cfg)
+        seg = build_segmenter(model, names, cfg, background, args.bg_name, settings)
     except (CliError, ValueError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    has_bg = background != "none"
+    colors = drawing.label_colors(seg.labels, has_bg)
     failed: list[str] = []
     used: set[str] = set()
     for src in args.images:
-        try:
-            rgb = load_image(src)
-        except (ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(src)
-            continue
-        labels = seg.predict(rgb)
         stem, k = Path(src).stem, 2
         name = stem
         while name in used:  # two inputs with the same file name: keep both outputs
             name, k = f"{stem}-{k}", k + 1
         used.add(name)
-        save_mask(labels, out / f"{name}_mask.png", cfg.background)
-        overlay_with_legend(rgb, labels, seg.labels, cfg.background).save(out / f"{name}_overlay.png")
-        counts = np.bincount(labels.reshape(-1), minlength=len(seg.labels))
-        found = ", ".join(f"{seg.labels[i]} ({100 * counts[i] / labels.size:.1f}%)"
-                          for i in np.argsort(-counts, kind="stable") if counts[i] > 0)
-        print(f"{src}: {found}  -> {out / (name + '_mask.png')}, {out / (name + '_overlay.png')}")
+        try:
+            print(_segment_one(seg, src, out, name, has_bg, colors))
+        except Exception as e:  # one bad image is reported and skipped; the others are still segmented
+            if args.debug:
+                traceback.print_exc()
+            print(f"error: {e}" if str(src) in str(e) else f"error: {src}: {e}", file=sys.stderr)
+            failed.append(src)
     if failed:
         print(f"error: {len(failed)} of {len(args.images)} images failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,13 @@ class SegConfig:
             raise ValueError(f"SegConfig.templates must be non-empty, each with exactly one '{{}}': {self.templates}")
         if self.mode not in ("slide", "whole"):
             raise ValueError(f"SegConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
+        b = self.bg_thresh
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0.0 <= b <= 1.0:  # NaN fails the range test
+            raise ValueError(f"SegConfig.bg_thresh must be a number in [0, 1] (a probability; VOC 0.95), got {b!r}")
+        for name in ("topk", "crop", "stride", "max_long_side", "batch_size", "short_side"):
+            v = getattr(self, name)
+            if not (v is None and name == "short_side") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"SegConfig.{name} must be a whole number, got {v!r}")
         if self.topk < 1:
             raise ValueError(f"SegConfig.topk must be >= 1, got {self.topk}")
         if self.crop < 1 or not 1 <= self.stride <= self.crop:

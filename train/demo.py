@@ -38,7 +38,6 @@ if "NLTK_DATA" not in os.environ and _SHARED_NLTK.is_dir():
     os.environ["NLTK_DATA"] = str(_SHARED_NLTK)
 
 import groupvit  # noqa: E402
-from groupvit.segment_cli import DEMO_BG_THRESH, DEMO_EVAL_SCALE  # noqa: E402
 from groupvit.segmentation import SegConfig, ZeroShotSegmenter  # noqa: E402
 from train.config import TrainConfig, apply_override, load_config  # noqa: E402
 
@@ -131,63 +130,28 @@ def stage_groups(model: groupvit.GroupViT, images: list, cfg: TrainConfig) -> li
     return out
 
 
-def _class_palette() -> np.ndarray:
-    """Label colours ``uint8 [7, 3]``: background black, each colour class drawn in its own colour."""
-    from train.synthetic import COLORS
-
-    return np.asarray([(0, 0, 0), *COLORS.values()], np.uint8)
-
-
-def _group_palette(n: int) -> np.ndarray:
-    """``n`` distinct colours ``uint8 [n, 3]`` for group indices (golden-ratio hue steps, two brightness levels)."""
-    import colorsys
-
-    return np.asarray([[round(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.75, 0.95 - 0.3 * (i % 2))]
-                       for i in range(n)], np.uint8)
-
-
 def write_overlays(val: list, panels: dict[str, list[np.ndarray]], out: Path, n: int = 12) -> list[Path]:
-    """One PNG per image: a grid of panels (four per row, each titled), the image first, then ``panels`` in order:
-    class maps (titles without "groups") in the class colours over the image, group maps ("... groups") one colour
-    per group index; a legend of the class colours below."""
-    from PIL import Image, ImageDraw
-
+    """One PNG per image (:func:`groupvit.drawing.panel_figure`): the image, then ``panels`` in order, four per row,
+    3x enlarged: class maps (titles without "groups") tinted in the class colours, group maps ("... groups") one
+    colour per group index; one legend of the class colours below."""
+    from groupvit import drawing
     from train.synthetic import class_names
 
     out.mkdir(parents=True, exist_ok=True)
-    cpal = _class_palette()
-    gpal = _group_palette(64)
-    s, gap, title, cols = 3, 4, 14, 4  # upscale, gap, title strip, panels per row
+    names = class_names(KIND)
+    cpal, gpal = drawing.label_colors(names), drawing.distinct_colors(64)
+    entries = [*zip(cpal, names), (None, "| groups: one colour per group")]
     paths = []
     for i, (img, cap, _) in enumerate(val[:n]):
-        base = np.asarray(img, np.float32)
-        h, w = base.shape[:2]
-        tiles = [("image", base.astype(np.uint8))]
+        base = np.asarray(img, np.uint8)
+        tiles = [("image", base)]
         for name, maps in panels.items():
             lab = np.asarray(maps[i], np.int64)
-            if "groups" in name:
-                t = 0.3 * base + 0.7 * gpal[lab % len(gpal)]
-            else:
-                fg = (lab > 0)[..., None]
-                t = np.where(fg, 0.35 * base + 0.65 * cpal[lab], 0.35 * base)
-            tiles.append((name, t.astype(np.uint8)))
-        rows = -(-len(tiles) // cols)
-        cw, ch = w * s + gap, h * s + title
-        canvas = Image.new("RGB", (cols * cw - gap, 16 + rows * ch + 22), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
-        draw.text((2, 2), cap, fill=(0, 0, 0))
-        for k, (name, t) in enumerate(tiles):
-            x, y = (k % cols) * cw, 16 + (k // cols) * ch
-            draw.text((x + 2, y), name, fill=(0, 0, 0))
-            canvas.paste(Image.fromarray(t).resize((w * s, h * s), Image.Resampling.NEAREST), (x, y + title))
-        x, y = 2, 16 + rows * ch + 4  # legend: the class colours (groups: one colour per group, no class meaning)
-        for name, c in zip(class_names(KIND), cpal):
-            draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in c), outline=(0, 0, 0))
-            draw.text((x + 16, y), name, fill=(0, 0, 0))
-            x += 16 + int(draw.textlength(name)) + 12
-        draw.text((x, y), "| groups: one colour per group", fill=(0, 0, 0))
+            groups = "groups" in name
+            tiles.append((name, drawing.tint(base, lab % len(gpal) if groups else lab, gpal if groups else cpal,
+                                             alpha=0.7 if groups else 0.65, background=not groups)))
         p = out / f"overlay_{i:02d}.png"
-        canvas.save(p)
+        drawing.panel_figure(tiles, entries, caption=cap, scale=3).save(p)
         paths.append(p)
     return paths
 
@@ -280,10 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# One source for the demo's segmentation settings, shared with `groupvit-segment --checkpoint demo`: threshold 0.9
+# The demo's segmentation settings (stored in its checkpoint for `groupvit-segment --checkpoint demo`): threshold 0.9
 # (official VOC: 0.95; on this data both give the same picture) and twice the training size, as the official protocol
 # (short side 448 for a 224 model). Measured on the 9133629 demo model: mIoU 45.0 at 2x vs 41.4 at 1x (threshold 0.9).
-BG_THRESH, EVAL_SCALE = DEMO_BG_THRESH, DEMO_EVAL_SCALE
+BG_THRESH, EVAL_SCALE = 0.9, 2
 
 
 if __name__ == "__main__":
