@@ -66,14 +66,18 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Temporarily select a backend (restored on exit, also on error)."""
-    prev = _backend
-    set_backend(name)
+def _scoped(setter: Callable[[Any], None], prev: Any, value: Any) -> Iterator[None]:
+    """``setter(value)`` for the ``with`` block, ``setter(prev)`` after it (also on error)."""
+    setter(value)
     try:
         yield
     finally:
-        set_backend(prev)
+        setter(prev)
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """Temporarily select a backend (restored on exit, also on error)."""
+    return _scoped(set_backend, _backend, name)
 
 
 def set_attention(name: str) -> None:
@@ -81,14 +85,8 @@ def set_attention(name: str) -> None:
     _attention = _validated(name, ATTENTION_IMPLS, "attention implementation")
 
 
-@contextlib.contextmanager
-def use_attention(name: str) -> Iterator[None]:
-    prev = _attention
-    set_attention(name)
-    try:
-        yield
-    finally:
-        set_attention(prev)
+def use_attention(name: str) -> contextlib.AbstractContextManager[None]:
+    return _scoped(set_attention, _attention, name)
 
 
 def set_check_finite(enabled: bool) -> None:
@@ -105,15 +103,9 @@ def get_check_finite() -> bool:
     return _check_finite
 
 
-@contextlib.contextmanager
-def use_check_finite(enabled: bool) -> Iterator[None]:
+def use_check_finite(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Temporarily set :func:`set_check_finite` (restored on exit, also on error)."""
-    prev = _check_finite
-    set_check_finite(enabled)
-    try:
-        yield
-    finally:
-        set_check_finite(prev)
+    return _scoped(set_check_finite, _check_finite, enabled)
 
 
 @contextlib.contextmanager
