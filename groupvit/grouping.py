@@ -14,6 +14,7 @@ from torch import Tensor
 
 from groupvit import ops
 from groupvit.layers import CrossAttnBlock, Mlp, MixerMlp
+from kernels.reference import gumbel_like
 
 
 @dataclass
@@ -48,8 +49,6 @@ class AssignAttention(nn.Module):
         maps = None
         if return_maps:
             if gumbel and noise is None:  # one noise draw shared by the op and the reported map
-                from kernels.reference import gumbel_like
-
                 noise = gumbel_like(q.new_empty(q.shape[0], q.shape[1], k.shape[1]))
             soft, hard = ops.assignment_maps(q, k, tau=self.tau, hard=self.hard, gumbel=gumbel, noise=noise)
             maps = GroupingMaps(soft=soft, hard=hard)

@@ -57,8 +57,9 @@ def set_backend(name: str) -> None:
     global _backend
     _backend = _validated(name, BACKENDS, "backend")
     if _backend == "triton":
-        for op in OPS:
-            _triton_impl(op)
+        for op, spec in OPS.items():
+            if spec.triton is not None:
+                _triton_impl(op)
 
 
 def get_backend() -> str:
@@ -153,21 +154,22 @@ def _impl(op: str) -> Callable[..., Tensor]:
 
 def assign_attention(
     q: Tensor, k: Tensor, v: Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = False,
-    noise: Tensor | None = None, eps: float = 1.0,
+    noise: Tensor | None = None, eps: float = 1.0, scale: float | None = None,
 ) -> Tensor:
     """Grouping assignment ``q [B,G,C], k, v [B,N,C] -> [B,G,C]``; spec: :func:`kernels.reference.assign_attention`."""
     if _backend == "eager" and _kernel_noise and gumbel and noise is None:
         from kernels.assign_attention import draw_seed, gumbel_noise
 
         noise = gumbel_noise(draw_seed(q.device), 0, (q.shape[0], q.shape[1], k.shape[1]), q.device)
-    return _impl("assign_attention")(q, k, v, tau=tau, hard=hard, gumbel=gumbel, noise=noise, eps=eps)
+    return _impl("assign_attention")(q, k, v, tau=tau, hard=hard, gumbel=gumbel, noise=noise, eps=eps, scale=scale)
 
 
 def assignment_maps(
-    q: Tensor, k: Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = False, noise: Tensor | None = None
+    q: Tensor, k: Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = False, noise: Tensor | None = None,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Soft and hard ``[B,G,N]`` maps of a grouping block (diagnostics and segmentation; always eager)."""
-    return reference.assignment_maps(q, k, tau=tau, hard=hard, gumbel=gumbel, noise=noise)
+    return reference.assignment_maps(q, k, tau=tau, hard=hard, gumbel=gumbel, noise=noise, scale=scale)
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None) -> Tensor:
@@ -180,15 +182,16 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_pr
     return _impl("contrastive_loss")(image, text, logit_scale, num_prompts=num_prompts, group=group)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tensor:
-    """Multi-head attention ``q [B,H,Lq,Dh], k, v [B,H,Lk,Dh] -> [B,H,Lq,Dh]`` (SDPA / xformers / math)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
+    """Multi-head attention ``q [B,H,Lq,Dh], k, v [B,H,Lk,Dh] -> [B,H,Lq,Dh]`` (SDPA / xformers / math); ``scale``
+    multiplies the logits (default ``Dh ** -0.5``)."""
     impl = _attention
     if impl == "auto":
         impl = "xformers" if (q.is_cuda and _xformers_ok()) else "sdpa"
     if impl == "math":
-        return reference.attention(q, k, v, causal=causal)
+        return reference.attention(q, k, v, causal=causal, scale=scale)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     if not (q.is_cuda and _xformers_ok()):
         raise RuntimeError(f"attention implementation 'xformers' requested for {q.device} tensors of shape "
                            f"{tuple(q.shape)}, but xformers memory_efficient_attention is not usable here "
@@ -197,7 +200,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tenso
 
     # xformers takes [B, L, H, Dh]
     out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                     attn_bias=LowerTriangularMask() if causal else None)
+                                     attn_bias=LowerTriangularMask() if causal else None, scale=scale)
     return out.transpose(1, 2)
 
 

@@ -1,7 +1,7 @@
 """One registry of fused ops and their shapes, shared by :mod:`groupvit.ops`, ``tests/`` and ``bench/``.
 
 Each :class:`OpSpec` names the eager reference (the spec), the Triton implementation (a dotted path, imported
-lazily so that this module needs torch only), an input factory, named shape cases taken from the real GroupViT
+lazily so that this module needs torch only; ``None`` for an op without a kernel of ours), an input factory, named shape cases taken from the real GroupViT
 dimensions, and the FLOP / byte model used to report % of the physical floor (kernels_notes.md §4).
 
 Case tags: ``smoke`` (tiny odd shapes, run under the Triton interpreter in CI), ``model`` (real GroupViT shapes;
@@ -35,7 +35,7 @@ class Case:
 class OpSpec:
     name: str
     reference: Callable[..., Tensor]
-    triton: str  # "module:function", resolved on first use
+    triton: str | None  # "kernels.<module>:function", resolved on first use; None: no Triton kernel of ours
     make_inputs: Callable[[Case, torch.dtype, torch.device, int], Inputs]
     cases: tuple[Case, ...]
     flops: Callable[[dict[str, int], str], float]  # (dims, mode) -> FLOP
@@ -43,6 +43,8 @@ class OpSpec:
     grad_inputs: tuple[int, ...] = ()  # positional inputs that receive gradients
 
     def triton_fn(self) -> Callable[..., Tensor]:
+        if self.triton is None:
+            raise LookupError(f"{self.name} has no Triton kernel of ours")
         mod, fn = self.triton.split(":")
         return getattr(importlib.import_module(mod), fn)
 
@@ -191,7 +193,7 @@ def _attention_bytes(d: dict[str, int], mode: str, es: int) -> float:
 ATTENTION = OpSpec(
     name="attention",
     reference=reference.attention,
-    triton="groupvit.ops:attention",  # the fast path (SDPA / xformers) is what the model runs
+    triton=None,  # the model runs SDPA / xformers (selected by the model's attention switch)
     make_inputs=_attention_inputs,
     grad_inputs=(0, 1, 2),
     cases=(
