@@ -481,9 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup_ms, rep_ms = ((1, 1) if quick_cpu else (5, 20)) if a.quick else (25, 100)
     st = Settings(device=device, modes=modes, dtype_label=label, warmup_ms=warmup_ms, rep_ms=rep_ms)
     if a.ceilings:  # this device's measured ceilings replace the constants
-        from bench.verdict import read_ceilings
-
-        ceil = read_ceilings(a.ceilings)
+        ceil = common.read_ceilings(a.ceilings)
         st.floors = {op: (m, u, ceil.copy_gbps if m == "gbps" else ceil.gemm_tflops) for op, (m, u, _) in FLOOR.items()}
     start = a.max_batch_start or (5 if quick_cpu else 4096)
     cap = a.max_batch_cap or (20 if quick_cpu else 1 << 21)

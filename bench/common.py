@@ -260,6 +260,24 @@ def read_rows(path: Path | str) -> list[dict[str, str]]:
         return list(reader)
 
 
+@dataclass
+class Ceilings:
+    """A device's measured ceilings (``python -m bench.verdict``): copy GB/s and bf16 GEMM TFLOP/s."""
+
+    copy_gbps: float | None = None
+    gemm_tflops: float | None = None
+
+
+def read_ceilings(path: Path) -> Ceilings:
+    """The ceilings a verdict measured, from its ``verdict.csv`` (ValueError naming the file if it has none)."""
+    rows = {(r["op"], r["metric"]): r["p50"] for r in read_rows(path)}
+    copy, gemm = rows.get(("device", "gbps")), rows.get(("device", "tflops"))
+    if not copy or not gemm:
+        raise ValueError(f"{path}: no measured ceilings (rows op=device, metric gbps and tflops); run "
+                         f"`python -m bench.verdict` on this device first")
+    return Ceilings(float(copy), float(gemm))
+
+
 def write_rows(path: Path | str, rows: Iterable[dict[str, str]]) -> int:
     """Merge ``rows`` into the CSV at ``path``: rows with an existing key replace it in place, new keys are
     appended. Written atomically (temp file + rename). Returns the number of rows in the file."""

@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from bench import common
+from bench import bench_ops, common
+from bench.common import Ceilings, read_ceilings  # noqa: F401 (read_ceilings: read back what this CLI wrote)
 from kernels.registry import OPS, Case, OpSpec
 
 DTYPE = torch.bfloat16
@@ -86,12 +87,6 @@ def headline_items(dry: bool) -> list[Item]:
 # ---- 1. ceilings --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Ceilings:
-    copy_gbps: float | None = None
-    gemm_tflops: float | None = None
-
-
 def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) -> tuple[Ceilings, list[dict]]:
     """Copy bandwidth (1 GiB, dry 4 MiB) and bf16 GEMM throughput (8192^3, dry 256^3) of ``device``."""
     c, rows = Ceilings(), []
@@ -113,16 +108,6 @@ def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) 
     rows.append(dict(op="device", case=f"gemm-bf16-{m}", mode="matmul", metric="tflops", unit="TFLOP/s",
                      p50=c.gemm_tflops, p20=flop / (t.p80 * 1e-3), p80=flop / (t.p20 * 1e-3), dims=dict(M=m, N=m, K=m)))
     return c, rows
-
-
-def read_ceilings(path: Path) -> Ceilings:
-    """The ceilings a verdict measured, from its ``verdict.csv`` (ValueError naming the file if it has none)."""
-    rows = {(r["op"], r["metric"]): r["p50"] for r in common.read_rows(path)}
-    copy, gemm = rows.get(("device", "gbps")), rows.get(("device", "tflops"))
-    if not copy or not gemm:
-        raise ValueError(f"{path}: no measured ceilings (rows op=device, metric gbps and tflops); run "
-                         f"`python -m bench.verdict` on this device first")
-    return Ceilings(float(copy), float(gemm))
 
 
 # ---- 2. parity ----------------------------------------------------------------------------------------------------
@@ -210,13 +195,11 @@ def _judge(res: ParityResult, names: Sequence[str], out: Sequence[Tensor], eager
 
 
 def check_parity(item: Item, device: torch.device) -> ParityResult:
-    from bench.bench_ops import _short
-
     try:
         fn = _assign_parity if item.spec.name == "assign_attention" else _contrastive_parity
         res = fn(item, device)
     except Exception as e:
-        res = ParityResult(item, "oom" if common.is_oom(e) else f"error: {_short(e)}")
+        res = ParityResult(item, "oom" if common.is_oom(e) else f"error: {bench_ops._short(e)}")
     common.free_memory(device, not res.status.startswith("pass"))
     return res
 
@@ -235,8 +218,6 @@ class TimingResult:
 
 
 def _provider(item: Item, name: str, device: torch.device, dry: bool) -> Callable[..., Tensor] | str:
-    from bench import bench_ops
-
     if name == "compile" and dry:
         return "skipped: dry run (torch.compile takes minutes on a CPU)"
     return bench_ops.load_provider(item.spec, name, device)
@@ -245,8 +226,6 @@ def _provider(item: Item, name: str, device: torch.device, dry: bool) -> Callabl
 def time_item(item: Item, provider: str, fn: Callable[..., Tensor] | str, mode: str, device: torch.device,
               timing: dict[str, float]) -> TimingResult:
     """``fwd`` (eval: under no_grad) or ``fwd_bwd`` of ``fn`` at the item's case: median ms and peak MiB."""
-    from bench import bench_ops
-
     if isinstance(fn, str):
         return TimingResult(item, provider, mode, fn)
     err = None
@@ -455,9 +434,7 @@ def run(out: Path, *, dry: bool, budget_s: float, providers: Sequence[str] = PRO
         print(f"# ceilings: copy {v.ceilings.copy_gbps:.4g} GB/s, bf16 GEMM {v.ceilings.gemm_tflops:.4g} TFLOP/s",
               flush=True)
     except Exception as e:  # the parity checks matter more: go on without "% of ceiling"
-        from bench.bench_ops import _short
-
-        v.notes.append(f"ceilings not measured: {_short(e)}")
+        v.notes.append(f"ceilings not measured: {bench_ops._short(e)}")
         common.free_memory(device)
     write(v, out)
 
