@@ -38,6 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from typing import Any, Sequence
 
+from train.shards import expand_urls
+
 __all__ = ["IMAGENET_TEMPLATES", "KEEP_TAGS", "NOUNS_KEY", "add_nouns", "candidate_words", "load_tagger",
            "make_prompts", "nouns_record", "parse_nouns"]
 
@@ -216,8 +218,6 @@ def add_nouns(patterns: Sequence[str], workers: int = 1) -> dict[str, int]:
     Returns:
         ``{"shards": …, "rewritten": …, "samples": …}`` (shards already complete are left untouched).
     """
-    from train.data import expand_urls
-
     shards = expand_urls(list(patterns))
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
