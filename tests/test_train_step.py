@@ -224,6 +224,31 @@ def test_train_step_reads_the_host_once(backend, monkeypatch):
         assert len(calls) == 3, calls
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_train_step_syncs_once_on_gpu(backend):
+    """On CUDA, torch's own sync detector sees exactly one synchronising call in a step (fused AdamW; the batch on
+    the CPU as the loader gives it)."""
+    import warnings
+
+    model = _tiny().cuda()
+    opt = build_optimizer(model, lr=1e-3)
+    loss_fn = groupvit.GroupViTLoss()
+    batch = _batch()
+    with ops.use_backend(backend):
+        train_step(model, loss_fn, opt, batch)  # lazy initialisation, autotuning
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_step(model, loss_fn, opt, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+
+
 # ---- non-finite steps ------------------------------------------------------------------------------------------------
 
 

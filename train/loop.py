@@ -111,7 +111,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
 
-    nan = torch.tensor(float("nan"), device=device)
+    nan = torch.full((), float("nan"), device=device)  # a fill kernel: torch.tensor(..., device) would sync
     ml_scale = getattr(bare, "multi_label_logit_scale", None)
     stats = torch.stack([
         loss.detach().float(), losses.get("loss_itc", nan).detach().float(), losses.get("loss_ml", nan).detach().float(),
