@@ -465,7 +465,7 @@ def _positive_cosines(image: Tensor, text: Tensor, k: int, cd: torch.dtype, chun
                        * text[a * k : (a + chunk) * k].to(cd).view(-1, k, d)).sum(-1) for a in range(0, b, chunk)])
 
 
-@torch.library.custom_op("groupvit::contrastive_lse", mutates_args=())
+@torch.library.custom_op("groupvit_kernels::contrastive_lse", mutates_args=())
 def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> tuple[Tensor, Tensor]:
     """Base-2 row LSE ``[B]`` and (this rank's partial) column LSE ``[M]`` of ``X = s I T^T``; ``scale2 = s log2 e``."""
     if check_finite:
@@ -500,7 +500,7 @@ def _(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> tuple[
     return image.new_empty(image.shape[0], dtype=cd), image.new_empty(text.shape[0], dtype=cd)
 
 
-@torch.library.custom_op("groupvit::contrastive_grads", mutates_args=())
+@torch.library.custom_op("groupvit_kernels::contrastive_grads", mutates_args=())
 def _grads_op(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tensor, roww: Tensor, colw: Tensor,
               di_scale: Tensor, dt_scale: Tensor, col0: int, k: int, dt_full: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -571,11 +571,11 @@ class _ContrastiveLoss(torch.autograd.Function):
                     raise ValueError(f"contrastive_loss: non-finite values (NaN/Inf) on another rank "
                                      f"(local image {tuple(image.shape)}, text {tuple(text.shape)})")
             txt_all = _all_gather(text, group, world)  # [W*B*K, D]
-            r2, c2p = torch.ops.groupvit.contrastive_lse(image, txt_all, scale2, False)
+            r2, c2p = torch.ops.groupvit_kernels.contrastive_lse(image, txt_all, scale2, False)
             c2 = _lse2(_all_gather(c2p, group, world).view(world, -1))  # [W*B*K] global column LSEs
         else:
             txt_all = text
-            r2, c2 = torch.ops.groupvit.contrastive_lse(image, txt_all, scale2, check)
+            r2, c2 = torch.ops.groupvit_kernels.contrastive_lse(image, txt_all, scale2, check)
         col0 = rank * b * k
         rpos = _positive_cosines(image, text, k, cd)  # [B, K]
         img_loss = (r2 - scale2 * rpos.mean(dim=1)).mean()  # per-row differences first: no cancellation of means
@@ -601,7 +601,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         roww = g * alpha  # [1]
         colw = (g_all * beta).repeat_interleave(b * k)  # [W*B*K]
         out_scale = (norm * scale).reshape(1)  # dI = s * Gx T
-        d_image, dt, rowsum, colsum = torch.ops.groupvit.contrastive_grads(
+        d_image, dt, rowsum, colsum = torch.ops.groupvit_kernels.contrastive_grads(
             image, txt_all, scale * LOG2E, r2, c2, roww / norm, colw / norm, out_scale,
             torch.ones_like(out_scale) if world > 1 else out_scale, rank * b * k, k, world > 1)
         colsum_rank = colsum.view(world, b * k).sum(dim=1)  # [W] column sums of (P_col - t) * R per owning rank
@@ -644,11 +644,11 @@ def contrastive_loss(
         raise TypeError(f"contrastive_loss (triton): unsupported dtype {dt}; use one of {_DTYPES}")
     if image.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"contrastive_loss (triton): got {image.device} tensors (image {tuple(image.shape)}, text "
-                         f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or "
-                         f"ops.set_backend('eager') (or set TRITON_INTERPRET=1 before importing the kernels)")
+                         f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or select the eager "
+                         f"backend (or set TRITON_INTERPRET=1 before importing the kernels)")
     if image.shape[1] > MAX_D:
         raise ValueError(f"contrastive_loss (triton): embedding dim {image.shape[1]} > {MAX_D} is not supported "
-                         f"(image {tuple(image.shape)}); use ops.set_backend('eager')")
+                         f"(image {tuple(image.shape)}); select the eager backend")
     cd = _compute_dtype(dt)
     world = dist.get_world_size(group) if (dist.is_available() and dist.is_initialized()) else 1
     rank = dist.get_rank(group) if world > 1 else 0
