@@ -44,6 +44,9 @@ from torch import Tensor
 from triton.language.extra import libdevice
 from triton.runtime.errors import OutOfResources
 
+from kernels.registry import OPS
+from kernels.variants import Variant
+
 __all__ = ["assign_attention", "draw_seed", "gumbel_noise", "philox_bits", "MAX_GROUPS"]
 
 # Captured once: the @triton.jit decorators below were built in this mode (interpreted or compiled).
@@ -474,8 +477,8 @@ def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward
     except OutOfResources as e:  # e.g. the stage-1 backward's ~224 KB of shared memory on an A100 (163 KB)
         raise RuntimeError(f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
                            f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel is "
-                           f"built for sm_90 (H100/H200, 227 KB shared memory per block). Use "
-                           f"ops.set_backend('eager') on this GPU") from e
+                           f"built for sm_90 (H100/H200, 227 KB shared memory per block). Select "
+                           f"the eager backend on this GPU") from e
 
 
 def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
@@ -543,7 +546,7 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: T
 def _check_launchable(device: torch.device, what: str) -> None:
     if device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{what}: CPU tensors need the Triton interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 "
-                         f"before importing kernels.assign_attention, or use ops.set_backend('eager').")
+                         f"before importing kernels.assign_attention, or select the eager backend.")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{what}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
 
@@ -659,17 +662,17 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
         raise ValueError(f"{op}: G and C must be >= 1; got {_shapes(q, k, v)}")
     if g > MAX_GROUPS:
         raise ValueError(f"{op}: G = {g} groups exceeds the kernel's maximum of {MAX_GROUPS} "
-                         f"({_shapes(q, k, v)}); use ops.set_backend('eager') for larger G")
+                         f"({_shapes(q, k, v)}); select the eager backend for larger G")
     if not _fits(g, c):
         raise ValueError(f"{op}: G = {g} groups x C = {c} channels exceed what one program holds (C <= "
                          f"{MAX_CHUNKS * MAX_BLOCK_C}, padded G x C <= {ACC_BUDGET}; {_shapes(q, k, v)}); use "
-                         f"ops.set_backend('eager') for this shape")
+                         f"the eager backend for this shape")
     common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if needs_grad and not _fits_smem(g, c, common):
         raise ValueError(f"{op}: the backward of {common} inputs at G = {g}, C = {c} needs more shared memory than a "
                          f"GPU block has (q and dO stay resident; {_shapes(q, k, v)}); train with bf16/fp16 "
-                         f"projections (torch.autocast), or use ops.set_backend('eager')")
+                         f"projections (torch.autocast), or select the eager backend")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -689,8 +692,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
             raise ValueError(f"{op}: noise on {noise.device}, q on {q.device}")
     if q.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{op}: got CPU tensors ({_shapes(q, k, v)}) but the Triton kernels were not built for the "
-                         f"interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 before importing kernels, or use "
-                         f"ops.set_backend('eager').")
+                         f"interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 before importing kernels, or select "
+                         f"the eager backend.")
     _check_launchable(q.device, f"{op}({_shapes(q, k, v)})")
 
 
@@ -741,9 +744,6 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
     """One :class:`kernels.variants.Variant` per config the launchers can pick at ``shape`` (registry dims
     ``B, G, N, C``) and input ``dtype`` on a GPU with ``num_sms`` SMs: forward and backward (where the public op
     allows it), every mode."""
-    from kernels.registry import OPS
-    from kernels.variants import Variant
-
     b, g, n, c = shape["B"], shape["G"], shape["N"], shape["C"]
     spec = OPS["assign_attention"]
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]

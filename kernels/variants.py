@@ -74,7 +74,7 @@ class Variant:
 
         if not isinstance(self.fn, JITFunction):
             raise TypeError(f"{self.name}: {type(self.fn).__name__} cannot be compiled; import the kernels with "
-                            f"TRITON_INTERPRET unset or 0 (python -m bench.kernel_report runs in its own process)")
+                            f"TRITON_INTERPRET unset or 0 (compile in a process of its own)")
         backend = make_backend(_gpu_target(target))
         binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
         vals = {k: MockTensor(v) if isinstance(v, torch.dtype) else v for k, v in self.args.items()}

@@ -311,7 +311,7 @@ def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
     with pytest.raises(ValueError) as info:
         aa.assign_attention(_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8))
     msg = str(info.value)
-    for part in ("assign_attention", "(2, 4, 8)", "(2, 5, 8)", "CUDA", "TRITON_INTERPRET=1", "set_backend('eager')"):
+    for part in ("assign_attention", "(2, 4, 8)", "(2, 5, 8)", "CUDA", "TRITON_INTERPRET=1", "eager backend"):
         assert part in msg, f"{part!r} missing from: {msg}"
 
 
@@ -324,7 +324,7 @@ def test_fp32_backward_too_large_for_shared_memory_says_how_to_fix(monkeypatch):
         aa.assign_attention(q, _t(1, 9, 384), _t(1, 9, 384))
     msg = str(info.value)
     for part in ("assign_attention", "backward", "shared memory", "G = 64, C = 384", "autocast",
-                 "set_backend('eager')"):
+                 "eager backend"):
         assert part in msg, f"{part!r} missing from: {msg}"
     with torch.no_grad(), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):  # past the check: no GPU here
         aa.assign_attention(q, _t(1, 9, 384), _t(1, 9, 384))
