@@ -188,6 +188,15 @@ def _count_reads(monkeypatch, opt: torch.optim.Optimizer) -> list[str]:
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
+    make = torch.tensor
+
+    def tensor(*a, **k):  # Python data -> a device tensor: a blocking copy (stream sync) on CUDA
+        where = sys._getframe(1)  # not counted: an explicit "cpu" (a host tensor), AdamW's state (made once)
+        if k.get("device") not in (None, "cpu") and where.f_code.co_name != "_init_group":
+            calls.append(f"torch.tensor(device=...) at {where.f_code.co_filename}:{where.f_lineno}")
+        return make(*a, **k)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
     return calls
 
 
