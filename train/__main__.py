@@ -42,6 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if cfg.backend == "triton":
+        import os
+
+        import torch
+
+        on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error(f"backend=triton needs a CUDA device (device={cfg.device} runs on the CPU here), or "
+                     f"TRITON_INTERPRET=1 in the environment (the Triton interpreter: correct but slow); "
+                     f"or set backend=eager")
     if not cfg.data.train_shards and cfg.data.synthetic_train <= 0:
         ap.error("no training data: set data.train_shards (webdataset shard patterns) or data.synthetic_train")
     if cfg.data.train_shards:
