@@ -114,8 +114,9 @@ def test_missing_tagger_error(monkeypatch, tmp_path):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     load_tagger.cache_clear()
     try:
-        with pytest.raises(LookupError, match="NLTK_DATA"):
+        with pytest.raises(LookupError, match="NLTK_DATA") as e:
             make_prompts(SURF, 3, random.Random(0))
+        assert "data.multi_label=0" in str(e.value) and "python -m train.prompts download-tagger" in str(e.value)
     finally:
         load_tagger.cache_clear()
     assert prompts.load_tagger is load_tagger

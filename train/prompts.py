@@ -97,7 +97,8 @@ def load_tagger() -> Any:
             f"multi-label prompts need NLTK's averaged-perceptron POS tagger ({_TAGGER_DIR}/ with its three "
             f".json files), which was not found on the NLTK data path {list(nltk.data.path)}. Set the environment "
             f"variable NLTK_DATA to the folder that contains 'taggers/' (in this project's CI layout: "
-            f"NLTK_DATA=../shared/data/nltk_data), or use multi_label=0. Original error: {exn}"
+            f"NLTK_DATA=../shared/data/nltk_data), or fetch it once with `python -m train.prompts download-tagger`, "
+            f"or train without noun prompts: data.multi_label=0. Original error: {exn}"
         ) from None
 
 
@@ -252,7 +253,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     add = sub.add_parser("add-nouns", help="add a .nouns member (candidate words) to each captioned sample")
     add.add_argument("shards", nargs="+", help="shard patterns: brace ('x-{000000..000009}.tar') or glob ('*.tar')")
     add.add_argument("--workers", type=int, default=1, help="shards processed in parallel (processes)")
+    get = sub.add_parser("download-tagger", help="fetch NLTK's POS tagger once (network; ~/nltk_data by default, "
+                                                 "which NLTK searches without NLTK_DATA)")
+    get.add_argument("--dir", default=None, help="download folder (then set NLTK_DATA to it)")
     args = ap.parse_args(argv)
+    if args.cmd == "download-tagger":
+        import nltk
+
+        folder = os.path.expanduser(args.dir or os.path.join("~", "nltk_data"))
+        if not nltk.download(_TAGGER_DIR.split("/")[1], download_dir=folder, quiet=True, raise_on_error=False):
+            print(f"download-tagger: could not fetch {_TAGGER_DIR} into {folder} (offline?); copy the folder "
+                  f"'taggers/' from a machine that has it and set NLTK_DATA", file=sys.stderr)
+            return 2
+        print(f"download-tagger: {folder}/{_TAGGER_DIR}" + (f" (set NLTK_DATA={folder})" if args.dir else ""))
+        return 0
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     try:
