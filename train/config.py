@@ -93,7 +93,8 @@ class TrainConfig:
     check_finite: bool = False  # also check the fused loss's inputs (raises naming the non-finite input; one more
     #                             host sync per loss call on a GPU); the step's own check (above) is always on
     compile: bool = False  # torch.compile the forward + losses (train.loop.compile_forward_loss)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs: one recorded per
+    #                                shape, so pair it with model.text.trim_multiple=0) | max-autotune
     threads: int | None = None  # torch intra-op CPU threads; None: the CPU cores of this process (split between
     #                             ranks on one machine) minus data.num_workers, at least 1
     max_steps: int | None = None  # stop after this many global steps (the schedule still spans all epochs)
