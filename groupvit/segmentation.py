@@ -36,10 +36,11 @@ from torch import Tensor
 
 from kernels.reference import clamped_scale
 from groupvit.imageio import decode_image, to_rgb
+from groupvit.tokenizer import tokenize as clip_tokenize
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageLike", "SegConfig", "ZeroShotSegmenter", "class_embeddings", "crop_scores",
-    "get_tokenizer", "group_class_probs", "load_image", "pixel_group_map", "rescale_size", "slide_windows",
+    "group_class_probs", "load_image", "pixel_group_map", "rescale_size", "slide_windows",
 ]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, x255 units (spec §10.2 step 1)
@@ -48,14 +49,6 @@ SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Tokenize = Callable[..., Tensor]
-
-
-def get_tokenizer() -> Tokenize:
-    """The CLIP BPE ``tokenize(texts, context_length) -> LongTensor [N, L]`` (imported lazily; the one place that
-    knows where the tokenizer lives)."""
-    from groupvit.tokenizer import tokenize
-
-    return tokenize
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -146,7 +139,7 @@ def class_embeddings(model: nn.Module, class_names: Sequence[str], templates: Se
     names = list(class_names)
     if not names:
         raise ValueError("class_embeddings: the class list is empty")
-    tokenize = tokenize or get_tokenizer()
+    tokenize = tokenize or clip_tokenize  # the CLIP BPE tokenize(texts, context_length) -> LongTensor [N, L]
     prompts = [t.format(n) for n in names for t in templates]  # class-major: row i*T + j
     tokens = tokenize(prompts, context_length=model.cfg.text.context_length).to(_device(model))  # [N*T, L]
     with _eval_mode(model):

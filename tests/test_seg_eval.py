@@ -53,12 +53,13 @@ def _calibrate_bn(projector: torch.nn.Module, x: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def voc_model(shared_data) -> groupvit.GroupViT:
     """A fixed random tiny model whose projector BN statistics come from VOC prompts and vocmini crops."""
-    from groupvit.segmentation import ZeroShotSegmenter, get_tokenizer
+    from groupvit.segmentation import ZeroShotSegmenter
+    from groupvit.tokenizer import tokenize
 
     torch.manual_seed(4321)
     model = groupvit.create_model("groupvit-tiny").eval()
     ds = pascal_voc(shared_data / "vocmini")
-    tok = get_tokenizer()([f"a photo of a {c}." for c in VOC_CLASSES[1:]], context_length=16)
+    tok = tokenize([f"a photo of a {c}." for c in VOC_CLASSES[1:]], context_length=16)
     prep = ZeroShotSegmenter(model, ["x"], SegConfig(**SMALL), text_embeddings=torch.ones(1, 32))
     crops = torch.stack([prep.prepare(ds[i].image).image[:, :32, :32] for i in range(len(ds))])
     with torch.no_grad():

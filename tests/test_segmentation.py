@@ -16,9 +16,10 @@ from groupvit import ops
 from groupvit.grouping import GroupingMaps
 from groupvit.model import ImageGroups
 from groupvit.segmentation import (
-    IMAGENET_MEAN, IMAGENET_STD, SegConfig, ZeroShotSegmenter, class_embeddings, crop_scores, get_tokenizer,
-    group_class_probs, pixel_group_map, rescale_size, slide_windows,
+    IMAGENET_MEAN, IMAGENET_STD, SegConfig, ZeroShotSegmenter, class_embeddings, crop_scores, group_class_probs,
+    pixel_group_map, rescale_size, slide_windows,
 )
+from groupvit.tokenizer import tokenize
 from kernels.reference import clamped_scale
 
 SMALL = dict(crop=32, stride=16, short_side=48)  # tiny-model sizes (patch 4, trained at 32x32)
@@ -38,7 +39,7 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def test_tokenizer_is_clip_bpe():
-    ids = get_tokenizer()(["a photo of a cat"], context_length=77)
+    ids = tokenize(["a photo of a cat"], context_length=77)
     assert ids.shape == (1, 77)
     assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]  # environment.md §6 (open_clip)
 
@@ -47,7 +48,7 @@ def test_template_average_before_normalise(tiny):
     names = ["cat", "traffic light", "dining table"]
     templates = ("a photo of a {}.", "itap of a {}.", "art of the {}.")
     got = class_embeddings(tiny, names, templates)
-    tok = get_tokenizer()
+    tok = tokenize
     ctx = tiny.cfg.text.context_length
     with torch.no_grad():
         for i, name in enumerate(names):
