@@ -1,7 +1,8 @@
 """End-to-end training-step benchmark: images/s and peak memory of ``train.loop.train_step`` on GroupViT.
 
     python -m bench.bench_model --out DIR [--preset groupvit-s] [--batch 256]
-                                [--configs eager,eager+compile,triton,triton+compile] [--autocast bf16]
+                                [--configs eager,eager+compile,triton,triton+compile,eager-full,eager-full+compile]
+                                [--autocast bf16]
 
 One step = forward (image + caption + K prompts), both contrastive losses, backward, grad clip, AdamW step
 (the project's own ``train_step`` and ``build_optimizer``). Per config: a few warm-up steps (compilation and
@@ -42,11 +43,13 @@ from bench import common
 from bench.bench_ops import _short
 from kernels.registry import OPS
 
-CONFIGS: dict[str, tuple[str, bool]] = {  # name -> (ops backend, torch.compile the model)
-    "eager": ("eager", False),
-    "eager+compile": ("eager", True),
-    "triton": ("triton", False),
-    "triton+compile": ("triton", True),
+CONFIGS: dict[str, tuple[str, bool, bool]] = {  # name -> (ops backend, compile forward + losses, trim the texts)
+    "eager": ("eager", False, True),
+    "eager+compile": ("eager", True, True),
+    "triton": ("triton", False, True),
+    "triton+compile": ("triton", True, True),
+    "eager-full": ("eager", False, False),  # the official-equivalent step: every text at the full context length
+    "eager-full+compile": ("eager", True, False),  # ... under torch.compile
 }
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 SOT, EOT = 49406, 49407
@@ -204,13 +207,14 @@ def format_budget(budget: dict[str, dict[str, float]], batch: int, title: str) -
     return "\n".join(lines)
 
 
-def _build(preset: str, device: torch.device, compile_: bool, lr: float):
+def _build(preset: str, device: torch.device, compile_: bool, lr: float, trim: bool = True):
     """Fresh model (seed 0), its runner, loss and optimizer; ``compile_``: the runner carries the compiled forward +
-    losses of ``compile=true`` training (:func:`train.loop.compile_forward_loss`) as ``runner.forward_loss``."""
+    losses of ``compile=true`` training (:func:`train.loop.compile_forward_loss`) as ``runner.forward_loss``;
+    ``trim=False``: every text at the full context length (``text.trim_multiple=0``), as the official code runs."""
     import groupvit
 
     torch.manual_seed(0)
-    model = groupvit.create_model(preset).to(device).train()
+    model = groupvit.create_model(preset, **({} if trim else {"text.trim_multiple": 0})).to(device).train()
     try:
         from train.optim import build_optimizer
 
@@ -284,7 +288,7 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
     """Throughput rows of one config at ``job.batch``; returns them and the first step's loss (None on failure)."""
     from groupvit import ops
 
-    backend, compile_ = CONFIGS[config]
+    backend, compile_, trim = CONFIGS[config]
     case, dims, batch = f"{job.preset}-b{job.batch}" + (f"-m{job.micro_batch}" if job.micro_batch else ""), \
         job.dims(), job.batch
     if (why := job.unavailable(config)) is not None:
@@ -294,7 +298,7 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
     first_loss, err = None, None
     with ops.use_backend(backend):
         try:
-            model, runner, loss_fn, opt = _build(job.preset, job.device, compile_, 1e-4)
+            model, runner, loss_fn, opt = _build(job.preset, job.device, compile_, 1e-4, trim)
             data = make_batch(job.cfg, batch, job.device)
             step = lambda: job.step(runner, loss_fn, opt, data)  # noqa: E731
             torch.manual_seed(1)
@@ -343,7 +347,7 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
     cost 2.2x this one's two steps). ``start_ok``: True if ``job.batch`` itself ran, else why it did not."""
     from groupvit import ops
 
-    backend, compile_ = CONFIGS[config]
+    backend, compile_, trim = CONFIGS[config]
     mcase = f"{job.preset}-max-batch"
     if start_ok is not True:
         why = start_ok if isinstance(start_ok, str) else "not run"
@@ -352,7 +356,7 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
     budget = common.Budget(budget_s)
     best, best_ms, best_peak, b, stop, cost_s = job.batch, None, None, 2 * job.batch, f"cap {cap}", 0.0
     with ops.use_backend(backend), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        model, runner, loss_fn, opt = _build(job.preset, job.device, compile_, 1e-4)
+        model, runner, loss_fn, opt = _build(job.preset, job.device, compile_, 1e-4, trim)
         while b <= cap:
             if 2.2 * cost_s > budget.left():
                 stop = f"time budget at B={b}"
