@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from groupvit import ops
+from groupvit.cli import CliError, check_backend, check_device, load_model, seg_settings
 from groupvit.segmentation import SegConfig, ZeroShotSegmenter, load_image
 
 __all__ = [
@@ -355,8 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings (the training demo's prompts, mode and size) replace the defaults, options replace both."""
     import traceback
 
-    from groupvit import ops
-    from groupvit.segment_cli import CliError, check_backend, check_device, load_model, seg_settings
 
     ap = argparse.ArgumentParser(prog="python -m groupvit.seg_datasets", description=main.__doc__)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import groupvit
-from groupvit import drawing, segment_cli
+from groupvit import cli, drawing, segment_cli
 from groupvit.segment_cli import main, parse_classes
 from groupvit.segmentation import SegConfig, ZeroShotSegmenter, class_embeddings
 
@@ -157,7 +157,7 @@ def demo_ckpt(files) -> Path:
 
 def test_demo_shortcut(files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(segment_cli, "_REPO", tmp_path / "elsewhere")
+    monkeypatch.setattr(cli, "_REPO", tmp_path / "elsewhere")
     args = ["--classes", "cat", *SIZES, "--out", tmp_path / "o", files["image"]]
     rc, _, err = _run(["--checkpoint", "demo", *args], capsys)
     assert rc == 2 and "demo model not found" in err and "runs/demo/latest.pt" in err
