@@ -18,6 +18,7 @@ setup(
     description="GroupViT (hierarchical grouping ViT, zero-shot segmentation) with fused Triton kernels",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # LICENSE; the bundled CLIP vocabulary keeps its own (groupvit/assets/LICENSE-CLIP.txt)
     packages=["kernels", "groupvit", "train", "bench"],
     package_data={"groupvit": ["assets/bpe_simple_vocab_16e6.txt.gz", "assets/LICENSE-CLIP.txt"]},
     python_requires=">=3.10",
