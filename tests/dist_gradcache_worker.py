@@ -15,7 +15,7 @@ def ddp_step_case(rank: int, world: int, local_batch: int, micro_batches: list[i
     a fixed global batch, per entry of ``micro_batches`` (0: the plain step) from the same initialisation. Returns
     for each the losses, the last step's gradients, the parameters, the buffers and the optimizer state."""
     import groupvit
-    from tests.test_gradcache import deterministic_towers, make_batch
+    from tests.helpers import deterministic_towers, make_batch
     from train.loop import convert_sync_batchnorm, train_step
     from train.optim import build_optimizer
 

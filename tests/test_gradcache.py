@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -15,32 +14,14 @@ import torch
 
 import groupvit
 from groupvit import ops
+from tests.dist_gradcache_worker import ddp_step_case
+from tests.dist_utils import run_distributed
+from tests.helpers import deterministic_towers, make_batch
 from train.gradcache import micro_slices
 from train.loop import NonFiniteLossError, train_step
 from train.optim import build_optimizer
 
 TINY = "groupvit-tiny"  # img 32, K = 3 prompts, context 16, BatchNorm in both projectors
-
-
-def make_batch(b: int, seed: int = 0, ctx: int = 16) -> dict[str, torch.Tensor]:
-    """fp64 images ``[b, 3, 32, 32]`` and a caption + 3 prompts per image ``[b, 4, ctx]``."""
-    from groupvit.tokenizer import tokenize
-
-    rng = random.Random(seed)
-    words = ["red", "green", "blue", "circle", "square", "triangle", "dog", "sky"]
-    texts = [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(4 * b)]
-    g = torch.Generator().manual_seed(seed)
-    return {"images": torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64),
-            "texts": tokenize(texts, ctx).reshape(b, 4, ctx)}
-
-
-def deterministic_towers(model: groupvit.GroupViT) -> groupvit.GroupViT:
-    """Training mode with the towers in eval mode: no Gumbel noise or drop-path, so the plain full-batch step is
-    the reference, while the projectors' BatchNorm still uses (and updates) batch statistics."""
-    model.train()
-    model.img_encoder.eval()
-    model.text_encoder.eval()
-    return model
 
 
 def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> None:
@@ -163,9 +144,6 @@ def test_two_process_step_equals_ddp_step():
     """2 gloo processes, 4 rows each (global contrastive batch 8, CPU SyncBatchNorm), two steps: micro-batches of 2
     or 3 reproduce the DDP step on each rank (the second step's gradients are compared with the same floor), and the
     replicas stay identical."""
-    from tests.dist_gradcache_worker import ddp_step_case
-    from tests.dist_utils import run_distributed
-
     ranks = run_distributed(ddp_step_case, 2, 4, [0, 2, 3], timeout=180)
     for plain, *micro in ranks:
         for m in micro:
