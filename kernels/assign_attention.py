@@ -412,23 +412,27 @@ def _fits(g: int, c: int) -> bool:
     return nc <= MAX_CHUNKS and bg * nc * bc <= ACC_BUDGET
 
 
-def _fits_smem(g: int, c: int, dtype: torch.dtype) -> bool:
+def _fits_smem(g: int, c: int, dtype: torch.dtype, backward: bool = True) -> bool:
     """Whether the backward's resident q / dO tiles (each held twice) fit a GPU block's shared memory: true for
-    16-bit inputs at every model shape, false for fp32 at stage 1 (the forward fits). No limit in the interpreter."""
+    16-bit inputs at every model shape, false for fp32 at stage 1 (whose forward fits). fp64 (FMA, the exact path
+    for gradcheck) must pass the same test in the forward. No limit in the interpreter."""
+    if not backward and dtype != torch.float64:
+        return True
     bg, bc, nc = _channel_blocks(g, c, backward=True)
     return INTERPRET or 4 * bg * nc * bc * torch.empty((), dtype=dtype).element_size() <= RESIDENT_BUDGET
 
 
 def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, num_sms: int = _SMS,
-            noise: int = 0) -> dict:
+            noise: int = 0, arch: int = 90) -> dict:
     """Launch config: tiles, warps, stages and the token split ``SPLITS`` (programs per image).
 
     GPU choices, from sm_90a builds (``python -m bench.kernel_report``; no GPU timing yet): the transposed
     accumulators ``[BLOCK_C, BLOCK_G]`` put channels on the MMA's M axis, so G = 8 needs no padding; q (and dO)
     stay in shared memory. k / v token tiles: triple-buffered in the 16-bit forward at G > 16 (176 KB), else
     double-buffered (stage 2 spills with three), single-buffered in the backward with an explicit noise tensor
-    (double would exceed 227 KB). Warps: 8 in the backward and once the forward's accumulators exceed 64
-    registers per thread at 4. Backward token tiles of 16 at G = 64 (32 and 64 spill: measured). Tokens are
+    (double would exceed 227 KB). Warps: 8 in the backward, for fp32, and once the forward's accumulators exceed
+    64 registers per thread at 4. Backward token tiles of 16 at G = 64 (32 and 64 spill: measured). ``arch`` < 90
+    (A100, mma.sync only): forward tiles of 16, two stages (the sm_90 tiles spill there). Tokens are
     split across programs only when B programs leave SMs idle (448-px crops at small B); the partial sums are
     reduced in a fixed order (deterministic).
     Interpreter: whole dimensions in one tile (few, large programs), no split."""
@@ -439,12 +443,12 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
                     NC=1, SPLITS=1, num_warps=4, num_stages=1)
     wide = 4 if dtype == torch.float32 or dtype == torch.float64 else 2
     bn = 64 if bg <= 16 else 32
-    if wide == 4 or (backward and bg > 16):
+    if wide == 4 or (backward and (bg > 16 or noise == 2)) or (arch < 90 and bg > 16):
         bn //= 2
-    warps = 8 if backward or bg * nc * bc > 4 * 32 * 64 else 4
+    warps = 8 if backward or wide == 4 or bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == 2 else 2) if backward else 3 if wide == 2 and bg > 16 else 2)
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == 2 else 2) if backward else 3 if wide == 2 and bg > 16 and arch >= 90 else 2)
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
@@ -465,7 +469,7 @@ def _compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, args: tuple,
             seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float,
             partial: bool) -> None:
-    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode), **(blocks or {})}
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode, _arch()), **(blocks or {})}
     cfg["NC"] = triton.cdiv(c, cfg["BLOCK_C"])
     splits, per = _split(n, cfg)
     del cfg["SPLITS"]
@@ -482,7 +486,7 @@ def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward
 
 
 def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
-    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms()), **(blocks or {})}
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), arch=_arch()), **(blocks or {})}
     return _split(n, cfg)[0]
 
 
@@ -490,6 +494,14 @@ def _num_sms() -> int:
     if INTERPRET or not torch.cuda.is_available():
         return _SMS
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _arch() -> int:
+    """Compute capability as 90, 80, ... of the current CUDA device (90 without one)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
 
 
 def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: int, offset: int, tau: float,
@@ -669,10 +681,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
                          f"the eager backend for this shape")
     common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and not _fits_smem(g, c, common):
-        raise ValueError(f"{op}: the backward of {common} inputs at G = {g}, C = {c} needs more shared memory than a "
-                         f"GPU block has (q and dO stay resident; {_shapes(q, k, v)}); train with bf16/fp16 "
-                         f"projections (torch.autocast), or select the eager backend")
+    if not _fits_smem(g, c, common, backward=needs_grad):
+        raise ValueError(f"{op}: the {'backward' if needs_grad else 'forward'} of {common} inputs at G = {g}, C = {c} "
+                         f"needs more shared memory than a GPU block has (q and dO stay resident; "
+                         f"{_shapes(q, k, v)}); train with bf16/fp16 projections (torch.autocast), or select the "
+                         f"eager backend")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -745,6 +758,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
     ``B, G, N, C``) and input ``dtype`` on a GPU with ``num_sms`` SMs: forward and backward (where the public op
     allows it), every mode."""
     b, g, n, c = shape["B"], shape["G"], shape["N"], shape["C"]
+    arch = 80 if num_sms == 108 else 90  # the report's two targets: A100 (108 SMs) and H100/H200 (132)
     spec = OPS["assign_attention"]
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
     es = torch.empty((), dtype=dtype).element_size()
@@ -755,9 +769,9 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
     floor = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
     for mode, (noise, hard) in _MODES.items():
         for kname, bwd in (("fwd", False), ("bwd", True)):
-            if bwd and not _fits_smem(g, c, dtype):  # the public op refuses this backward on a GPU
+            if not _fits_smem(g, c, dtype, bwd):  # the public op refuses these shapes on a GPU
                 continue
-            cfg = _config(b, g, n, c, dtype, bwd, num_sms, noise)
+            cfg = _config(b, g, n, c, dtype, bwd, num_sms, noise, arch)
             splits, per = _split(n, cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             del cfg["SPLITS"]
