@@ -361,6 +361,17 @@ def test_input_checks(tiny):
         seg.predict(np.zeros((8, 8, 3), np.float32))
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("bg_thresh", float("nan"), "bg_thresh"), ("bg_thresh", -1.0, "bg_thresh"), ("bg_thresh", 2.0, "bg_thresh"),
+    ("bg_thresh", True, "bg_thresh"), ("topk", 2.5, "whole number"), ("crop", 448.7, "whole number"),
+    ("stride", 16.0, "whole number"), ("short_side", 100.5, "whole number"), ("batch_size", True, "whole number")])
+def test_seg_config_rejects_invalid_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SegConfig(**{field: value})
+    assert SegConfig(bg_thresh=0.0).bg_thresh == 0.0 and SegConfig(bg_thresh=1).bg_thresh == 1  # the range's ends
+    assert SegConfig(crop=np.int64(32), stride=16).crop == 32 and SegConfig(short_side=None).short_side is None
+
+
 def test_checkpoint_formats_give_same_segmentation(tiny, tmp_path):
     img = _image(40, 52, 11)
     names = ["cat", "dog", "person"]
