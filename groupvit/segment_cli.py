@@ -22,7 +22,7 @@ writes its model. Background (``--background``):
   e.g. the demo's six colours, else the 59 PASCAL Context classes); pixels won by one of those are background
   too. For a few classes of your own; on the demo model ``--classes red,green,blue`` gives mIoU 66.5 this way
   against 18.2 by ``threshold`` and 13.9 by ``prompt`` (background + 3 colours on 40 held-out demo images; 2-core
-  CPU machine, a 532-step demo model, commit 918c845);
+  CPU machine, a 532-step demo model, commit 8668618);
 * ``prompt``: the background is one more text class (``--bg-name``, default the checkpoint's, e.g. the demo's
   "grey background", else "background"); as good as the text tower knows the background (poor on the demo);
 * ``none``: every pixel gets a class.
