@@ -393,16 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError(f"--bg-thresh {args.bg_thresh}: give a number in [0, 1] (a score; VOC 0.95)")
         cfg = ds.seg_config(batch_size=args.batch_size, **kw)
         model = model.to(device)
+        if args.checkpoint is None:
+            print("warning: no --checkpoint: random weights, the mIoU is meaningless (useful for timing)",
+                  file=sys.stderr)
+        if args.backend:
+            ops.set_backend(args.backend)
+        res = evaluate(model, ds, cfg, progress=not args.no_progress, limit=args.limit)  # a bad file: ValueError
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.debug:
             traceback.print_exc()
         print("error: " + "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()), file=sys.stderr)
         return 2
-    if args.checkpoint is None:
-        print("warning: no --checkpoint: random weights, the mIoU is meaningless (useful for timing)", file=sys.stderr)
-    if args.backend:
-        ops.set_backend(args.backend)
-    res = evaluate(model, ds, cfg, progress=not args.no_progress, limit=args.limit)
     print(res.metrics.table())
     print(res.summary())
     return 0

@@ -4,6 +4,7 @@ checkpoint > official), its error paths (one line, exit 2) and ``python -m group
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -326,7 +327,7 @@ def test_debug_shows_the_traceback(odd_checkpoints, files, tmp_path, capsys):
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_seg_datasets_uses_checkpoint_settings_and_checks_limit(demo_ckpt, shared_data, capsys):
+def test_seg_datasets_uses_checkpoint_settings_and_checks_limit(demo_ckpt, shared_data, tmp_path, capsys):
     from groupvit.seg_datasets import evaluate, main, pascal_voc
 
     root = shared_data / "vocmini"
@@ -337,6 +338,12 @@ def test_seg_datasets_uses_checkpoint_settings_and_checks_limit(demo_ckpt, share
     assert rc == 2 and "[0, 1]" in _one_line_error(capsys.readouterr().err)
     rc = main(["--dataset", "context", "--root", str(root), "--checkpoint", str(demo_ckpt)])
     assert rc == 2 and "SegmentationContext" in _one_line_error(capsys.readouterr().err)
+    broken = tmp_path / "voc"  # a label file that is not a PNG, found during the evaluation
+    shutil.copytree(root, broken)
+    first = (broken / "ImageSets/Segmentation/val.txt").read_text().split()[0]
+    (broken / "SegmentationClass" / f"{first}.png").write_bytes(b"not a png")
+    rc = main(["--dataset", "voc", "--root", str(broken), "--checkpoint", str(demo_ckpt), "--no-progress"])
+    assert rc == 2 and "cannot read label" in _one_line_error(capsys.readouterr().err)
     # the checkpoint's prompts, mode and size with the dataset's own threshold (the official protocol)
     rc = main(["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--limit", "2",
                "--no-progress"])
