@@ -148,8 +148,9 @@ def write_overlays(val: list, panels: dict[str, list[np.ndarray]], out: Path, n:
         for name, maps in panels.items():
             lab = np.asarray(maps[i], np.int64)
             groups = "groups" in name
+            # background tinted black too (darkened): an untinted object would look labelled in its own colour
             tiles.append((name, drawing.tint(base, lab % len(gpal) if groups else lab, gpal if groups else cpal,
-                                             alpha=0.7 if groups else 0.65, background=not groups)))
+                                             alpha=0.7 if groups else 0.65, background=False)))
         p = out / f"overlay_{i:02d}.png"
         drawing.panel_figure(tiles, entries, caption=cap, scale=3).save(p)
         paths.append(p)
