@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench import common
 from bench.bench_ops import _short
 from kernels.registry import OPS
+from kernels.utils import triton_can_launch
 
 CONFIGS: dict[str, tuple[str, bool, bool]] = {  # name -> (ops backend, compile forward + losses, trim the texts)
     "eager": ("eager", False, True),
@@ -70,9 +71,7 @@ def load_train_step() -> StepFn | str:
 
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the ``triton`` backend cannot run here (``None`` if it can)."""
-    import os
-
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_can_launch(device):
         return "unavailable: Triton kernels need CUDA or TRITON_INTERPRET=1"
     for op in ("assign_attention", "contrastive_loss"):
         try:

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from bench import common
 from kernels import reference
 from kernels.registry import OPS, Case, OpSpec
 from kernels.tolerance import ATOL
+from kernels.utils import triton_can_launch
 
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -119,7 +119,7 @@ def load_provider(spec: OpSpec, name: str, device: torch.device) -> Provider | s
     if name == "compile":
         return _compiled(spec.name)
     if name == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_can_launch(device):
             return "unavailable: Triton kernels need CUDA or TRITON_INTERPRET=1"
         try:
             return spec.triton_fn()

@@ -4,7 +4,6 @@ backend checks, and :class:`CliError`, the one kind of user error (a one-line me
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,6 +11,7 @@ import torch
 
 from groupvit.checkpoint import load_checkpoint, read_checkpoint
 from groupvit.model import create_model
+from kernels.utils import triton_can_launch
 
 __all__ = ["CliError", "DEMO_CHECKPOINT", "check_backend", "check_device", "demo_checkpoint_path", "load_model",
            "seg_settings"]
@@ -85,7 +85,7 @@ def seg_settings(settings: Mapping[str, Any], img_size: int) -> dict[str, Any]:
 
 def check_backend(backend: str | None, device: str) -> None:
     """The triton backend needs CUDA, or the (slow) Triton interpreter on CPU."""
-    if backend == "triton" and not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and not triton_can_launch(device):
         raise CliError(f"--backend triton on {device} needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
                        f"(the Triton interpreter: correct but slow); or use --backend eager")
 

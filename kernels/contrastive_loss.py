@@ -60,14 +60,13 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import reference
+from kernels.utils import DTYPES, INTERPRET, compute_dtype, triton_can_launch
 
 __all__ = ["contrastive_loss", "set_check_finite"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_D = 512  # tiles hold the whole embedding dim; larger D would not fit registers/shared memory on the GPU
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Interpreter: one fixed config with few, large programs. GPU: see _fwd_tiles and the autotune configs below.
 _INTERP_BLOCK = 64
@@ -428,15 +427,11 @@ else:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _kernel_consts(x: Tensor) -> dict:
     """Constexprs shared by the three kernels. fp32 dots run on tensor cores: ``tf32x3`` (~fp32 accuracy, 3 TF32
     products) at ``torch.get_float32_matmul_precision() == "highest"``, else ``tf32``; never on FMA. fp64: exact
     (``ieee``, for gradcheck). The interpreter computes every dot exactly whatever the precision."""
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     if x.dtype == torch.float32:
         precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     else:
@@ -472,7 +467,7 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
         _raise_if_nonfinite(image, text, scale2)
     b, d = image.shape
     m = text.shape[0]
-    cd = _compute_dtype(image.dtype)
+    cd = compute_dtype(image.dtype)
     consts = _kernel_consts(image)
     if INTERPRET:
         bm = bn = _INTERP_BLOCK
@@ -496,7 +491,7 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
 
 @_lse_op.register_fake
 def _(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> tuple[Tensor, Tensor]:
-    cd = _compute_dtype(image.dtype)
+    cd = compute_dtype(image.dtype)
     return image.new_empty(image.shape[0], dtype=cd), image.new_empty(text.shape[0], dtype=cd)
 
 
@@ -509,7 +504,7 @@ def _grads_op(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tenso
     and come in the input dtype, except ``dT`` in the compute dtype when ``dt_full`` (to be summed over ranks)."""
     b, d = image.shape
     m = text.shape[0]
-    cd = _compute_dtype(image.dtype)
+    cd = compute_dtype(image.dtype)
     out_dtype = cd if (INTERPRET and image.dtype == torch.bfloat16) else image.dtype  # interpreter bf16 casts truncate
     di = torch.empty(b, d, device=image.device, dtype=out_dtype)
     dt = torch.empty(m, d, device=image.device, dtype=cd if dt_full else out_dtype)
@@ -528,7 +523,7 @@ def _grads_op(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tenso
 @_grads_op.register_fake
 def _(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tensor, roww: Tensor, colw: Tensor,
       di_scale: Tensor, dt_scale: Tensor, col0: int, k: int, dt_full: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cd = _compute_dtype(image.dtype)
+    cd = compute_dtype(image.dtype)
     b, m, d = image.shape[0], text.shape[0], image.shape[1]
     return (image.new_empty(b, d), image.new_empty(m, d, dtype=cd if dt_full else image.dtype),
             image.new_empty(b, dtype=cd), image.new_empty(m, dtype=cd))
@@ -640,16 +635,16 @@ def contrastive_loss(
     if not (image.is_floating_point() and text.is_floating_point()):
         raise TypeError(f"contrastive_loss: floating-point features required, got {image.dtype} and {text.dtype}")
     dt = torch.promote_types(image.dtype, text.dtype)
-    if dt not in _DTYPES:
-        raise TypeError(f"contrastive_loss (triton): unsupported dtype {dt}; use one of {_DTYPES}")
-    if image.device.type != "cuda" and not INTERPRET:
+    if dt not in DTYPES:
+        raise TypeError(f"contrastive_loss (triton): unsupported dtype {dt}; use one of {DTYPES}")
+    if not triton_can_launch(image.device, INTERPRET):
         raise ValueError(f"contrastive_loss (triton): got {image.device} tensors (image {tuple(image.shape)}, text "
                          f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or select the eager "
                          f"backend (or set TRITON_INTERPRET=1 before importing the kernels)")
     if image.shape[1] > MAX_D:
         raise ValueError(f"contrastive_loss (triton): embedding dim {image.shape[1]} > {MAX_D} is not supported "
                          f"(image {tuple(image.shape)}); select the eager backend")
-    cd = _compute_dtype(dt)
+    cd = compute_dtype(dt)
     world = dist.get_world_size(group) if (dist.is_available() and dist.is_initialized()) else 1
     rank = dist.get_rank(group) if world > 1 else 0
     scale = reference.clamped_scale(logit_scale.to(device=image.device, dtype=cd)).reshape(1)  # [1], autograd

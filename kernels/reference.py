@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.utils import compute_dtype
+
 __all__ = [
     "assign_attention",
     "assignment_maps",
@@ -28,13 +30,6 @@ __all__ = [
 ]
 
 LOGIT_SCALE_MAX = 100.0
-
-
-def _compute_dtype(*ts: Tensor) -> torch.dtype:
-    dt = ts[0].dtype
-    for t in ts[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return torch.promote_types(dt, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,7 +94,7 @@ def assignment_maps(
     """The two maps a grouping block reports: ``soft = softmax_g(QK^T scale)`` (never noisy, used for
     segmentation) and the assignment ``A`` before normalisation (straight-through one-hot when ``hard``).
     Both ``[B, G, N]`` in the compute dtype."""
-    cd = _compute_dtype(q, k)
+    cd = compute_dtype(q.dtype, k.dtype)
     s = (scale if scale is not None else q.shape[-1] ** -0.5)
     soft = torch.softmax(torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * s, dim=-2)
     a = _assignment(q, k, tau=tau, hard=hard, gumbel=gumbel, noise=noise, scale=scale)
@@ -111,7 +106,7 @@ def _assignment(
 ) -> Tensor:
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"assign_attention: expected q [B,G,C] and k [B,N,C], got {tuple(q.shape)}, {tuple(k.shape)}")
-    cd = _compute_dtype(q, k)
+    cd = compute_dtype(q.dtype, k.dtype)
     s = scale if scale is not None else q.shape[-1] ** -0.5
     logits = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * s  # [B, G, N]
     if noise is not None and not gumbel:
@@ -138,7 +133,7 @@ def _assignment(
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
     """Softmax attention over keys. ``q [B, H, Lq, Dh]``, ``k, v [B, H, Lk, Dh]`` -> ``[B, H, Lq, Dh]``.
     ``causal`` masks keys after the query position (requires ``Lq == Lk``)."""
-    cd = _compute_dtype(q, k, v)
+    cd = compute_dtype(q.dtype, k.dtype, v.dtype)
     s = scale if scale is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * s
     if causal:
@@ -206,7 +201,7 @@ def contrastive_loss(
         0-dim loss ``0.5 * (mean over image rows + mean over text rows)``, fp32 (or fp64 for fp64 inputs).
     """
     _check_contrastive(image, text, logit_scale, num_prompts)
-    cd = _compute_dtype(image, text)
+    cd = compute_dtype(image.dtype, text.dtype)
     img, txt = image.to(cd), text.to(cd)
     img_all, txt_all = all_gather_with_grad(img, group), all_gather_with_grad(txt, group)
     b, k = img.shape[0], num_prompts

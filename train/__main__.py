@@ -43,12 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if cfg.backend == "triton":
-        import os
-
         import torch
 
+        from kernels.utils import triton_can_launch
+
         on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_can_launch("cuda" if on_cuda else "cpu"):
             ap.error(f"backend=triton needs a CUDA device (device={cfg.device} runs on the CPU here), or "
                      f"TRITON_INTERPRET=1 in the environment (the Triton interpreter: correct but slow); "
                      f"or set backend=eager")
