@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -q -c constraints.txt
 export TRITON_INTERPRET ?= 1
 
-.PHONY: test demo setup setup-dev clean
+.PHONY: test demo lint setup setup-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ setup-dev: $(VENV)/.setup-dev
 ## Set up and run the whole test suite (CPU; Triton kernels under the interpreter).
 test: $(VENV)/.setup-dev
 	$(BIN)/python -m pytest -q
+
+## Lint (ruff.toml: pyflakes, pycodestyle, import order) and check that the code is ruff-formatted.
+lint: $(VENV)/.setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## Set up and run the embedded default: train a small GroupViT on generated shapes, then segment zero-shot.
 demo: $(VENV)/.setup

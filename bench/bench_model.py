@@ -311,7 +311,7 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
             peak = torch.cuda.max_memory_allocated(job.device) / 2**20 if job.device.type == "cuda" else None
         except Exception as e:
             err = "oom" if common.is_oom(e) else f"error: {_short(e)}"
-    step = data = model = runner = loss_fn = opt = None
+    step = data = model = runner = loss_fn = opt = None  # noqa: F841 (drop the references: memory is freed)
     _reset(job.device)
     if err is not None:
         print(f"train_step {config:15} B={batch:<5} {err}", flush=True)
@@ -381,7 +381,7 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
                 break
             best, best_ms, best_peak = b, t.p50, peak
             b *= 2
-    model = runner = loss_fn = opt = None
+    model = runner = loss_fn = opt = None  # noqa: F841 (drop the references: memory is freed)
     _reset(job.device)
     status = f"unchecked; stop: {stop}"
     print(f"train_step {config:15} max batch {best} ({stop})", flush=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import re
 import subprocess
@@ -98,7 +97,7 @@ def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) 
     rows.append(dict(op="device", case=f"copy-{n >> 20}MiB", mode="copy", metric="gbps", unit="GB/s",
                      p50=c.copy_gbps, p20=2 * n / 1e9 / (t.p80 * 1e-3), p80=2 * n / 1e9 / (t.p20 * 1e-3),
                      dims=dict(bytes=n)))
-    del x, y
+    x = y = None  # free the copy buffers before the GEMM
     m = 256 if dry else 8192
     a = torch.randn(m, m, device=device).to(torch.bfloat16)
     b = torch.randn(m, m, device=device).to(torch.bfloat16)

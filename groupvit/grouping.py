@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from groupvit import ops
-from groupvit.layers import CrossAttnBlock, Mlp, MixerMlp
+from groupvit.layers import CrossAttnBlock, MixerMlp, Mlp
 from kernels.reference import gumbel_like
 
 

@@ -49,7 +49,7 @@ import torch
 from groupvit import drawing, ops
 from groupvit.cli import CliError, check_backend, check_device, load_model, seg_settings
 from groupvit.seg_datasets import CONTEXT_CLASSES
-from groupvit.segmentation import SIMPLE_TEMPLATES, SegConfig, ZeroShotSegmenter, class_embeddings, load_image
+from groupvit.segmentation import SegConfig, ZeroShotSegmenter, class_embeddings, load_image
 
 __all__ = ["BACKGROUNDS", "Segmenter", "main", "parse_classes"]
 

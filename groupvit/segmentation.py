@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kernels.reference import clamped_scale
 from groupvit.imageio import decode_image, to_rgb
 from groupvit.tokenizer import tokenize as clip_tokenize
+from kernels.reference import clamped_scale
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageLike", "SegConfig", "ZeroShotSegmenter", "class_embeddings", "crop_scores",

@@ -51,7 +51,6 @@ The reference moves more: images and texts all_gathered and both gradient buffer
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.distributed as dist

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import DataStats, build_train_loader, expand_urls, write_shards
 from groupvit.tokenizer import EOT_TOKEN, SOT_TOKEN, get_tokenizer, tokenize
+from train.data import DataStats, build_train_loader, expand_urls, write_shards
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NLTK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nltk_data"

@@ -17,7 +17,6 @@ from kernels import reference as R
 from kernels.registry import OPS
 
 
-
 def philox_ref(seed: int, offsets: np.ndarray, n_rounds: int = 10) -> np.ndarray:
     """NumPy Philox-4x32-10, all four output words ``[n, 4]``; key = seed (lo, hi), counter = (offset lo, offset hi,
     0, 0) as ``tl.randint4x`` builds it from a 64-bit offset."""

@@ -23,7 +23,7 @@ from train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(shards: str, out: Path, **kw):
+def _cfg(shards: str, out: Path, **kw):  # noqa: F811 (a parameter, not the fixture)
     return _run_cfg(shards, out, threads=1, **kw)  # one thread: fast and steady on a shared 2-core machine
 
 

@@ -13,8 +13,16 @@ from PIL import Image
 
 import groupvit
 from groupvit.seg_datasets import (
-    COCO_OBJECT_CLASSES, CONTEXT_CLASSES, VOC_CLASSES, MeanIoU, build_dataset, coco_object, evaluate,
-    pascal_context, pascal_voc, voc_colormap,
+    COCO_OBJECT_CLASSES,
+    CONTEXT_CLASSES,
+    VOC_CLASSES,
+    MeanIoU,
+    build_dataset,
+    coco_object,
+    evaluate,
+    pascal_context,
+    pascal_voc,
+    voc_colormap,
 )
 from groupvit.segmentation import SegConfig
 

@@ -16,8 +16,16 @@ from groupvit import ops
 from groupvit.grouping import GroupingMaps
 from groupvit.model import ImageGroups
 from groupvit.segmentation import (
-    IMAGENET_MEAN, IMAGENET_STD, SegConfig, ZeroShotSegmenter, class_embeddings, crop_scores, group_class_probs,
-    pixel_group_map, rescale_size, slide_windows,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegConfig,
+    ZeroShotSegmenter,
+    class_embeddings,
+    crop_scores,
+    group_class_probs,
+    pixel_group_map,
+    rescale_size,
+    slide_windows,
 )
 from groupvit.tokenizer import tokenize
 from kernels.reference import clamped_scale

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from train.data import build_train_loader
-from train.synthetic import (COLORS, SHAPES, class_names, generate, load_val, remap_mask,
-                             write_synthetic_shards)
+from train.synthetic import COLORS, SHAPES, class_names, generate, load_val, remap_mask, write_synthetic_shards
 
 _OBJ = re.compile(r"\ban? (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
 

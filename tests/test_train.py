@@ -13,8 +13,14 @@ import pytest
 import torch
 
 import groupvit
-from train.checkpoint import (LATEST, load_training_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
-                              set_rng_state)
+from train.checkpoint import (
+    LATEST,
+    load_training_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from train.config import TrainConfig, load_config
 from train.loop import NonFiniteLossError, train_step
 from train.optim import CosineSchedule, LRStepper, build_optimizer, param_groups
@@ -319,7 +325,6 @@ def test_driver_decreases_loss_and_logs(shards, tmp_path, shared_data):
 
 def test_driver_skips_bad_data_and_nonfinite_steps(shards, tmp_path, monkeypatch):
     """A shard with a corrupt image and an empty caption is counted, and a poisoned step is skipped, not fatal."""
-    import io
 
     from PIL import Image
 

@@ -10,8 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from train.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandAugment, TrainTransform, ValTransform, _OPS,
-                              center_crop, random_erasing, random_resized_crop_params, resize_short_side, to_tensor)
+from train.transforms import (
+    _OPS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandAugment,
+    TrainTransform,
+    ValTransform,
+    center_crop,
+    random_erasing,
+    random_resized_crop_params,
+    resize_short_side,
+    to_tensor,
+)
 
 
 def _img(w: int, h: int, seed: int = 0) -> Image.Image:

@@ -27,9 +27,9 @@ import random
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-import weakref
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -39,9 +39,16 @@ import torch.nn as nn
 
 import groupvit
 from groupvit import ops
-from train.checkpoint import (LATEST, load_training_checkpoint, resolve_resume, rng_state, save_training_checkpoint,
-                              set_rng_state, unwrap)
 from train import rundir
+from train.checkpoint import (
+    LATEST,
+    load_training_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from train.config import TrainConfig
 from train.gradcache import gradcache_backward
 from train.optim import CosineSchedule, LRStepper, build_optimizer
