@@ -8,7 +8,7 @@ Providers: ``eager`` (the reference in kernels/reference.py), ``compile`` (``tor
 ``pip install --no-deps inf-cl==1.2.1``, CUDA only, K = 1); for ``attention`` also ``sdpa`` and ``xformers``
 (where installed). A provider that cannot load gets an ``unavailable`` row instead of stopping the run.
 
-Modes (kernels_notes.md §7): ``fwd``; ``bwd`` (forward built once, ``y.backward(g, retain_graph=True)`` timed;
+Modes (docs/kernels.md §7): ``fwd``; ``bwd`` (forward built once, ``y.backward(g, retain_graph=True)`` timed;
 ``compile`` therefore runs with AOTAutograd's donated buffers off); ``fwd_bwd``. Metrics per (op, case, provider,
 mode, dtype): ``ms``, ``peak_mb`` (allocator peak above the pre-op allocation, CUDA only), ``gbps`` or ``tflops``
 from the registry's byte/FLOP model, and ``pct_floor``
@@ -46,7 +46,7 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "contrastive_loss": ("eager", "compile", "triton", "inf_cl"),
     "attention": ("eager", "compile", "sdpa", "xformers"),
 }
-# Which byte/FLOP model gives the floor of each op (kernels_notes.md §4, §7).
+# Which byte/FLOP model gives the floor of each op (docs/kernels.md §4, §7).
 FLOOR: dict[str, tuple[str, str, float]] = {  # op -> (metric, unit, floor in that unit)
     "assign_attention": ("gbps", "GB/s", common.HBM_GBPS),
     "contrastive_loss": ("tflops", "TFLOP/s", common.DENSE_TFLOPS),
@@ -94,7 +94,7 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tenso
 
 
 def _inf_cl(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1) -> Tensor:
-    """GroupViT's symmetric loss through Inf-CL (``inf-cl`` 1.2.1, DAMO-NLP-SG/Inf-CLIP; kernels_notes.md §5.1).
+    """GroupViT's symmetric loss through Inf-CL (``inf-cl`` 1.2.1, DAMO-NLP-SG/Inf-CLIP; docs/kernels.md §5.1).
 
     Inf-CL computes one direction per call (row LSE minus the positive logit, fp32, TF32 backward), so the
     symmetric loss is two calls. The scale multiplies the features here: its ``GradientGather`` would call

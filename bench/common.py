@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: timers, peak-memory probe, environment metadata and the tidy CSV store.
 
-Timing follows kernels_notes.md §7: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs,
+Timing follows docs/kernels.md §7: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs,
 median and 20/80 percentiles); on CPU a ``perf_counter`` loop with the same signature, so every code path of the
 benchmarks can run (and be tested) without a GPU. CPU numbers are only for testing the plumbing.
 
@@ -31,7 +31,7 @@ COLUMNS: tuple[str, ...] = (
 )
 KEY: tuple[str, ...] = ("op", "case", "provider", "mode", "metric", "dtype", "gpu")
 
-# Physical floors of the reference device (H100 SXM, kernels_notes.md §4): achieved, not datasheet, figures.
+# Physical floors of the reference device (H100 SXM, docs/kernels.md §4): achieved, not datasheet, figures.
 HBM_GBPS = 3000.0  # device-to-device copy, bytes read + written
 DENSE_TFLOPS = 790.0  # bf16 dense matmul 8192^3
 

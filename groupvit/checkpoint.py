@@ -4,7 +4,7 @@ dicts and this project's own checkpoints, all loaded with strict key checking.
 Our parameter names *are* the official layout (``img_encoder.*``, ...), so official weights need no renaming.
 The HuggingFace port renames modules, splits the fused ``qkv`` / ``in_proj`` projections and stores the projector
 convolutions as Linear weights; :func:`to_hf_state_dict` and :func:`from_hf_state_dict` convert exactly (a round trip
-is bit-identical). Key mapping facts: groupvit_spec.md §11.1.
+is bit-identical). Key mapping facts: docs/groupvit.md §11.1.
 """
 
 from __future__ import annotations

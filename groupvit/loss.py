@@ -14,7 +14,7 @@ from groupvit.model import GroupViTOutput
 
 
 class GroupViTLoss(nn.Module):
-    """``L = L_itc + multi_label_weight * L_ml`` (groupvit_spec.md §7). Returns a dict of 0-dim tensors."""
+    """``L = L_itc + multi_label_weight * L_ml`` (docs/groupvit.md §7). Returns a dict of 0-dim tensors."""
 
     def __init__(self, multi_label_weight: float = 1.0, group=None) -> None:
         super().__init__()

@@ -313,7 +313,7 @@ class GroupViT(nn.Module):
             self.multi_label_logit_scale = None
         self.reset_parameters()
 
-    # ---- init (groupvit_spec.md §4) ------------------------------------------------------------------------------
+    # ---- init (docs/groupvit.md §4) ------------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
         for m in self.img_encoder.modules():

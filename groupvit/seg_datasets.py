@@ -15,7 +15,8 @@ Datasets, in their standard on-disk layouts (the ones mmsegmentation and GroupVi
 Class names are the ones GroupViT's evaluation prompts with (VOC/Context rename diningtable, pottedplant, tvmonitor
 to table, plant, monitor; Context also aeroplane to airplane).
 
-mIoU (spec §10.2): intersections and unions are summed per class over the whole dataset (pixels labelled 255
+mIoU (docs/groupvit.md §10.2): intersections and unions are summed per class over the whole dataset (pixels
+labelled 255
 ignored), IoU = I / U per class, mIoU = mean over classes with U > 0; a class predicted but absent from the ground
 truth scores 0. Command line: ``python -m groupvit.seg_datasets --dataset voc --root VOC2012 --checkpoint CKPT``.
 """

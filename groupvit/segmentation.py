@@ -1,4 +1,4 @@
-"""Zero-shot semantic segmentation with GroupViT: the official evaluation protocol (groupvit_spec.md §10.1-10.2).
+"""Zero-shot semantic segmentation with GroupViT: the official evaluation protocol (docs/groupvit.md §10.1-10.2).
 
 Pipeline for one image::
 
@@ -43,7 +43,7 @@ __all__ = [
     "group_class_probs", "load_image", "pixel_group_map", "rescale_size", "slide_windows",
 ]
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, x255 units (spec §10.2 step 1)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, x255 units (docs/groupvit.md §10.2 step 1)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
@@ -56,7 +56,7 @@ Tokenize = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class SegConfig:
-    """Protocol settings; defaults are the official VOC setting (spec §10.2).
+    """Protocol settings; defaults are the official VOC setting (docs/groupvit.md §10.2).
 
     Attributes:
         templates: prompt templates with one ``{}`` each; class embedding = normalise(mean of projected prompts).
@@ -133,7 +133,7 @@ def _device(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def class_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = SIMPLE_TEMPLATES, *,
                      tokenize: Tokenize | None = None, batch_size: int = 256) -> Tensor:
-    """Text embeddings ``[N, D]`` of the classes (spec §10.1): every template filled with the class name is
+    """Text embeddings ``[N, D]`` of the classes (docs/groupvit.md §10.1): every template filled with the class name is
     tokenized, encoded and **projected**; the projections are averaged over templates and only then L2-normalised
     (GroupViT's order; CLIP normalises first)."""
     names = list(class_names)
@@ -149,7 +149,7 @@ def class_embeddings(model: nn.Module, class_names: Sequence[str], templates: Se
 
 
 def pixel_group_map(soft_maps: Sequence[Tensor], grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """Final-group index per pixel ``[B, H, W]`` (spec §10.2 step 3).
+    """Final-group index per pixel ``[B, H, W]`` (docs/groupvit.md §10.2 step 3).
 
     ``soft_maps[i]`` is stage i's soft assignment ``[B, G_i, N_i]`` (``N_0 = h*w`` patches, ``N_i = G_{i-1}``).
     The maps are multiplied down the stages (``[N,G1] @ [G1,G2] ...``), reshaped to the patch grid ``(h, w)``,
@@ -174,7 +174,7 @@ def pixel_group_map(soft_maps: Sequence[Tensor], grid: tuple[int, int], size: tu
 
 def group_class_probs(group_emb: Tensor, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
                       topk: int = 5) -> Tensor:
-    """Group-to-class probabilities ``Pi'' [B, G, N]`` (spec §10.2 steps 4-6).
+    """Group-to-class probabilities ``Pi'' [B, G, N]`` (docs/groupvit.md §10.2 steps 4-6).
 
     Args:
         group_emb: projected group embeddings ``[B, G, D]`` (normalised here).
@@ -200,7 +200,7 @@ def group_class_probs(group_emb: Tensor, image_emb: Tensor, text_emb: Tensor, lo
 
 
 def crop_scores(group_index: Tensor, probs: Tensor, bg_thresh: float | None) -> Tensor:
-    """Per-pixel class scores ``[B, (1 +) N, H, W]`` (spec §10.2 step 7).
+    """Per-pixel class scores ``[B, (1 +) N, H, W]`` (docs/groupvit.md §10.2 step 7).
 
     Args:
         group_index: ``[B, H, W]`` final group of each pixel (the one-hot ``O`` as indices).

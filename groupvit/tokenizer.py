@@ -3,7 +3,7 @@
 Own implementation of the published algorithm (OpenAI CLIP, MIT); the vocabulary file
 ``assets/bpe_simple_vocab_16e6.txt.gz`` is OpenAI's (see ``assets/LICENSE-CLIP.txt``).
 
-Pipeline for one text (spec §5):
+Pipeline for one text (docs/groupvit.md §5):
 
 1. clean: ``ftfy.fix_text`` → ``html.unescape`` twice → strip → collapse whitespace → lower-case;
 2. split into words with CLIP's regex (contractions, letter runs, single digits, punctuation runs);

@@ -1,4 +1,4 @@
-"""Fused GroupViT assignment attention (kernels_notes.md §1-2), spec: :func:`kernels.reference.assign_attention`.
+"""Fused GroupViT assignment attention (docs/kernels.md §1-2), spec: :func:`kernels.reference.assign_attention`.
 
 ``q [B,G,C]`` group tokens, ``k, v [B,N,C]`` image tokens. Per image and token ``n`` the logits
 ``x_gn = scale * q_g . k_n (+ Gumbel_gn)`` are soft-maxed over the *group* axis ``g`` (temperature ``tau``);
@@ -19,7 +19,7 @@ Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README 
   of a 16-row M tile. Tokens are split across programs only when B programs would leave SMs idle (448-px crops);
   the launcher then reduces fp32 partial sums in a fixed order, so results stay bitwise deterministic (no atomics).
 * Nothing of size ``G x N`` is stored. The forward saves ``out`` and ``d [B,G]`` (group sizes, fp32); the backward
-  recomputes logits, noise, softmax and argmax per tile and uses ``Delta_g = dO_g . O_g`` (notes §1.2).
+  recomputes logits, noise, softmax and argmax per tile and uses ``Delta_g = dO_g . O_g`` (docs/kernels.md §1.2).
 * Gumbel noise: one Philox-4x32-10 call (``tl.randint4x``) per 4 groups, all four words used; element
   ``(b, g, n)`` is word ``g % 4`` of counter ``offset + (b * ceil(G/4) + g // 4) * N + n`` (logical indices, not
   tiles: independent of block sizes and grid). Word -> ``u = (2 (w >> 9) + 1) 2^-24`` (exact, never 0 or 1: no

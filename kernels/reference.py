@@ -221,7 +221,7 @@ def contrastive_loss(
 def contrastive_loss_chunked(image: Tensor, text: Tensor, logit_scale: Tensor, num_prompts: int,
                              cd: torch.dtype, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Single-process :func:`contrastive_loss` and its gradients (image, text, logit scale), all in ``cd``, from
-    the closed form of kernels_notes.md §3, ``chunk`` rows at a time: the oracle where the reference's B x B*K
+    the closed form of docs/kernels.md §3, ``chunk`` rows at a time: the oracle where the reference's B x B*K
     matrices do not fit (~26 GB each at B = 32768, K = 3, fp64). Checked against the reference in the tests."""
     i, t = image.to(cd), text.to(cd)
     b, m, k = i.shape[0], t.shape[0], num_prompts

@@ -2,7 +2,7 @@
 
 Each :class:`OpSpec` names the eager reference (the spec), the Triton implementation (a dotted path, imported
 lazily so that this module needs torch only; ``None`` for an op without a kernel of ours), an input factory, named shape cases taken from the real GroupViT
-dimensions, and the FLOP / byte model used to report % of the physical floor (kernels_notes.md §4).
+dimensions, and the FLOP / byte model used to report % of the physical floor (docs/kernels.md §4).
 
 Case tags: ``smoke`` (tiny odd shapes, run under the Triton interpreter in CI), ``model`` (real GroupViT shapes;
 a handful run in CI with B <= 2), ``sweep`` (benchmarks only), ``headline`` (the decisive shapes that

@@ -1,4 +1,4 @@
-"""The project's parity rule (kernels_notes.md §6), one home for tests/helpers.py and bench/verdict.py.
+"""The project's parity rule (docs/kernels.md §6), one home for tests/helpers.py and bench/verdict.py.
 
 ``max|out - ref_hp| <= factor * max|out_lp - ref_hp| + atol[dtype]``: the kernel output ``out`` may miss the
 high-precision reference ``ref_hp`` by ``factor`` (2) times the same-dtype eager error plus a dtype floor.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import triton
 
-# Per-target limits and floors. sm_90: H100 SXM figures of kernels_notes.md §4 (achieved bf16 matmul and HBM copy);
+# Per-target limits and floors. sm_90: H100 SXM figures of docs/kernels.md §4 (achieved bf16 matmul and HBM copy);
 # sm_80: A100-SXM4-80GB datasheet figures (dense tensor-core peaks), marked as such in the report.
 TARGETS: dict[int, dict[str, Any]] = {
     90: dict(name="sm_90a", sms=132, smem_block=227 * 1024, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64,

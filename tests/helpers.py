@@ -1,4 +1,4 @@
-"""Test helpers: parity assertions following kernels_notes.md §6 (the rule lives in :mod:`kernels.tolerance`):
+"""Test helpers: parity assertions following docs/kernels.md §6 (the rule lives in :mod:`kernels.tolerance`):
 ``max|out - ref_hp| <= factor * max|out_lp - ref_hp| + atol[dtype]`` with verbose failure reports; a tiny-model
 batch and the deterministic-towers training mode (gradient-cache tests and their gloo workers)."""
 

@@ -1,6 +1,6 @@
 """Fused assignment attention (kernels/assign_attention.py) vs the eager spec (kernels/reference.py).
 
-Tolerance rule (kernels_notes.md §6, tests/helpers.assert_parity): ``max|kernel - ref64| <= 2 max|eager - ref64| +
+Tolerance rule (docs/kernels.md §6, tests/helpers.assert_parity): ``max|kernel - ref64| <= 2 max|eager - ref64| +
 atol`` with the same inputs and the same noise. The hard argmax is discontinuous, so parity tests first check that
 every token's top-2 logit margin (fp64) exceeds 1e-4; the near-tie test checks what happens below that.
 RNG / Philox tests live in tests/test_philox.py.

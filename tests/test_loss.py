@@ -14,7 +14,7 @@ from tests.dist_utils import run_distributed
 
 
 def _direct(img: torch.Tensor, txt: torch.Tensor, theta: float, k: int) -> float:
-    """GroupViT's loss written out element by element in float64 Python (groupvit_spec.md §7)."""
+    """GroupViT's loss written out element by element in float64 Python (docs/groupvit.md §7)."""
     s = min(math.exp(theta), 100.0)
     b = img.shape[0]
     x = [[s * float(img[i] @ txt[j]) for j in range(b * k)] for i in range(b)]  # [B, B*K]

@@ -48,7 +48,7 @@ def _train_step(model, images, texts, backend):
 
 def test_train_mode_parity_loss_and_every_gradient(device):
     """Same seed, same Gumbel noise (the eager path draws the kernel's Philox stream): the triton loss and every
-    parameter gradient are as close to an fp64 eager run as the fp32 eager run is (kernels_notes.md §6 rule)."""
+    parameter gradient are as close to an fp64 eager run as the fp32 eager run is (docs/kernels.md §6 rule)."""
     model = groupvit.create_model("groupvit-tiny").to(device).train()
     images, texts = _batch(device)
     ref_l, ref_g = _train_step(copy.deepcopy(model).double(), images.double(), texts, "eager")

@@ -1,4 +1,4 @@
-"""In-kernel Gumbel noise of kernels/assign_attention.py (kernels_notes.md §2, §6 "RNG tests").
+"""In-kernel Gumbel noise of kernels/assign_attention.py (docs/kernels.md §2, §6 "RNG tests").
 
 Philox words bit-exact against an independent NumPy Philox-4x32-10; Gumbel values against a NumPy transform of
 those words; the Gumbel CDF (KS); the Gumbel-max trick through the fused kernel (chi-square); seeding rules.

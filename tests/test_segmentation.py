@@ -1,4 +1,4 @@
-"""Zero-shot segmentation protocol (groupvit_spec.md §10.1-10.2): each piece against a direct computation or a
+"""Zero-shot segmentation protocol (docs/groupvit.md §10.1-10.2): each piece against a direct computation or a
 hand-built case, slide-vs-whole agreement, batching, sizes, backends and checkpoint formats."""
 
 from __future__ import annotations

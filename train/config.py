@@ -10,7 +10,7 @@ field's type; unknown keys raise ``ValueError`` naming the key and the known one
 ``model.preset`` are overrides of :class:`groupvit.GroupViTConfig` (validated by ``groupvit.config.get_config``).
 
 Learning rates are given for a global batch of 4096 (the recipe's) and scaled linearly by ``global_batch / 4096``
-(groupvit_spec.md §8).
+(docs/groupvit.md §8).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class TrainConfig:
 
 # ---- presets ------------------------------------------------------------------------------------------------------
 
-# Official gcc-yfcc 30-epoch recipe (groupvit_spec.md §8-9); shard paths follow the release's local_data layout.
+# Official gcc-yfcc 30-epoch recipe (docs/groupvit.md §8-9); shard paths follow the release's local_data layout.
 _GCC_YFCC = dict(
     data=dict(
         train_shards=[

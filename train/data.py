@@ -1,4 +1,5 @@
-"""Image–text training data: webdataset shards → augmented, tokenised, deterministic, resumable batches (spec §9).
+"""Image–text training data: webdataset shards → augmented, tokenised, deterministic, resumable batches
+(docs/groupvit.md §9).
 
 Public API::
 
@@ -26,7 +27,8 @@ Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` 
    crops to the target size (:func:`train.transforms.decode_crop`, DCT-scaled JPEG decoding).
 6. **batch** ``batch_size`` good samples (never a partial batch); the i-th sample of the consumer's stream gets its
    own ``Random((worker_seed, epoch, i))`` for crop, augmentation and prompts, with
-   ``worker_seed = num_workers * rank + worker_id + seed`` (spec §8; ``num_workers`` counts as 1 when 0).
+   ``worker_seed = num_workers * rank + worker_id + seed`` (docs/groupvit.md §8; ``num_workers`` counts as 1
+   when 0).
    Errors inside the transform or tokenizer are bugs, not bad data, and propagate. ``augment_on="cpu"``: the
    worker runs the whole :class:`train.transforms.TrainTransform`; ``"gpu"``: it ships ``uint8`` crops plus each
    sample's drawn parameters, and :class:`TrainLoader` runs :class:`train.gpu_augment.DeviceAugment` on the batch

@@ -71,7 +71,8 @@ def segmentation_settings(bg_thresh: float | None = None) -> dict[str, Any]:
 
 
 def class_text_embeddings(model: groupvit.GroupViT, with_background: bool) -> torch.Tensor:
-    """Class embeddings ``[N, D]`` from the captions' own vocabulary (prompt ensembling, spec §10.1 order: project,
+    """Class embeddings ``[N, D]`` from the captions' own vocabulary (prompt ensembling in the order
+    of docs/groupvit.md §10.1: project,
     average, normalise): colour c <- "a {c} circle", "a {c} square", ...; background (first row, if asked) <-
     "a grey background", "on a grey background" (the captions' phrase)."""
     from groupvit.segmentation import class_embeddings

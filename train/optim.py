@@ -1,6 +1,6 @@
 """AdamW with GroupViT's weight-decay split and the per-iteration warm-up + cosine learning-rate schedule.
 
-Weight decay (groupvit_spec.md §8): parameters that are 1-D or whose name ends in ``.bias`` (LayerNorm and BatchNorm
+Weight decay (docs/groupvit.md §8): parameters that are 1-D or whose name ends in ``.bias`` (LayerNorm and BatchNorm
 weights/biases, all biases) get none; everything else is decayed, which includes every >= 2-D weight, ``pos_embed``,
 the group tokens and -- unusually -- the two 0-dim logit scales (they are neither 1-D nor named ``*.bias``).
 

@@ -1,4 +1,4 @@
-"""Multi-label noun prompts for GroupViT's multi-label contrastive loss (spec §9, "Text transforms").
+"""Multi-label noun prompts for GroupViT's multi-label contrastive loss (docs/groupvit.md §9, "Text transforms").
 
 For each caption, every time it is loaded:
 

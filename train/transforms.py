@@ -1,6 +1,7 @@
 """Image transforms for GroupViT training and evaluation, in PIL + torch (no torchvision: it has no CPU build here).
 
-Train (spec §9): RandomResizedCrop(224, scale 0.08–1, ratio 3/4–4/3, bilinear) → horizontal flip p=0.5 →
+Train (docs/groupvit.md §9): RandomResizedCrop(224, scale 0.08–1, ratio 3/4–4/3, bilinear) → horizontal flip
+p=0.5 →
 RandAugment ``rand-m9-mstd0.5-inc1`` → to tensor → ImageNet normalise → RandomErasing(p=0.25, mode "pixel", 1 box).
 Val: resize the short side to 256 (bilinear) → center crop 224 → to tensor → normalise.
 
