@@ -25,9 +25,9 @@ Same signature and semantics as :func:`kernels.reference.contrastive_loss` (the 
   memory: O(B + M) (gradients are written in the input dtype; with W > 1 the cross-rank ``dT`` sum is an fp32
   ``[W*B*K, D]`` buffer).
 * numerics: logits in base 2 (``log2 e`` folded into the scale, ``exp2``), fp32 accumulation and LSEs for
-  fp16/bf16/fp32 inputs, fp64 throughout for fp64 inputs (gradcheck). fp32 dots always run on tensor cores:
-  ``torch.get_float32_matmul_precision() == "highest"`` -> ``tf32x3`` (three TF32 products, close to fp32
-  accuracy), else ``tf32`` (10-bit mantissa operands); fp64 dots are exact (``ieee``).
+  fp16/bf16/fp32 inputs, fp64 throughout for fp64 inputs (gradcheck, under the interpreter only: on the GPU every
+  fp64 config spilled). fp32 dots always run on tensor cores as ``tf32`` (10-bit mantissa operands), whatever the
+  torch matmul precision: ``ieee`` lowers to FMA and ``tf32x3`` spilled in every config (report).
 
 **Distributed** (initialised ``torch.distributed``, world size W > 1, ``B`` local rows, ``K`` prompts): rank r owns
 rows ``rank*B ...`` of the global ``[W*B, W*B*K]`` matrix. Only the *texts* are gathered (the local rows need every
@@ -353,9 +353,11 @@ def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
 # cores; tests/test_kernel_report.py gates a subset in CI. Shared memory is dominated by the resident whole-D operand
 # tile plus one tile per pipeline stage; _fits() prunes by that estimate against the device's per-block limit.
 _SMEM_SLACK = 8 * 1024  # reduction scratch and barriers beside the operand tiles
-# backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by element size
-_BWD_ROWS = {2: ((128, 32, 8, 2), (128, 32, 8, 3)), 4: ((64, 32, 4, 1), (64, 32, 8, 1)), 8: ((32, 32, 4, 1),)}
-_BWD_COLS = {2: ((32, 128, 8, 2), (32, 128, 8, 3)), 4: ((32, 64, 4, 1), (32, 64, 8, 1)), 8: ((32, 32, 4, 1),)}
+# backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by (Hopper or later, element size); fp32 runs as tf32
+_BWD_ROWS = {(True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)), (False, 2): ((64, 32, 8, 2),),
+             (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)), (False, 4): ((32, 32, 4, 1),)}
+_BWD_COLS = {(True, 2): ((32, 128, 8, 2), (32, 128, 8, 3)), (False, 2): ((32, 64, 8, 2),),
+             (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)), (False, 4): ((32, 32, 4, 1),)}
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -381,12 +383,14 @@ def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
 def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
     """Forward ``(num_warps, num_stages)`` candidates for the tiles of :func:`_fwd_tiles`."""
     bm, bn = _fwd_tiles(block_d, elsize, smem)
-    return [(8 if bm >= 128 else 4, st) for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
+    warps = 8 if bm >= 128 or elsize == 4 else 4  # fp32 64 x 64 at 4 warps spilled on sm_80
+    return [(warps, st) for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
 
 
-def _bwd_configs(rows: bool, block_d: int, elsize: int, smem: int) -> list[tuple[int, int, int, int]]:
+def _bwd_configs(rows: bool, block_d: int, elsize: int, smem: int, hopper: bool = True
+                 ) -> list[tuple[int, int, int, int]]:
     """Backward ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that fit ``smem`` (the smallest if none does)."""
-    table = (_BWD_ROWS if rows else _BWD_COLS)[elsize]
+    table = (_BWD_ROWS if rows else _BWD_COLS)[(hopper, elsize)]
     fits = [c for c in table if _fits(c[0] if rows else c[1], c[1] if rows else c[0], c[3], block_d,
                                       elsize * (1 if elsize == 2 else 2), smem)]  # tf32 / fp64: a transposed copy
     return fits or [min(table, key=lambda c: c[0] * c[1])]
@@ -394,7 +398,9 @@ def _bwd_configs(rows: bool, block_d: int, elsize: int, smem: int) -> list[tuple
 
 def _prune_bwd(configs, named_args, **kwargs):
     elsize, rows = named_args["img_ptr"].element_size(), "di_ptr" in named_args
-    keep = set(_bwd_configs(rows, kwargs["BLOCK_D"], elsize, _smem_limit(named_args["img_ptr"].device)))
+    dev = named_args["img_ptr"].device
+    hopper = torch.cuda.get_device_capability(dev)[0] >= 9
+    keep = set(_bwd_configs(rows, kwargs["BLOCK_D"], elsize, _smem_limit(dev), hopper))
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
 
 
@@ -404,7 +410,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     return [c for c in configs if (c.num_warps, c.num_stages) in keep]
 
 
-def _configs(table: dict) -> list:
+def _configs(table: dict[tuple[bool, int], tuple]) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in sorted({c for cs in table.values() for c in cs})]
 
@@ -427,14 +433,12 @@ else:
 
 
 def _kernel_consts(x: Tensor) -> dict:
-    """Constexprs shared by the three kernels. fp32 dots run on tensor cores: ``tf32x3`` (~fp32 accuracy, 3 TF32
-    products) at ``torch.get_float32_matmul_precision() == "highest"``, else ``tf32``; never on FMA. fp64: exact
-    (``ieee``, for gradcheck). The interpreter computes every dot exactly whatever the precision."""
+    """Constexprs shared by the three kernels. fp32 dots run on tensor cores as ``tf32`` (10-bit mantissa
+    operands, fp32 accumulation) whatever ``torch.get_float32_matmul_precision()`` says: the report showed
+    ``ieee`` lowering to FMA and ``tf32x3`` spilling 7-90 KB in every config; use the eager backend for an fp32-exact
+    loss. fp64 (interpreter only, for gradcheck): exact. The interpreter computes every dot exactly."""
     cd = compute_dtype(x.dtype)
-    if x.dtype == torch.float32:
-        precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    else:
-        precision = "ieee"  # ignored for fp16/bf16; fp64 must be ieee
+    precision = "tf32" if x.dtype == torch.float32 else "ieee"  # ignored for fp16/bf16; fp64 must be ieee
     block_d = max(16, triton.next_power_of_2(x.shape[1]))
     return dict(BLOCK_D=block_d, EVEN_D=x.shape[1] == block_d, UPCAST=INTERPRET and x.dtype == torch.bfloat16,
                 PRECISION=precision, ACC=tl.float64 if cd == torch.float64 else tl.float32)
@@ -640,6 +644,9 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss (triton): got {image.device} tensors (image {tuple(image.shape)}, text "
                          f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or select the eager "
                          f"backend (or set TRITON_INTERPRET=1 before importing the kernels)")
+    if dt == torch.float64 and image.device.type == "cuda":
+        raise ValueError(f"contrastive_loss (triton): fp64 features (image {tuple(image.shape)}) run under the Triton "
+                         f"interpreter only (gradcheck); on the GPU use fp32/bf16/fp16 or select the eager backend")
     if image.shape[1] > MAX_D:
         raise ValueError(f"contrastive_loss (triton): embedding dim {image.shape[1]} > {MAX_D} is not supported "
                          f"(image {tuple(image.shape)}); select the eager backend")
@@ -669,10 +676,12 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     out = []
-    for prec in (("tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
+    if dtype == torch.float64:  # refused on the GPU (interpreter-only gradcheck path)
+        return []
+    hopper = smem > 200 * 1024  # sm_90 (227 KB per block) vs sm_80 (163 KB)
+    for prec in (("tf32",) if dtype == torch.float32 else ("ieee",)):
         label = f"{name}-{prec}" if dtype == torch.float32 else name
         fl = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
-        flops_mult = 3 if prec == "tf32x3" else 1  # tf32x3: three tf32 products per dot
         consts = dict(BLOCK_D=block_d, EVEN_D=d == block_d, UPCAST=False, PRECISION=prec, ACC=acc)
         case = dict(op="contrastive_loss", case=f"B{b}-D{d}-K{k}", dtype=label, floor_dtype=fl, hot_loop=0,
                     meta=dict(mode=f"K={k}"))
@@ -687,12 +696,12 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                 args=dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, row_part_ptr=torch.float32,
                           col_part_ptr=torch.float32, B=b, M=m, D=d, stride_i=d, stride_t=d, n_col_tiles=n_col,
                           tiles_per_split=per_split, BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=acc == tl.float32, **consts),
-                flops=2.0 * b * m * d * flops_mult, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                flops=2.0 * b * m * d, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
                 logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
         # backward: the autotuned configs that survive _prune_bwd
         for kname, fn in (("bwd_rows", _bwd_rows_kernel), ("bwd_cols", _bwd_cols_kernel)):
             rows = kname == "bwd_rows"
-            for bm, bn, w, st in _bwd_configs(rows, block_d, es, smem):
+            for bm, bn, w, st in _bwd_configs(rows, block_d, es, smem, hopper):
                 ptrs = dict(img_ptr=dtype, txt_ptr=dtype, di_ptr=dtype, dt_ptr=dtype)
                 args = {p.name: ptrs.get(p.name, torch.float32) for p in fn.params if p.name.endswith("_ptr")}
                 out.append(Variant(
@@ -700,6 +709,6 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                     grid=(triton.cdiv(b, bm) if rows else triton.cdiv(m, bn),),
                     args=dict(args, B=b, M=m, D=d, stride_i=d, stride_t=d, col0=0, K=k, BLOCK_M=bm, BLOCK_N=bn,
                               **consts),
-                    flops=4.0 * b * m * d * flops_mult, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
+                    flops=4.0 * b * m * d, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
                     logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
     return out

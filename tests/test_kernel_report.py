@@ -60,13 +60,15 @@ def test_gate_rules():
 TTGIR = """#blocked = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [4, 1]}>
 #mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>
 module {
-    %1 = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<128x64xf32, #s> * !ttg.memdesc<64x64xf32, #s> -> tensor<128x64xf32, #mma1>
-    %2 = tt.dot %x, %y, %z : tensor<64x32xbf16, #ttg.dot_op<{opIdx = 0, parent = #mma}>> * tensor<32x64xbf16, #ttg.dot_op<{opIdx = 1, parent = #mma}>> -> tensor<64x64xf32, #mma>
-    %3 = tt.dot %x, %y, %z : tensor<64x32xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<32x64xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<64x64xf32, #blocked>
-    %4 = tt.dot %x, %y, %z {inputPrecision = 0 : i32} : tensor<64x32xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<32x64xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<64x64xf32, #blocked>
+    %1 = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<128x64xf32, #s> \
+* !ttg.memdesc<64x64xf32, #s> -> tensor<128x64xf32, #mma1>
+    %2 = tt.dot %x, %y, %z : tensor<64x32xbf16, #d0> * tensor<32x64xbf16, #d1> -> tensor<64x64xf32, #mma>
+    %3 = tt.dot %x, %y, %z : tensor<64x32xf32, #d0> * tensor<32x64xf32, #d1> -> tensor<64x64xf32, #blocked>
+    %4 = tt.dot %x, %y, %z {inputPrecision = 0 : i32} : tensor<64x32xf32, #d0> * tensor<32x64xf32, #d1> \
+-> tensor<64x64xf32, #blocked>
     %5 = ttng.warp_group_dot_wait %1 {pendings = 0 : i32} : tensor<128x64xf32, #mma1>
 }
-"""
+""".replace("\\\n", "")
 
 
 def test_ttgir_dots():
