@@ -357,7 +357,7 @@ _SMEM_SLACK = 8 * 1024  # reduction scratch and barriers beside the operand tile
 _BWD_ROWS = {(True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)), (False, 2): ((64, 32, 8, 2),),
              (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)), (False, 4): ((32, 32, 4, 1),)}
 _BWD_COLS = {(True, 2): ((32, 128, 8, 2), (32, 128, 8, 3)), (False, 2): ((32, 64, 8, 2),),
-             (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)), (False, 4): ((32, 32, 4, 1),)}
+             (True, 4): ((32, 32, 4, 1),), (False, 4): ((32, 32, 4, 1),)}  # (32, 32, 8, 1) spilled 8 B (K = 1)
 
 
 def _smem_limit(device: torch.device) -> int:
