@@ -54,6 +54,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_GROUPS = 256  # all G rows live in one program
 FAST_LOG = tl.constexpr(not INTERPRET)  # lg2.approx for the outer log of the noise (libdevice: GPU only)
+# The kernels' NOISE constexpr, where the Gumbel noise comes from: none (eval, or gumbel=False), in-kernel Philox,
+# or an explicit noise tensor [B, G, N]. _PHILOX / _TENSOR: the same values, readable inside @triton.jit code.
+NOISE_OFF, NOISE_PHILOX, NOISE_TENSOR = 0, 1, 2
+_PHILOX, _TENSOR = tl.constexpr(NOISE_PHILOX), tl.constexpr(NOISE_TENSOR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,9 +121,9 @@ def _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask
             NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, CD: tl.constexpr):
     """``x = scale * s + noise`` for a token tile ``[BLOCK_N, BLOCK_G]`` in ``CD``; padded groups are -inf."""
     x = s * scale
-    if NOISE == 1:  # in-kernel Philox Gumbel noise, logical counters (see _noise_tile)
+    if NOISE == _PHILOX:  # in-kernel Philox Gumbel noise, logical counters (see _noise_tile)
         x += _noise_tile(seed, ctr_base, 0, offs_n, N, BLOCK_N, BLOCK_G).to(CD)
-    elif NOISE == 2:  # explicit noise tensor [B, G, N]
+    elif NOISE == _TENSOR:  # explicit noise tensor [B, G, N]
         x += tl.load(noise_base + offs_g[None, :] * N + offs_n[:, None], mask=g_mask[None, :] & n_mask[:, None],
                      other=0.0).to(CD)
     return tl.where(g_mask[None, :], x, float("-inf"))
@@ -444,12 +448,12 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
                     NC=1, SPLITS=1, num_warps=4, num_stages=1)
     wide = 4 if dtype == torch.float32 or dtype == torch.float64 else 2
     bn = 64 if bg <= 16 else 32
-    if wide == 4 or (backward and (bg > 16 or noise == 2)) or (arch < 90 and bg > 16):
+    if wide == 4 or (backward and (bg > 16 or noise == NOISE_TENSOR)) or (arch < 90 and bg > 16):
         bn //= 2
     warps = 8 if backward or wide == 4 or bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == 2 else 2) if backward else 3 if wide == 2 and bg > 16 and arch >= 90 else 2)
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == NOISE_TENSOR else 2) if backward else 3 if wide == 2 and bg > 16 and arch >= 90 else 2)
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
@@ -738,11 +742,11 @@ def assign_attention(
         q, k, v = q.to(common), k.to(common), v.to(common)
     s = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if noise is not None:
-        mode, seed, noise = 2, 0, noise.detach().contiguous()
+        mode, seed, noise = NOISE_TENSOR, 0, noise.detach().contiguous()
     elif gumbel:
-        mode, seed = 1, draw_seed(q.device)
+        mode, seed = NOISE_PHILOX, draw_seed(q.device)
     else:
-        mode, seed = 0, 0
+        mode, seed = NOISE_OFF, 0
     out, _ = _fwd_op(q, k, v, noise, seed, 0, float(tau), bool(hard), mode, float(eps), s)
     return out.to(out_dtype)
 
@@ -751,7 +755,8 @@ def assign_attention(
 # variants(): keep in sync with the launchers (compiled-code report, kernels/variants.py; python -m bench.kernel_report)
 # ----------------------------------------------------------------------------------------------------------------
 
-_MODES = {"train": (1, True), "eval": (0, True), "soft": (1, False), "noise": (2, True)}  # name -> (NOISE, HARD)
+_MODES = {"train": (NOISE_PHILOX, True), "eval": (NOISE_OFF, True), "soft": (NOISE_PHILOX, False),
+          "noise": (NOISE_TENSOR, True)}  # name -> (NOISE, HARD)
 
 
 def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> list:
@@ -777,7 +782,8 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             del cfg["SPLITS"]
             partial = splits > 1
-            ptrs = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype, noise_ptr=torch.float32 if noise == 2 else dtype,
+            ptrs = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype,
+                        noise_ptr=torch.float32 if noise == NOISE_TENSOR else dtype,
                         out_ptr=cd if partial and not bwd else dtype, d_ptr=cd, do_ptr=dtype,
                         dq_ptr=cd if partial else dtype, dk_ptr=dtype, dv_ptr=dtype)
             fn = _assign_bwd_kernel if bwd else _assign_fwd_kernel

@@ -255,7 +255,7 @@ def test_poisoned_outputs_and_block_invariance(c, blocks, device):
     assert _margin(q, k, noise).min() > MARGIN
     ob, out = _guarded((b, g, c), torch.float32, device)
     db, d = _guarded((b, g), torch.float32, device)
-    aa._launch_fwd(q, k, v, None, seed, 0, tau, True, 1, eps, scale, out=out, d=d, blocks=blocks)
+    aa._launch_fwd(q, k, v, None, seed, 0, tau, True, aa.NOISE_PHILOX, eps, scale, out=out, d=d, blocks=blocks)
     _assert_guarded(ob, out, "out")
     _assert_guarded(db, d, "d")
     assert torch.equal(d, d.round()) and torch.equal(d.sum(1), torch.full((b,), float(n), device=device))
@@ -264,7 +264,7 @@ def test_poisoned_outputs_and_block_invariance(c, blocks, device):
     ref_out, ref_g = _run(R.assign_attention, q, k, v, dout, gumbel=True, noise=noise, tau=tau)
     assert_close(out, ref_out, atol=1e-5, name="out")
     bufs = [_guarded(t.shape, torch.float32, device) for t in (q, k, v)]
-    aa._launch_bwd(dout, q, k, v, out, d, None, seed, 0, tau, True, 1, eps, scale,
+    aa._launch_bwd(dout, q, k, v, out, d, None, seed, 0, tau, True, aa.NOISE_PHILOX, eps, scale,
                    grads=tuple(view for _, view in bufs), blocks=blocks)
     for name, (buf, view), r in zip(("dq", "dk", "dv"), bufs, ref_g):
         _assert_guarded(buf, view, name)

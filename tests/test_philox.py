@@ -150,7 +150,7 @@ def test_gumbel_max_frequencies_match_softmax(device):
     k = torch.zeros(b, n, c)
     k[:, :, 0] = 1.0
     q, k = q.to(device), k.to(device)
-    _, d = aa._launch_fwd(q, k, k, None, 31337, 0, 1.0, True, 1, 1.0, 1.0)
+    _, d = aa._launch_fwd(q, k, k, None, 31337, 0, 1.0, True, aa.NOISE_PHILOX, 1.0, 1.0)
     counts = d.double().sum(0).cpu()
     assert counts.sum().item() == b * n
 
