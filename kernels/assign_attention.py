@@ -34,7 +34,6 @@ Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -45,12 +44,12 @@ from triton.language.extra import libdevice
 from triton.runtime.errors import OutOfResources
 
 from kernels.registry import OPS
+from kernels.utils import DTYPE_NAMES, INTERPRET, compute_dtype, triton_can_launch
 from kernels.variants import Variant
 
 __all__ = ["assign_attention", "draw_seed", "gumbel_noise", "philox_bits", "MAX_GROUPS"]
 
 # Captured once: the @triton.jit decorators below were built in this mode (interpreted or compiled).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_GROUPS = 256  # all G rows live in one program
 FAST_LOG = tl.constexpr(not INTERPRET)  # lg2.approx for the outer log of the noise (libdevice: GPU only)
@@ -467,10 +466,6 @@ def _ctr64(offset: int, b: int, g: int, n: int) -> bool:
     return offset + b * triton.cdiv(g, 4) * max(n, 1) >= 2**31
 
 
-def _compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, args: tuple,
             seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float,
             partial: bool) -> None:
@@ -516,7 +511,7 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: 
     given (tests pass guard-filled views); ``blocks`` overrides entries of the launch config (:func:`_config`)."""
     b, g, c = q.shape
     n = k.shape[1]
-    cdt = _compute_torch_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     out = torch.empty_like(q) if out is None else out
     d = torch.empty((b, g), dtype=cdt, device=q.device) if d is None else d
     if b == 0:
@@ -553,7 +548,7 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: T
         _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, dq, dk, dv),
                 *common, False)
         return dq, dk, dv
-    part = torch.empty((splits, b, g, c), dtype=_compute_torch_dtype(q.dtype), device=q.device)
+    part = torch.empty((splits, b, g, c), dtype=compute_dtype(q.dtype), device=q.device)
     _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, part, dk, dv),
             *common, True)
     dq.copy_(part.sum(0))
@@ -561,11 +556,12 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: T
 
 
 def _check_launchable(device: torch.device, what: str) -> None:
-    if device.type == "cpu" and not INTERPRET:
+    if triton_can_launch(device, INTERPRET):
+        return
+    if device.type == "cpu":
         raise ValueError(f"{what}: CPU tensors need the Triton interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 "
                          f"before importing kernels.assign_attention, or select the eager backend.")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{what}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
+    raise ValueError(f"{what}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
 
 
 _STREAM_BLOCK = 1 << 16 if INTERPRET else 1024  # elements per program of the noise/bits materialisers
@@ -623,7 +619,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: int,
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, noise, seed, offset, tau, hard, noise_mode, eps, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_compute_torch_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("groupvit_kernels::assign_attention_bwd", mutates_args=())
@@ -766,7 +762,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
     b, g, n, c = shape["B"], shape["G"], shape["N"], shape["C"]
     arch = 80 if num_sms == 108 else 90  # the report's two targets: A100 (108 SMs) and H100/H200 (132)
     spec = OPS["assign_attention"]
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    name = DTYPE_NAMES[dtype]
     es = torch.empty((), dtype=dtype).element_size()
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     out = []
