@@ -30,7 +30,7 @@ class VisionConfig:
     gumbel_tau: float = 1.0
     assign_eps: float = 1.0
     # The group tokens cross-attend to the image before the assignment (official: always). Off only in the toy demo
-    # preset, where that global read-out lets the contrastive loss ignore the segments (README, "The demo").
+    # preset, where that global read-out lets the contrastive loss ignore the segments (docs/demo.md).
     pre_assign_attn: bool = True
 
     def __post_init__(self) -> None:

@@ -219,8 +219,8 @@ _GCC_YFCC = dict(
 # 2.5 minutes on 2 CPU cores. The image tower is cut down to what makes the image embedding a linear average of its
 # segments: patch embedding -> one grouping block (256 patches -> 16 segments) -> mean -> linear projector, with no
 # transformer blocks and no pre-assign cross-attention (both let every group token read the whole image). With any
-# of these global read-outs back, the contrastive loss is solved on this toy data without pure segments (README,
-# "The demo": measured ablations). Real presets keep the official architecture.
+# of these global read-outs back, the contrastive loss is solved on this toy data without pure segments (docs/demo.md:
+# measured ablations; two grouping stages learned too slowly there). Real presets keep the official architecture.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
     "vision.patch_size": 4, "vision.embed_dim": 64, "vision.depths": [0, 0], "vision.num_heads": 2,
     "vision.num_group_tokens": [16, 0], "vision.num_output_groups": [16], "vision.pre_assign_attn": False,

@@ -4,7 +4,8 @@
     python -m train.demo --steps 100 --out runs/demo-quick
 
 1. writes the synthetic dataset (:mod:`train.synthetic`: 1-3 coloured shapes on textured grey, captions such as
-   "a red circle and a blue square") to webdataset shards under ``<out>/data`` on first use;
+   "a red circle and a blue square"; the objects' phrases, "red circle", are the multi-label prompt words) to
+   webdataset shards under ``<out>/data`` on first use;
 2. trains the ``demo`` preset (:data:`train.config.PRESETS`: a segments-only image tower, see
    ``DEMO_MODEL_OVERRIDES``) with the regular driver (:func:`train.loop.train`): the same shards -> loader ->
    train_step -> checkpoint path as a real run;
@@ -13,7 +14,10 @@
    "a {colour} circle", "a {colour} square", ... -> background by threshold; images resized to twice the training
    size, as the official protocol), for the trained model and for its untrained initialisation (same seed), mIoU
    over background + 6 colours;
-4. writes overlay pictures (image | ground truth | untrained | trained) to ``<out>/overlays``.
+4. writes overlay pictures (image | ground truth | untrained | trained, then each grouping stage's groups) to
+   ``<out>/overlays`` and the segmentation settings into the checkpoint (``"segmentation"``).
+
+Results over seeds, diagnosis and ablations: docs/demo.md.
 
 No class label is ever seen in training: grouping and naming emerge from the captions alone.
 """
