@@ -16,7 +16,8 @@ def ddp_step_case(rank: int, world: int, local_batch: int, micro_batches: list[i
     for each the losses, the last step's gradients, the parameters, the buffers and the optimizer state."""
     import groupvit
     from tests.helpers import deterministic_towers, make_batch
-    from train.loop import convert_sync_batchnorm, train_step
+    from train.distributed import convert_sync_batchnorm
+    from train.loop import train_step
     from train.optim import build_optimizer
 
     full = make_batch(world * local_batch, seed=5)

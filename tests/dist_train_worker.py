@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def sync_bn_case(rank: int, world: int) -> dict:
     """CPUSyncBatchNorm on this rank's quarter of a fixed batch: output, input grad and affine grads."""
-    from train.loop import CPUSyncBatchNorm
+    from train.distributed import CPUSyncBatchNorm
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(12, 5, 1, generator=g, dtype=torch.float64) * 3 + 1  # [B, C, L], the global batch

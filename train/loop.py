@@ -5,7 +5,7 @@ non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConf
 
 * distributed setup from the ``torchrun`` environment (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): NCCL on CUDA, gloo
   on CPU; DistributedDataParallel; BatchNorm in the projectors synchronised across ranks (``nn.SyncBatchNorm`` on
-  CUDA, :class:`CPUSyncBatchNorm` on CPU, where torch's SyncBatchNorm refuses to run);
+  CUDA, :class:`train.distributed.CPUSyncBatchNorm` on CPU, where torch's SyncBatchNorm refuses to run);
 * webdataset shards split across ranks and workers (:mod:`train.data`), bf16 autocast on CUDA;
 * rank 0 logs: a tqdm bar (step, loss, lr, logit scale, images/s, data-wait fraction), ``metrics.jsonl``, optional
   TensorBoard, and a final summary (``summary.json``);
@@ -28,7 +28,6 @@ import sys
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -50,6 +49,14 @@ from train.checkpoint import (
     unwrap,
 )
 from train.config import TrainConfig
+from train.distributed import (
+    DistContext,
+    convert_sync_batchnorm,
+    gather_objects,
+    mean_over_ranks,
+    setup_distributed,
+    sum_over_ranks,
+)
 from train.gradcache import gradcache_backward
 from train.optim import CosineSchedule, LRStepper, build_optimizer
 
@@ -194,126 +201,6 @@ def _snapshot_buffers(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.
         with torch.no_grad():
             torch._foreach_copy_(saved, buffers)
     return buffers, saved
-
-
-# ---- distributed helpers ------------------------------------------------------------------------------------------
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient of a summed quantity is the sum of all ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
-
-class CPUSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo), where ``nn.SyncBatchNorm``
-    raises. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``. Input ``[B, C]`` or ``[B, C, L]``.
-    Two-pass statistics (mean, then centred squares), so large means do not cost precision."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        c = x.shape[1]
-        shape = [1, c] + [1] * (x.dim() - 2)
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        n_local = float(x.numel() // c)
-        tot = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([n_local])]))  # [C + 1]
-        n = tot[-1].detach()
-        mean = tot[:c] / n  # [C]
-        centred = xf - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n  # biased, for normalisation [C]
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        y = centred * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Make every BatchNorm synchronise its batch statistics across ranks (SyncBatchNorm on GPUs)."""
-    if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CPUSyncBatchNorm):
-            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(device)
-            new.load_state_dict(child.state_dict())
-            setattr(model, name, new)
-        else:
-            convert_sync_batchnorm(child, device)
-    return model
-
-
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool  # we initialised the process group (and destroy it at the end)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto") -> DistContext:
-    """Join the process group described by torchrun's environment (or an already initialised one)."""
-    owns = False
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local}")
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu" if device == "auto" else device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        owns = True
-    return DistContext(rank, world, local, dev, owns)
-
-
-def _gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _mean_over_ranks(values: list[float], ctx: DistContext) -> list[float]:
-    if not ctx.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return (t / ctx.world_size).tolist()
 
 
 def seed_everything(seed: int) -> None:
@@ -554,8 +441,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
-        rngs = _gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
-        total = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # collective too
+        rngs = gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
+        total = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # collective too
         # a resume re-reads (and counts again) the consumed part of its epoch: carry the counts before that epoch
         counters["data_before_epoch"] = total if batch_idx == 0 else epoch_data
         if ctx.is_main:
@@ -568,7 +455,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     model.train()
     try:
         while step < stop_at:
-            epoch_data = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))
+            epoch_data = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))
             it = loader.iter_epoch(epoch, batch_idx)
             this_epoch = epoch
             while epoch == this_epoch and step < stop_at:
@@ -612,7 +499,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                 over_time = cfg.time_limit_s is not None and time.perf_counter() - t_train0 > cfg.time_limit_s
                 signalled = stop is not None and stop.requested is not None
                 if ctx.distributed:  # all ranks must stop together
-                    over_time, signalled = (v > 0 for v in _mean_over_ranks([float(over_time), float(signalled)], ctx))
+                    over_time, signalled = (v > 0 for v in mean_over_ranks([float(over_time), float(signalled)], ctx))
                 if step % cfg.ckpt_interval == 0 or step == stop_at or over_time or signalled:
                     checkpoint()
                 if over_time or signalled:
@@ -631,7 +518,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     finally:
         log.close()
 
-    data_stats = _add_counts(data_base, _sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
+    data_stats = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
     wall = time.perf_counter() - t_start
     summary = {
         "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
@@ -655,14 +542,6 @@ def _micro(micro_batch: int | None, cfg: TrainConfig) -> int | None:
     return micro_batch if micro_batch and micro_batch < cfg.data.batch_size else None
 
 
-def _sum_over_ranks(counts: dict[str, int], ctx: DistContext) -> dict[str, int]:
-    if not ctx.distributed or not counts:
-        return counts
-    keys = sorted(counts)
-    vals = _mean_over_ranks([float(counts[k]) for k in keys], ctx)
-    return {k: int(round(v * ctx.world_size)) for k, v in zip(keys, vals)}
-
-
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
 
@@ -674,8 +553,8 @@ def _log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, cou
     every rank calls it)."""
     keys = ("loss", "loss_itc", "loss_ml")
     local = [float(np.mean([w[k] for w in window])) for k in keys]
-    mean = _mean_over_ranks(local, ctx)
-    data_stats = _add_counts(data_base or {}, _sum_over_ranks(data_stats, ctx))
+    mean = mean_over_ranks(local, ctx)
+    data_stats = _add_counts(data_base or {}, sum_over_ranks(data_stats, ctx))
     last = window[-1]
     dt = sum(w["dt"] for w in window)
     rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],
