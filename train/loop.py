@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 import weakref
@@ -58,6 +57,7 @@ from train.distributed import (
     sum_over_ranks,
 )
 from train.gradcache import gradcache_backward
+from train.logs import Logger, add_counts, format_summary, log_window
 from train.optim import CosineSchedule, LRStepper, build_optimizer
 
 
@@ -210,65 +210,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- logging --------------------------------------------------------------------------------------------------------
-
-
-class Logger:
-    """Rank-0 sinks: tqdm bar, JSONL metrics, optional TensorBoard. All methods are no-ops on other ranks."""
-
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, total: int, initial: int) -> None:
-        self.active = ctx.is_main
-        self.bar = None
-        self.tb = None
-        self.jsonl = None
-        if not self.active:
-            return
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except Exception as e:  # tensorboard is optional
-                warnings.warn(f"tensorboard requested but unavailable ({e}); logging to metrics.jsonl only")
-
-    def bar_update(self, rec: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} "
-                                 f"{rec['images_per_s']:.0f} img/s wait {100 * rec['data_wait']:.0f}%", refresh=False)
-
-    def record(self, rec: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        self.jsonl.write(json.dumps(rundir.json_safe(rec), allow_nan=False) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
-
-    def message(self, text: str) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -442,7 +383,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         rngs = gather_objects(rng_state(), ctx)  # collective: every rank's RNG goes into rank 0's file
-        total = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # collective too
+        total = add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # collective too
         # a resume re-reads (and counts again) the consumed part of its epoch: carry the counts before that epoch
         counters["data_before_epoch"] = total if batch_idx == 0 else epoch_data
         if ctx.is_main:
@@ -455,7 +396,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     model.train()
     try:
         while step < stop_at:
-            epoch_data = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))
+            epoch_data = add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))
             it = loader.iter_epoch(epoch, batch_idx)
             this_epoch = epoch
             while epoch == this_epoch and step < stop_at:
@@ -494,7 +435,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                     epoch, batch_idx = epoch + 1, 0
                 log.bar_update({**rec, "images_per_s": global_batch / max(dt, 1e-9), "data_wait": wait / max(dt, 1e-9)})
                 if step % cfg.log_interval == 0 or step == stop_at:
-                    _log_window(window, ctx, log, counters, _loader_stats(loader), global_batch, data_base)
+                    log_window(window, ctx, log, counters, _loader_stats(loader), global_batch, data_base)
                     window = []
                 over_time = cfg.time_limit_s is not None and time.perf_counter() - t_train0 > cfg.time_limit_s
                 signalled = stop is not None and stop.requested is not None
@@ -518,7 +459,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     finally:
         log.close()
 
-    data_stats = _add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
+    data_stats = add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
     wall = time.perf_counter() - t_start
     summary = {
         "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
@@ -531,7 +472,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     }
     if ctx.is_main:
         (out_dir / "summary.json").write_text(json.dumps(rundir.json_safe(summary), indent=2, allow_nan=False))
-        log.message(_format_summary(summary))
+        log.message(format_summary(summary))
     summary["history"] = history
     summary["model"] = unwrap(model)
     return summary
@@ -540,40 +481,3 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
 def _micro(micro_batch: int | None, cfg: TrainConfig) -> int | None:
     """The micro-batch a step really uses (None: the whole batch at once)."""
     return micro_batch if micro_batch and micro_batch < cfg.data.batch_size else None
-
-
-def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
-    return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
-
-
-def _log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, counters: dict[str, Any],
-                data_stats: dict[str, int], global_batch: int, data_base: Mapping[str, int] | None = None) -> None:
-    """One JSONL record per log interval: losses averaged over the window's steps and over ranks, rates over the
-    window, data counters summed over ranks plus ``data_base`` (earlier segments of a resumed run; a collective:
-    every rank calls it)."""
-    keys = ("loss", "loss_itc", "loss_ml")
-    local = [float(np.mean([w[k] for w in window])) for k in keys]
-    mean = mean_over_ranks(local, ctx)
-    data_stats = _add_counts(data_base or {}, sum_over_ranks(data_stats, ctx))
-    last = window[-1]
-    dt = sum(w["dt"] for w in window)
-    rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],
-           "logit_scale": last["logit_scale"], "multi_label_logit_scale": last["multi_label_logit_scale"],
-           "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
-           "images_per_s": global_batch * len(window) / max(dt, 1e-9),
-           "data_wait": sum(w["wait"] for w in window) / max(dt, 1e-9),
-           "skipped_steps": counters["skipped_steps"], "time": time.time(), "data": data_stats}
-    log.record(rec)
-
-
-def _format_summary(s: dict[str, Any]) -> str:
-    d = s["data"]
-    skipped = (f"{d.get('skipped', 0)} bad samples skipped (missing image {d.get('missing_images', 0)}, missing caption "
-               f"{d.get('missing_captions', 0)}, empty caption {d.get('empty_captions', 0)}, corrupt image "
-               f"{d.get('corrupt_images', 0)}, oversized image {d.get('oversized_images', 0)}), "
-               f"{d.get('shard_errors', 0)} shard errors")
-    return (f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
-            f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
-            f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
-            f"{s['final_loss']:.4f}; {s['skipped_steps']} non-finite steps skipped; {skipped}; "
-            f"checkpoint {s['checkpoint']}")
