@@ -54,7 +54,8 @@ def test_folder_lock_is_exclusive_and_detects_stale_locks(tmp_path):
 
 
 def test_fresh_run_never_overwrites_a_run(shards, tmp_path):  # noqa: F811
-    from train.loop import prepare_synthetic, train
+    from train.loop import train
+    from train.synthetic import prepare_synthetic
 
     out = tmp_path / "run"
     first = train(_cfg(shards, out, max_steps=2))

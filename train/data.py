@@ -68,13 +68,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from groupvit.imageio import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image, to_rgb
 from groupvit.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from train.config import TrainConfig
+from train.distributed import DistContext
 from train.gpu_augment import DeviceAugment
 from train.prompts import NOUNS_KEY, load_tagger, make_prompts, parse_nouns
 from train.rundir import ignore_sigterm
 from train.shards import expand_urls
 from train.transforms import TrainTransform, decode_crop
 
-__all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_train_loader", "expand_urls",
+__all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_loader", "build_train_loader", "expand_urls",
            "write_shards"]
 
 log = logging.getLogger(__name__)
@@ -535,3 +537,16 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
                       repeat=epoch_len is not None)
     return TrainLoader(ds, num_workers=num_workers, epoch_len=epoch_len, pin_memory=pin_memory,
                        prefetch_factor=prefetch_factor, device_augment=device_aug, device=device)
+
+
+def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, context_length: int) -> Any:
+    """This rank's :class:`train.data.TrainLoader`: ``steps_per_epoch`` batches per epoch, deterministic given
+    (seed, epoch, rank, world size, workers), so ``iter_epoch(epoch, start_batch)`` resumes exactly."""
+    d = cfg.data
+    return build_train_loader(
+        d.train_shards, batch_size=d.batch_size, num_workers=d.num_workers, context_length=context_length,
+        multi_label=d.multi_label, img_size=d.img_size, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, epoch_len=steps_per_epoch,
+        pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if d.num_workers > 0 else None,
+        augment_on=d.augment_on, device=ctx.device, max_pixels=d.max_pixels,
+    )

@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = apply_override(cfg, "data.multi_label", 0)
     out = Path(cfg.output_dir)
 
-    from train.loop import prepare_synthetic, seed_everything, train
+    from train.loop import seed_everything, train
+    from train.synthetic import prepare_synthetic
     from train.synthetic import class_names, load_val
 
     root = Path(cfg.data.synthetic_dir or out / "data")

@@ -19,7 +19,6 @@ non-finite detection. :func:`train` runs a whole :class:`~train.config.TrainConf
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from train.checkpoint import (
     unwrap,
 )
 from train.config import TrainConfig
+from train.data import build_loader
 from train.distributed import (
     DistContext,
     convert_sync_batchnorm,
@@ -59,6 +59,7 @@ from train.distributed import (
 from train.gradcache import gradcache_backward
 from train.logs import Logger, add_counts, format_summary, log_window
 from train.optim import CosineSchedule, LRStepper, build_optimizer
+from train.synthetic import prepare_synthetic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -215,21 +216,6 @@ def seed_everything(seed: int) -> None:
 # ---- data ------------------------------------------------------------------------------------------------------------
 
 
-def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, context_length: int) -> Any:
-    """This rank's :class:`train.data.TrainLoader`: ``steps_per_epoch`` batches per epoch, deterministic given
-    (seed, epoch, rank, world size, workers), so ``iter_epoch(epoch, start_batch)`` resumes exactly."""
-    from train.data import build_train_loader
-
-    d = cfg.data
-    return build_train_loader(
-        d.train_shards, batch_size=d.batch_size, num_workers=d.num_workers, context_length=context_length,
-        multi_label=d.multi_label, img_size=d.img_size, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, epoch_len=steps_per_epoch,
-        pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if d.num_workers > 0 else None,
-        augment_on=d.augment_on, device=ctx.device, max_pixels=d.max_pixels,
-    )
-
-
 def _next_batch(it: Iterator[Mapping[str, Any]]) -> Mapping[str, Any]:
     # Starting a DataLoader iteration draws a base seed from torch's global RNG. Fork the RNG around every fetch so
     # the training stream (Gumbel noise, drop-path) never depends on where epochs or resumed runs begin: the data
@@ -241,30 +227,6 @@ def _next_batch(it: Iterator[Mapping[str, Any]]) -> Mapping[str, Any]:
 def _loader_stats(loader: Any) -> dict[str, int]:
     st = getattr(loader, "stats", None)
     return {k: int(v) for k, v in st.as_dict().items()} if st is not None else {}
-
-
-def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> TrainConfig:
-    """With ``data.synthetic_train > 0``: write the coloured-shapes shards on first use (rank 0 writes, the others
-    wait; idempotent) and return a config whose ``train_shards`` include them (and ``dataset_length`` defaults to
-    their size). Otherwise ``cfg`` unchanged."""
-    d = cfg.data
-    if d.synthetic_train <= 0:
-        return cfg
-    from train.synthetic import write_synthetic_shards
-
-    root = d.synthetic_dir or str(Path(cfg.output_dir) / "data")
-    args = dict(n_train=d.synthetic_train, n_val=d.synthetic_val, seed=cfg.seed, size=d.img_size,
-                shard_size=min(1000, max(1, d.synthetic_train // 8)))
-    if ctx is None or ctx.is_main:
-        with rundir.FolderLock(root, "synthetic-data folder", name=".synthetic.lock"):
-            shards = write_synthetic_shards(root, **args)
-    if ctx is not None and ctx.distributed:
-        dist.barrier()
-    if ctx is not None and not ctx.is_main:
-        shards = write_synthetic_shards(root, **args)  # reads the manifest rank 0 wrote; writes nothing
-    new = dataclasses.replace(d, train_shards=[*d.train_shards, shards.train_pattern],
-                              dataset_length=d.dataset_length or d.synthetic_train, synthetic_train=0)
-    return dataclasses.replace(cfg, data=new)
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------------

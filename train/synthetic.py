@@ -25,6 +25,7 @@ Everything is a pure function of ``(seed, split, index, size)``: sample ``i`` of
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -32,14 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from train import rundir
+from train.config import TrainConfig
 from train.data import write_shards
+from train.distributed import DistContext
 from train.prompts import NOUNS_KEY, nouns_record
 
 __all__ = ["COLORS", "SHAPES", "KINDS", "SyntheticShards", "class_names", "generate", "load_val", "remap_mask",
-           "write_synthetic_shards"]
+           "prepare_synthetic", "write_synthetic_shards"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 215),
@@ -277,3 +282,25 @@ def load_val(shards: SyntheticShards | str | os.PathLike, kind: str = "color"
         out.append((s["__key__"], img, s["txt"].decode("utf-8"), remap_mask(mask, kind)))
     out.sort(key=lambda t: t[0])
     return [(img, cap, mask) for _, img, cap, mask in out]
+
+
+def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> TrainConfig:
+    """With ``data.synthetic_train > 0``: write the coloured-shapes shards on first use (rank 0 writes, the others
+    wait; idempotent) and return a config whose ``train_shards`` include them (and ``dataset_length`` defaults to
+    their size). Otherwise ``cfg`` unchanged."""
+    d = cfg.data
+    if d.synthetic_train <= 0:
+        return cfg
+    root = d.synthetic_dir or str(Path(cfg.output_dir) / "data")
+    args = dict(n_train=d.synthetic_train, n_val=d.synthetic_val, seed=cfg.seed, size=d.img_size,
+                shard_size=min(1000, max(1, d.synthetic_train // 8)))
+    if ctx is None or ctx.is_main:
+        with rundir.FolderLock(root, "synthetic-data folder", name=".synthetic.lock"):
+            shards = write_synthetic_shards(root, **args)
+    if ctx is not None and ctx.distributed:
+        dist.barrier()
+    if ctx is not None and not ctx.is_main:
+        shards = write_synthetic_shards(root, **args)  # reads the manifest rank 0 wrote; writes nothing
+    new = dataclasses.replace(d, train_shards=[*d.train_shards, shards.train_pattern],
+                              dataset_length=d.dataset_length or d.synthetic_train, synthetic_train=0)
+    return dataclasses.replace(cfg, data=new)
