@@ -290,30 +290,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     step, epoch, batch_idx = 0, 0, 0
     counters: dict[str, Any] = {"skipped_steps": 0, "train_time_s": 0.0, "data_before_epoch": {}}  # carried on resume
     if resume_path is not None:
-        ck = load_training_checkpoint(resume_path)
-        unwrap(model).load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        stepper.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, epoch, batch_idx = ck["step"], ck["epoch"], ck["batch"]
-        saved = ck.get("train_config", {}).get("data", {})
-        changed = [k for k in ("batch_size", "num_workers", "train_shards", "shuffle_buffer")
-                   if k in saved and saved[k] != getattr(cfg.data, k)]
-        if changed and ctx.is_main:
-            warnings.warn(f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
-                          f"(and so the losses) will differ from an uninterrupted run")
-        if _micro(ck.get("train_config", {}).get("micro_batch"), cfg) != _micro(cfg.micro_batch, cfg) and ctx.is_main:
-            warnings.warn("resuming with a different micro_batch than the checkpoint: the same objective, but the "
-                          "Gumbel and drop-path draws are grouped differently, so the losses will differ from an "
-                          "uninterrupted run")
-        counters.update(ck.get("counters", {}))
-        if ck["world_size"] == ctx.world_size:
-            set_rng_state(ck["rng"][ctx.rank])
-        else:
-            warnings.warn(f"checkpoint was written by {ck['world_size']} processes, now {ctx.world_size}: RNG "
-                          f"streams are re-seeded, so the run will not repeat the original exactly")
-            seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
+        step, epoch, batch_idx = _resume(resume_path, cfg, ctx, model, optimizer, stepper, scaler, counters)
 
     data_base = dict(counters["data_before_epoch"])  # data counts of the epochs before the resumed one
     if ctx.is_main:
@@ -438,6 +415,37 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     summary["history"] = history
     summary["model"] = unwrap(model)
     return summary
+
+
+def _resume(path: Path, cfg: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
+            stepper: LRStepper, scaler: torch.amp.GradScaler | None, counters: dict[str, Any]) -> tuple[int, int, int]:
+    """Restore model, optimizer, schedule, scaler, counters (in place) and this rank's RNG from the checkpoint at
+    ``path``; warn where the run cannot repeat the original exactly. Returns ``(step, epoch, batch)``."""
+    ck = load_training_checkpoint(path)
+    unwrap(model).load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    stepper.load_state_dict(ck["scheduler"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    step, epoch, batch_idx = ck["step"], ck["epoch"], ck["batch"]
+    saved = ck.get("train_config", {}).get("data", {})
+    changed = [k for k in ("batch_size", "num_workers", "train_shards", "shuffle_buffer")
+               if k in saved and saved[k] != getattr(cfg.data, k)]
+    if changed and ctx.is_main:
+        warnings.warn(f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
+                      f"(and so the losses) will differ from an uninterrupted run")
+    if _micro(ck.get("train_config", {}).get("micro_batch"), cfg) != _micro(cfg.micro_batch, cfg) and ctx.is_main:
+        warnings.warn("resuming with a different micro_batch than the checkpoint: the same objective, but the "
+                      "Gumbel and drop-path draws are grouped differently, so the losses will differ from an "
+                      "uninterrupted run")
+    counters.update(ck.get("counters", {}))
+    if ck["world_size"] == ctx.world_size:
+        set_rng_state(ck["rng"][ctx.rank])
+    else:
+        warnings.warn(f"checkpoint was written by {ck['world_size']} processes, now {ctx.world_size}: RNG "
+                      f"streams are re-seeded, so the run will not repeat the original exactly")
+        seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
+    return step, epoch, batch_idx
 
 
 def _micro(micro_batch: int | None, cfg: TrainConfig) -> int | None:
