@@ -290,8 +290,8 @@ def test_kill_and_resume_gives_identical_losses(shards, tmp_path):
 
 
 def test_driver_decreases_loss_and_logs(shards, tmp_path, shared_data):
-    from train.distributed import setup_distributed
     from train.data import build_loader
+    from train.distributed import setup_distributed
     from train.loop import seed_everything, train
 
     cfg = _run_cfg(shards, tmp_path, **{"data.multi_label": 3, "optim.steps_per_epoch": 6, "optim.epochs": 2,

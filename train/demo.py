@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(cfg.output_dir)
 
     from train.loop import seed_everything, train
-    from train.synthetic import prepare_synthetic
-    from train.synthetic import class_names, load_val
+    from train.synthetic import class_names, load_val, prepare_synthetic
 
     root = Path(cfg.data.synthetic_dir or out / "data")
     print(f"[demo] data: {cfg.data.synthetic_train} train + {cfg.data.synthetic_val} held-out generated images "
