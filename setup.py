@@ -24,11 +24,23 @@ setup(
     python_requires=">=3.10",
     # torch is pinned loosely here so GPU users keep their own CUDA build; CPU machines install through
     # constraints.txt (see README), which pins the CPU wheel.
-    install_requires=["torch>=2.4", "triton>=3.6", "numpy", "webdataset>=1.0", "braceexpand", "pillow", "ftfy", "regex", "nltk>=3.9",
-                      "tqdm"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.6",
+        "numpy",
+        "webdataset>=1.0",
+        "braceexpand",
+        "pillow",
+        "ftfy",
+        "regex",
+        "nltk>=3.9",
+        "tqdm",
+    ],
     extras_require={"dev": [r for r in _reqs("requirements-dev.txt") if r not in _reqs("requirements.txt")]},
-    entry_points={"console_scripts": [
-        "groupvit-train=train.__main__:main",
-        "groupvit-segment=groupvit.segment_cli:main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "groupvit-train=train.__main__:main",
+            "groupvit-segment=groupvit.segment_cli:main",
+        ]
+    },
 )

@@ -93,8 +93,9 @@ def _images(src: Path, long_side: int | None) -> list[bytes]:
     return out
 
 
-def make_shards(out_dir: str | os.PathLike, n: int, *, src: Path = VOC_DIR, long_side: int | None = None,
-                per_shard: int = 100) -> str:
+def make_shards(
+    out_dir: str | os.PathLike, n: int, *, src: Path = VOC_DIR, long_side: int | None = None, per_shard: int = 100
+) -> str:
     """``n`` (jpg, txt) samples cycling over ``src``'s JPEGs (re-encoded at ``long_side`` if given); returns a
     glob pattern of the shards."""
     images = _images(Path(src), long_side)
@@ -116,7 +117,7 @@ def _cpu_per_sample(fn: Callable[[Any], Any], items: Sequence[Any], repeats: int
 
 def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> dict[str, float]:
     """CPU ms per sample of each stage (see the module docstring)."""
-    rngs = lambda: iter(random.Random(i) for i in range(10 ** 9))  # noqa: E731 - a fresh seed per call
+    rngs = lambda: iter(random.Random(i) for i in range(10**9))  # noqa: E731 - a fresh seed per call
     ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
     decoded = [decode_image(b) for b in images]
     g = rngs()
@@ -150,23 +151,34 @@ def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> di
         "decode_crop_gpu": _cpu_per_sample(decode_crop_gpu, images, repeats),
         "device_augment": _cpu_per_sample(lambda _: dev_aug.apply(batch, params), [0], repeats) / len(batch),
         "prompts_tagged": _cpu_per_sample(lambda c, g=rngs(): make_prompts(c, 3, next(g)), caps, repeats),
-        "prompts_precomputed": _cpu_per_sample(lambda c, g=rngs(): make_prompts(c, 3, next(g), words=words[c]),
-                                               caps, repeats),
-        "tokens": _cpu_per_sample(lambda c, g=rngs(): tok([c] + make_prompts(c, 3, next(g), words=words[c])), caps,
-                                  repeats),
+        "prompts_precomputed": _cpu_per_sample(
+            lambda c, g=rngs(): make_prompts(c, 3, next(g), words=words[c]), caps, repeats
+        ),
+        "tokens": _cpu_per_sample(
+            lambda c, g=rngs(): tok([c] + make_prompts(c, 3, next(g), words=words[c])), caps, repeats
+        ),
         "collate": _cpu_per_sample(lambda _: torch.stack([one] * 32), [0], repeats) / 32,
     }
     return {k: 1000 * v for k, v in ms.items()}
 
 
-def measure_loader(pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32,
-                   batches: int = 8, size: int = 224) -> float:
+def measure_loader(
+    pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32, batches: int = 8, size: int = 224
+) -> float:
     """Samples/s of the training loader (K = 3 prompts) over ``batches`` batches after one warm-up batch, per CPU
     second of this process with ``num_workers=0`` (one core's rate, robust to other load), per wall second with
     workers; with ``augment_on="gpu"`` only its CPU half runs (the device step is switched off)."""
-    loader = build_train_loader(pattern, batch_size=batch_size, num_workers=num_workers, multi_label=3,
-                                img_size=size, shuffle_buffer=0, seed=0, epoch_len=batches + 1,
-                                augment_on=augment_on)
+    loader = build_train_loader(
+        pattern,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        multi_label=3,
+        img_size=size,
+        shuffle_buffer=0,
+        seed=0,
+        epoch_len=batches + 1,
+        augment_on=augment_on,
+    )
     loader.device_augment = None  # measure the CPU side only: the workers' uint8 batches
     it = iter(loader)
     next(it)
@@ -200,8 +212,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     if "NLTK_DATA" not in os.environ and _SHARED_NLTK.is_dir():
         os.environ["NLTK_DATA"] = str(_SHARED_NLTK)
-    res: dict[str, Any] = {"commit": git_sha(ROOT), "machine": f"{os.cpu_count()} CPU cores, {sys.platform}",
-                           "rate": args.rate, "size": args.size, "cases": {}}
+    res: dict[str, Any] = {
+        "commit": git_sha(ROOT),
+        "machine": f"{os.cpu_count()} CPU cores, {sys.platform}",
+        "rate": args.rate,
+        "size": args.size,
+        "cases": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for case, long_side in (("voc", None), (f"{args.large_side}-px", args.large_side)):
             d = Path(tmp) / case
@@ -213,30 +230,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             add_nouns([pattern], workers=1)
             new = measure_loader(pattern, augment_on="gpu", **kw)
             scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
-            res["cases"][case] = {"stages_ms": stages, "loader_cpu_tagged": base, "loader_gpu_nouns": new,
-                                  "speedup": new / base, "workers_gpu_nouns": scaling}
+            res["cases"][case] = {
+                "stages_ms": stages,
+                "loader_cpu_tagged": base,
+                "loader_gpu_nouns": new,
+                "speedup": new / base,
+                "workers_gpu_nouns": scaling,
+            }
     if args.device:
         dev = torch.device(args.device)
-        res["device_augment"] = {"device": str(dev), "batch": args.device_batch,
-                                 "ms_per_batch": measure_device_augment(dev, args.device_batch, args.size)}
+        res["device_augment"] = {
+            "device": str(dev),
+            "batch": args.device_batch,
+            "ms_per_batch": measure_device_augment(dev, args.device_batch, args.size),
+        }
     return res
 
 
 def report(res: dict[str, Any]) -> str:
-    lines = [f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample, crop "
-             f"{res['size']})"]
+    lines = [
+        f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample, crop {res['size']})"
+    ]
     for case, r in res["cases"].items():
         lines.append(f"[{case} JPEGs] stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()))
-        lines.append(f"  loader, 1 core: cpu path + tagging {r['loader_cpu_tagged']:.0f} samples/s, gpu path + "
-                     f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x)")
-        lines.append("  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s"
-                                                          for w, v in r["workers_gpu_nouns"].items()))
-        lines.append(f"  cores per GPU needed at {res['rate']:.0f} pairs/s: cpu path "
-                     f"{res['rate'] / r['loader_cpu_tagged']:.0f}, gpu path {res['rate'] / r['loader_gpu_nouns']:.0f}")
+        lines.append(
+            f"  loader, 1 core: cpu path + tagging {r['loader_cpu_tagged']:.0f} samples/s, gpu path + "
+            f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x)"
+        )
+        lines.append(
+            "  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s" for w, v in r["workers_gpu_nouns"].items())
+        )
+        lines.append(
+            f"  cores per GPU needed at {res['rate']:.0f} pairs/s: cpu path "
+            f"{res['rate'] / r['loader_cpu_tagged']:.0f}, gpu path {res['rate'] / r['loader_gpu_nouns']:.0f}"
+        )
     if "device_augment" in res:
         d = res["device_augment"]
-        lines.append(f"device augmentation on {d['device']}: {d['ms_per_batch']:.2f} ms per batch of {d['batch']} "
-                     f"(compare with one GroupViT-S training step at that batch)")
+        lines.append(
+            f"device augmentation on {d['device']}: {d['ms_per_batch']:.2f} ms per batch of {d['batch']} "
+            f"(compare with one GroupViT-S training step at that batch)"
+        )
     return "\n".join(lines)
 
 

@@ -129,8 +129,9 @@ class _ByteCounter(TorchDispatchMode):
         return out
 
 
-def step_budget(preset: str, batch: int, texts: torch.Tensor | None = None, *, trim: bool = True
-                ) -> dict[str, dict[str, float]]:
+def step_budget(
+    preset: str, batch: int, texts: torch.Tensor | None = None, *, trim: bool = True
+) -> dict[str, dict[str, float]]:
     """Counted FLOPs and bytes of one training step by part (:data:`BUDGET_PARTS`, forward + backward), fp32,
     eager ops (the spec), shapes only: the model runs on the meta device.
 
@@ -167,8 +168,13 @@ def step_budget(preset: str, batch: int, texts: torch.Tensor | None = None, *, t
         txt = torch.empty(n_text, d, **meta, requires_grad=True)
         t = F.normalize(txt, dim=-1).view(batch, -1, d)
         k = t.shape[1] - 1
-        out = GroupViTOutput(F.normalize(img, dim=-1), t[:, 0], t[:, 1:].reshape(-1, d) if k else None,
-                             model.logit_scale, model.multi_label_logit_scale if k else None)
+        out = GroupViTOutput(
+            F.normalize(img, dim=-1),
+            t[:, 0],
+            t[:, 1:].reshape(-1, d) if k else None,
+            model.logit_scale,
+            model.multi_label_logit_scale if k else None,
+        )
         loss_fn(out)["loss"].backward()
 
     def optimizer() -> None:
@@ -196,13 +202,17 @@ def step_budget(preset: str, batch: int, texts: torch.Tensor | None = None, *, t
 
 def format_budget(budget: dict[str, dict[str, float]], batch: int, title: str) -> str:
     """A table: GFLOP and GB per step and per image-text pair, and each part's share of the FLOPs."""
-    lines = [f"# {title}", f"# {'part':15} {'GFLOP/step':>11} {'GFLOP/pair':>11} {'FLOP %':>7} {'GB/step':>9} "
-                           f"{'MB/pair':>9}"]
+    lines = [
+        f"# {title}",
+        f"# {'part':15} {'GFLOP/step':>11} {'GFLOP/pair':>11} {'FLOP %':>7} {'GB/step':>9} {'MB/pair':>9}",
+    ]
     total = budget["step"]["flop"] or 1.0
     for name in (*BUDGET_PARTS, "step", "text, untrimmed"):
         v = budget[name]
-        lines.append(f"# {name:15} {v['flop'] / 1e9:11.1f} {v['flop'] / batch / 1e9:11.3f} "
-                     f"{100 * v['flop'] / total:7.1f} {v['bytes'] / 1e9:9.2f} {v['bytes'] / batch / 1e6:9.1f}")
+        lines.append(
+            f"# {name:15} {v['flop'] / 1e9:11.1f} {v['flop'] / batch / 1e9:11.3f} "
+            f"{100 * v['flop'] / total:7.1f} {v['bytes'] / 1e9:9.2f} {v['bytes'] / batch / 1e6:9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -258,8 +268,15 @@ class Job:
     def dims(self, **extra: Any) -> dict[str, Any]:
         c = self.cfg
         micro = {"micro": self.micro_batch} if self.micro_batch else {}
-        return dict(preset=self.preset, B=self.batch, S=c.vision.img_size, K=c.multi_label,
-                    L=c.text.context_length, **micro, **extra)
+        return dict(
+            preset=self.preset,
+            B=self.batch,
+            S=c.vision.img_size,
+            K=c.multi_label,
+            L=c.text.context_length,
+            **micro,
+            **extra,
+        )
 
     def row(self, config: str, **kw: Any) -> dict[str, str]:
         return common.make_row(self.env, op="train_step", provider=config, mode="step", dtype=self.autocast, **kw)
@@ -282,18 +299,23 @@ class Job:
         return torch.amp.GradScaler(self.device.type)
 
 
-def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: float | None
-                 ) -> tuple[list[dict[str, str]], float | None]:
+def bench_config(
+    job: Job, config: str, *, steps: int, warmup: int, ref_loss: float | None
+) -> tuple[list[dict[str, str]], float | None]:
     """Throughput rows of one config at ``job.batch``; returns them and the first step's loss (None on failure)."""
     from groupvit import ops
 
     backend, compile_, trim = CONFIGS[config]
-    case, dims, batch = f"{job.preset}-b{job.batch}" + (f"-m{job.micro_batch}" if job.micro_batch else ""), \
-        job.dims(), job.batch
+    case, dims, batch = (
+        f"{job.preset}-b{job.batch}" + (f"-m{job.micro_batch}" if job.micro_batch else ""),
+        job.dims(),
+        job.batch,
+    )
     if (why := job.unavailable(config)) is not None:
         print(f"train_step {config:15} {why}", flush=True)
-        return [job.row(config, case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims,
-                        correct=why)], None
+        return [
+            job.row(config, case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims, correct=why)
+        ], None
     first_loss, err = None, None
     with ops.use_backend(backend):
         try:
@@ -315,8 +337,9 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
     _reset(job.device)
     if err is not None:
         print(f"train_step {config:15} B={batch:<5} {err}", flush=True)
-        return [job.row(config, case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims,
-                        correct=err)], None
+        return [
+            job.row(config, case=case, metric="images_per_s", unit="images/s", p50=None, dims=dims, correct=err)
+        ], None
     if not math.isfinite(first_loss):
         status = f"fail: first loss {first_loss}"
     elif ref_loss is None:
@@ -325,21 +348,31 @@ def bench_config(job: Job, config: str, *, steps: int, warmup: int, ref_loss: fl
         rel = abs(first_loss - ref_loss) / max(abs(ref_loss), 1e-12)
         status = f"{'pass' if rel <= LOSS_RTOL else 'warn'} (loss {rel:.1%} from eager)"
     rows = [
-        job.row(config, case=case, metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80, dims=dims,
-                correct=status),
-        job.row(config, case=case, metric="images_per_s", unit="images/s", p50=_ips(batch, t.p50),
-                p20=_ips(batch, t.p80), p80=_ips(batch, t.p20), dims=dims, correct=status),
+        job.row(config, case=case, metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80, dims=dims, correct=status),
+        job.row(
+            config,
+            case=case,
+            metric="images_per_s",
+            unit="images/s",
+            p50=_ips(batch, t.p50),
+            p20=_ips(batch, t.p80),
+            p80=_ips(batch, t.p20),
+            dims=dims,
+            correct=status,
+        ),
     ]
     if peak is not None:
         rows.append(job.row(config, case=case, metric="peak_mb", unit="MiB", p50=peak, dims=dims, correct=status))
     mem = f"  peak {peak:9.1f} MiB" if peak is not None else ""
-    print(f"train_step {config:15} B={batch:<5} {t.p50:9.2f} ms [{t.p20:.2f}-{t.p80:.2f}] "
-          f"{_ips(batch, t.p50):9.1f} images/s{mem}  {status}", flush=True)
+    print(
+        f"train_step {config:15} B={batch:<5} {t.p50:9.2f} ms [{t.p20:.2f}-{t.p80:.2f}] "
+        f"{_ips(batch, t.p50):9.1f} images/s{mem}  {status}",
+        flush=True,
+    )
     return rows, first_loss
 
 
-def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_ok: bool | str
-                     ) -> list[dict[str, str]]:
+def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_ok: bool | str) -> list[dict[str, str]]:
     """Largest batch that fits: a fresh model, B doubled from 2x ``job.batch``, two steps per size (the first
     compiles when the config compiles -- static shapes, since the model's Gumbel sampling does not trace with a
     symbolic batch -- the second is timed) until OOM, ``cap`` or the time budget (the next size is predicted to
@@ -350,8 +383,17 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
     mcase = f"{job.preset}-max-batch"
     if start_ok is not True:
         why = start_ok if isinstance(start_ok, str) else "not run"
-        return [job.row(config, case=mcase, metric="max_batch", unit="images", p50=None, dims=job.dims(cap=cap),
-                        correct=f"unchecked; stop: B={job.batch} did not run ({why})")]
+        return [
+            job.row(
+                config,
+                case=mcase,
+                metric="max_batch",
+                unit="images",
+                p50=None,
+                dims=job.dims(cap=cap),
+                correct=f"unchecked; stop: B={job.batch} did not run ({why})",
+            )
+        ]
     budget = common.Budget(budget_s)
     best, best_ms, best_peak, b, stop, cost_s = job.batch, None, None, 2 * job.batch, f"cap {cap}", 0.0
     with ops.use_backend(backend), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
@@ -388,18 +430,40 @@ def max_batch_config(job: Job, config: str, *, cap: int, budget_s: float, start_
     d = job.dims(cap=cap) | {"B": best}
     rows = [job.row(config, case=mcase, metric="max_batch", unit="images", p50=best, dims=d, correct=status)]
     if best_ms is not None:
-        rows.append(job.row(config, case=mcase, metric="images_per_s", unit="images/s", p50=_ips(best, best_ms),
-                            dims=d, correct=status))
+        rows.append(
+            job.row(
+                config,
+                case=mcase,
+                metric="images_per_s",
+                unit="images/s",
+                p50=_ips(best, best_ms),
+                dims=d,
+                correct=status,
+            )
+        )
     if best_peak is not None:
-        rows.append(job.row(config, case=mcase, metric="peak_mb", unit="MiB", p50=best_peak, dims=d,
-                            correct=status))
+        rows.append(job.row(config, case=mcase, metric="peak_mb", unit="MiB", p50=best_peak, dims=d, correct=status))
     return rows
 
 
-def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: torch.device, steps: int,
-        warmup: int, autocast: str, max_batch: bool, max_batch_cap: int, max_batch_budget_s: float,
-        budget_s: float | None = None, step_fn: StepFn | str | None = None, micro_batch: int | None = None,
-        flop_budget: bool = True) -> Path:
+def run(
+    *,
+    out: Path,
+    preset: str,
+    batch: int,
+    configs: Sequence[str],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    autocast: str,
+    max_batch: bool,
+    max_batch_cap: int,
+    max_batch_budget_s: float,
+    budget_s: float | None = None,
+    step_fn: StepFn | str | None = None,
+    micro_batch: int | None = None,
+    flop_budget: bool = True,
+) -> Path:
     """Phase 1: throughput of every config (eager first: its loss is the sanity reference). Phase 2: the max-batch
     searches, uncompiled configs first (compiled ones recompile at every size, and a stage cut short should lose
     the least). Rows are merged into ``out/bench.csv`` after every config."""
@@ -408,19 +472,37 @@ def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: t
             raise ValueError(f"unknown config {c!r}; choose from {list(CONFIGS)}")
     if autocast not in AUTOCAST:
         raise ValueError(f"unknown autocast {autocast!r}; choose from {list(AUTOCAST)}")
-    job = Job(step_fn=load_train_step() if step_fn is None else step_fn, preset=preset, batch=batch, device=device,
-              autocast=autocast, env=common.env_info(device), micro_batch=micro_batch)
+    job = Job(
+        step_fn=load_train_step() if step_fn is None else step_fn,
+        preset=preset,
+        batch=batch,
+        device=device,
+        autocast=autocast,
+        env=common.env_info(device),
+        micro_batch=micro_batch,
+    )
     csv_path = Path(out) / "bench.csv"
     budget = common.Budget(budget_s)
-    print(f"# bench_model {preset} B={batch} autocast={autocast} on {job.env['gpu']} commit {job.env['git_sha']} "
-          f"-> {csv_path}", flush=True)
+    print(
+        f"# bench_model {preset} B={batch} autocast={autocast} on {job.env['gpu']} commit {job.env['git_sha']} "
+        f"-> {csv_path}",
+        flush=True,
+    )
     if flop_budget:
         bud = step_budget(preset, batch, make_batch(job.cfg, batch, torch.device("cpu"))["texts"])
-        print(format_budget(bud, batch, f"counted budget of one step at B={batch} (fwd+bwd, fp32, eager ops; "
-                                        f"FLOPs: FlopCounterMode, bytes: unfused op inputs+outputs)"), flush=True)
+        print(
+            format_budget(
+                bud,
+                batch,
+                f"counted budget of one step at B={batch} (fwd+bwd, fp32, eager ops; "
+                f"FLOPs: FlopCounterMode, bytes: unfused op inputs+outputs)",
+            ),
+            flush=True,
+        )
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "budget.json").write_text(json.dumps({"preset": preset, "batch": batch,
-                                                           "commit": job.env["git_sha"], "parts": bud}, indent=2))
+        (Path(out) / "budget.json").write_text(
+            json.dumps({"preset": preset, "batch": batch, "commit": job.env["git_sha"], "parts": bud}, indent=2)
+        )
     ref_loss, ran = None, {}
     for c in sorted(configs, key=lambda c: c != "eager"):
         if budget.exhausted():
@@ -437,8 +519,9 @@ def run(*, out: Path, preset: str, batch: int, configs: Sequence[str], device: t
                 print(f"# time budget exhausted: max-batch search of {c} skipped", flush=True)
                 continue
             per = min(max_batch_budget_s, budget.left())
-            common.write_rows(csv_path, max_batch_config(job, c, cap=max_batch_cap, budget_s=per,
-                                                         start_ok=ran.get(c, "skipped")))
+            common.write_rows(
+                csv_path, max_batch_config(job, c, cap=max_batch_cap, budget_s=per, start_ok=ran.get(c, "skipped"))
+            )
     print(f"# done in {budget.elapsed():.1f} s", flush=True)
     return csv_path
 
@@ -448,8 +531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output directory (bench.csv is merged there)")
     p.add_argument("--preset", default="groupvit-s")
     p.add_argument("--batch", type=int, default=256, help="per-GPU batch (the recipe's 256)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="run the towers this many samples at a time (train.gradcache; contrastive batch = --batch)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="run the towers this many samples at a time (train.gradcache; contrastive batch = --batch)",
+    )
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compilation happens here)")
@@ -464,10 +551,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     steps, warmup = (3, 2) if a.quick else (a.steps, a.warmup)
     try:
-        run(out=a.out, preset=a.preset, batch=a.batch, configs=[c for c in a.configs.split(",") if c],
-            device=common.pick_device(a.device), steps=steps, warmup=warmup, autocast=a.autocast,
-            max_batch=not a.no_max_batch, max_batch_cap=a.max_batch_cap, max_batch_budget_s=a.max_batch_budget_s,
-            budget_s=a.budget_s, micro_batch=a.micro_batch, flop_budget=not a.no_flop_budget)
+        run(
+            out=a.out,
+            preset=a.preset,
+            batch=a.batch,
+            configs=[c for c in a.configs.split(",") if c],
+            device=common.pick_device(a.device),
+            steps=steps,
+            warmup=warmup,
+            autocast=a.autocast,
+            max_batch=not a.no_max_batch,
+            max_batch_cap=a.max_batch_cap,
+            max_batch_budget_s=a.max_batch_budget_s,
+            budget_s=a.budget_s,
+            micro_batch=a.micro_batch,
+            flop_budget=not a.no_flop_budget,
+        )
     except KeyboardInterrupt:
         print("# interrupted; partial results kept", flush=True)
         return 130

@@ -147,8 +147,9 @@ def load_provider(spec: OpSpec, name: str, device: torch.device) -> Provider | s
 # ---- inputs and one call ------------------------------------------------------------------------------------------
 
 
-def _inputs(spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0
-            ) -> tuple[list[Tensor], dict[str, Any], list[Tensor]]:
+def _inputs(
+    spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> tuple[list[Tensor], dict[str, Any], list[Tensor]]:
     """Fresh leaf inputs; the ones in ``spec.grad_inputs`` require grad. Returns (args, kwargs, grad leaves)."""
     args, kw = spec.make_inputs(case, dtype, device, seed)
     args = [a.detach().clone() for a in args]
@@ -169,8 +170,9 @@ def _upstream(y: Tensor, like: torch.dtype | None = None, seed: int = 1) -> Tens
     return g.to(like or y.dtype).to(y.dtype)
 
 
-def _forward_backward(fn: Provider, args: Sequence[Tensor], kw: dict[str, Any], leaves: Sequence[Tensor],
-                      like: torch.dtype | None = None) -> list[Tensor]:
+def _forward_backward(
+    fn: Provider, args: Sequence[Tensor], kw: dict[str, Any], leaves: Sequence[Tensor], like: torch.dtype | None = None
+) -> list[Tensor]:
     """Output followed by the gradients of ``leaves`` (all detached)."""
     y = fn(*args, **kw)
     if not leaves:
@@ -202,8 +204,9 @@ def reference_for(spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.de
         result = Reference(ref64, base)
     except Exception as e:
         failed = True
-        result = ("unchecked: reference out of memory" if common.is_oom(e)
-                  else f"unchecked: reference failed: {_short(e)}")
+        result = (
+            "unchecked: reference out of memory" if common.is_oom(e) else f"unchecked: reference failed: {_short(e)}"
+        )
     args = args64 = low = leaves = None  # noqa: F841  (drop references before freeing)
     common.free_memory(device, failed)
     return result
@@ -230,8 +233,7 @@ def check(spec: OpSpec, out: Sequence[Tensor], ref: Reference, dtype: torch.dtyp
     return "pass" + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _runner(fn: Provider, args: list[Tensor], kw: dict[str, Any], leaves: list[Tensor], mode: str
-            ) -> Callable[[], Any]:
+def _runner(fn: Provider, args: list[Tensor], kw: dict[str, Any], leaves: list[Tensor], mode: str) -> Callable[[], Any]:
     """The callable that is timed for ``mode`` (bwd builds the forward graph once and retains it)."""
     if mode == "fwd":
         return lambda: fn(*args, **kw)
@@ -246,6 +248,7 @@ def _runner(fn: Provider, args: list[Tensor], kw: dict[str, Any], leaves: list[T
 
         def step() -> None:
             fn(*args, **kw).backward(g)
+
         return step
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
@@ -263,14 +266,23 @@ class Settings:
     floors: dict[str, tuple[str, str, float]] = dataclasses.field(default_factory=lambda: dict(FLOOR))
 
 
-def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, fn: Provider | str,
-                   ref: Reference | str | None, st: Settings, env: dict[str, str]) -> list[dict[str, str]]:
+def bench_provider(
+    spec: OpSpec,
+    case: Case,
+    dtype: torch.dtype,
+    provider: str,
+    fn: Provider | str,
+    ref: Reference | str | None,
+    st: Settings,
+    env: dict[str, str],
+) -> list[dict[str, str]]:
     """Rows for one provider on one case: correctness once, then ms / peak / throughput / % floor per mode."""
     dlabel = st.dtype_label(dtype)
     dims = {**case.dims, **case.kwargs}
     modes = [m for m in st.modes if m == "fwd" or spec.grad_inputs]
-    row = functools.partial(common.make_row, env, op=spec.name, case=case.name, provider=provider, dtype=dlabel,
-                            dims=dims)
+    row = functools.partial(
+        common.make_row, env, op=spec.name, case=case.name, provider=provider, dtype=dlabel, dims=dims
+    )
     if isinstance(fn, str):
         _print(spec.name, case.name, dlabel, provider, "all", None, None, None, fn)
         return [row(mode=m, metric="ms", unit="ms", p50=None, correct=fn) for m in modes]
@@ -313,20 +325,44 @@ def bench_provider(spec: OpSpec, case: Case, dtype: torch.dtype, provider: str, 
         rate = lambda ms: work / (ms * 1e-3) if ms > 0 else math.nan  # noqa: E731  GB/s or TFLOP/s
         rows += [
             row(mode=mode, metric="ms", unit="ms", p50=t.p50, p20=t.p20, p80=t.p80, correct=status),
-            row(mode=mode, metric=metric, unit=unit, p50=rate(t.p50), p20=rate(t.p80), p80=rate(t.p20),
-                correct=status),
-            row(mode=mode, metric="pct_floor", unit=f"% of {floor:g} {unit}", p50=100 * rate(t.p50) / floor,
-                correct=status),
+            row(mode=mode, metric=metric, unit=unit, p50=rate(t.p50), p20=rate(t.p80), p80=rate(t.p20), correct=status),
+            row(
+                mode=mode,
+                metric="pct_floor",
+                unit=f"% of {floor:g} {unit}",
+                p50=100 * rate(t.p50) / floor,
+                correct=status,
+            ),
         ]
         if peak is not None:
             rows.append(row(mode=mode, metric="peak_mb", unit="MiB", p50=peak, correct=status))
-        _print(spec.name, case.name, dlabel, provider, mode, t, f"{rate(t.p50):.4g} {unit}",
-               100 * rate(t.p50) / floor, status, peak)
+        _print(
+            spec.name,
+            case.name,
+            dlabel,
+            provider,
+            mode,
+            t,
+            f"{rate(t.p50):.4g} {unit}",
+            100 * rate(t.p50) / floor,
+            status,
+            peak,
+        )
     return rows
 
 
-def _print(op: str, case: str, dtype: str, provider: str, mode: str, t: common.Timing | None, rate: str | None,
-           pct: float | None, status: str, peak: float | None = None) -> None:
+def _print(
+    op: str,
+    case: str,
+    dtype: str,
+    provider: str,
+    mode: str,
+    t: common.Timing | None,
+    rate: str | None,
+    pct: float | None,
+    status: str,
+    peak: float | None = None,
+) -> None:
     timing = f"{t.p50:9.4f} ms [{t.p20:.4f}-{t.p80:.4f}]" if t else f"{'-':>9}"
     extra = f"{rate:>16} {pct:6.1f}% floor" if rate is not None and pct is not None else ""
     mem = f" peak {peak:9.1f} MiB" if peak is not None else ""
@@ -336,16 +372,34 @@ def _print(op: str, case: str, dtype: str, provider: str, mode: str, t: common.T
 # ---- contrastive: largest batch that fits -------------------------------------------------------------------------
 
 
-def max_batch_search(spec: OpSpec, base: Case, provider: str, fn: Provider | str, dtype: torch.dtype,
-                     st: Settings, env: dict[str, str], *, start: int, cap: int, budget_s: float
-                     ) -> list[dict[str, str]]:
+def max_batch_search(
+    spec: OpSpec,
+    base: Case,
+    provider: str,
+    fn: Provider | str,
+    dtype: torch.dtype,
+    st: Settings,
+    env: dict[str, str],
+    *,
+    start: int,
+    cap: int,
+    budget_s: float,
+) -> list[dict[str, str]]:
     """Double B from ``start`` (one fwd+bwd per size, after one warm-up at ``start``) until OOM, ``cap`` or the
     time budget (stops when the next size, predicted 4x slower, would not fit in what is left)."""
     dlabel = st.dtype_label(dtype)
     name = f"max-batch-{base.name.split('-', 1)[-1]}"  # e.g. max-batch-k1
     dims = {k: v for k, v in base.dims.items() if k != "B"}
-    row = functools.partial(common.make_row, env, op=spec.name, case=name, provider=provider, mode="fwd_bwd",
-                            dtype=dlabel, dims={**dims, "start": start, "cap": cap})
+    row = functools.partial(
+        common.make_row,
+        env,
+        op=spec.name,
+        case=name,
+        provider=provider,
+        mode="fwd_bwd",
+        dtype=dlabel,
+        dims={**dims, "start": start, "cap": cap},
+    )
     if isinstance(fn, str):
         return [row(metric="max_batch", unit="rows", p50=None, correct=fn)]
     budget = common.Budget(budget_s)
@@ -389,11 +443,23 @@ def max_batch_search(spec: OpSpec, base: Case, provider: str, fn: Provider | str
 # ---- driver -------------------------------------------------------------------------------------------------------
 
 
-def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[torch.dtype],
-        providers: Sequence[str] | None = None, cases: Sequence[str] | None = None, st: Settings,
-        budget_s: float | None = None, max_batch: bool = True, max_batch_start: int = 4096,
-        max_batch_cap: int = 1 << 21, max_batch_budget_s: float = 30.0, max_batch_ks: Sequence[int] = (1,),
-        specs: dict[str, OpSpec] | None = None) -> Path:
+def run(
+    *,
+    out: Path,
+    ops: Sequence[str],
+    tags: Sequence[str],
+    dtypes: Sequence[torch.dtype],
+    providers: Sequence[str] | None = None,
+    cases: Sequence[str] | None = None,
+    st: Settings,
+    budget_s: float | None = None,
+    max_batch: bool = True,
+    max_batch_start: int = 4096,
+    max_batch_cap: int = 1 << 21,
+    max_batch_budget_s: float = 30.0,
+    max_batch_ks: Sequence[int] = (1,),
+    specs: dict[str, OpSpec] | None = None,
+) -> Path:
     """Run the benchmarks and merge the rows into ``out/bench.csv`` (written after every provider)."""
     specs = specs or OPS
     for op in ops:
@@ -402,8 +468,11 @@ def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[
     csv_path = Path(out) / CSV_NAME
     env = common.env_info(st.device)
     budget = common.Budget(budget_s)
-    print(f"# bench_ops on {env['gpu']} torch {env['torch']} triton {env['triton']} commit {env['git_sha']} "
-          f"-> {csv_path}", flush=True)
+    print(
+        f"# bench_ops on {env['gpu']} torch {env['torch']} triton {env['triton']} commit {env['git_sha']} "
+        f"-> {csv_path}",
+        flush=True,
+    )
     skipped = 0
     for dtype in dtypes:
         loaded: dict[str, dict[str, Provider | str]] = {}
@@ -421,19 +490,35 @@ def run(*, out: Path, ops: Sequence[str], tags: Sequence[str], dtypes: Sequence[
                 ref = None
         if max_batch and "contrastive_loss" in loaded:  # after every op's cases: a short budget cuts this first
             spec = specs["contrastive_loss"]
-            base_cases = [c for c in spec.cases
-                          if c.dims.get("B") == max_batch_start and c.dims.get("K", 1) in max_batch_ks]
+            base_cases = [
+                c for c in spec.cases if c.dims.get("B") == max_batch_start and c.dims.get("K", 1) in max_batch_ks
+            ]
             if not base_cases:
-                print(f"# max-batch search skipped: no contrastive_loss case with B={max_batch_start}, K in "
-                      f"{tuple(max_batch_ks)} in the registry", flush=True)
+                print(
+                    f"# max-batch search skipped: no contrastive_loss case with B={max_batch_start}, K in "
+                    f"{tuple(max_batch_ks)} in the registry",
+                    flush=True,
+                )
             for base in base_cases:
                 for p, fn in loaded["contrastive_loss"].items():
                     if budget.exhausted():
                         skipped += 1
                         continue
-                    common.write_rows(csv_path, max_batch_search(
-                        spec, base, p, fn, dtype, st, env, start=max_batch_start, cap=max_batch_cap,
-                        budget_s=min(max_batch_budget_s, budget.left())))
+                    common.write_rows(
+                        csv_path,
+                        max_batch_search(
+                            spec,
+                            base,
+                            p,
+                            fn,
+                            dtype,
+                            st,
+                            env,
+                            start=max_batch_start,
+                            cap=max_batch_cap,
+                            budget_s=min(max_batch_budget_s, budget.left()),
+                        ),
+                    )
     if skipped:
         print(f"# time budget of {budget_s:g} s exhausted: {skipped} case(s) skipped", flush=True)
     print(f"# done in {budget.elapsed():.1f} s", flush=True)
@@ -447,22 +532,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tags", default="model", help="registry case tags, comma-separated (smoke, model, sweep)")
     p.add_argument("--cases", default=None, help="only these case names, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated subset of eager,compile,triton,inf_cl,sdpa,xformers")
+    p.add_argument(
+        "--providers", default=None, help="comma-separated subset of eager,compile,triton,inf_cl,sdpa,xformers"
+    )
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd_bwd")
-    p.add_argument("--quick", action="store_true", help="short timing (warm-up 5 ms, 20 ms of repeats) and a tiny "
-                   "max-batch search")
+    p.add_argument(
+        "--quick", action="store_true", help="short timing (warm-up 5 ms, 20 ms of repeats) and a tiny max-batch search"
+    )
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
     p.add_argument("--no-max-batch", action="store_true", help="skip the contrastive max-batch search")
     p.add_argument("--max-batch-budget-s", type=float, default=30.0, help="time budget per provider of the search")
-    p.add_argument("--max-batch-start", type=int, default=None,
-                   help="first B of the search (a registry contrastive case with this B supplies D and K; "
-                        "default 4096, --quick on CPU: 5)")
+    p.add_argument(
+        "--max-batch-start",
+        type=int,
+        default=None,
+        help="first B of the search (a registry contrastive case with this B supplies D and K; "
+        "default 4096, --quick on CPU: 5)",
+    )
     p.add_argument("--max-batch-cap", type=int, default=None, help="largest B tried (default 2^21; quick CPU 20)")
     p.add_argument("--max-batch-k", default="1", help="prompts per image K of the searches, comma-separated")
-    p.add_argument("--ceilings", type=Path, default=None,
-                   help="verdict.csv of this device (python -m bench.verdict): %% of its measured copy GB/s and "
-                        "GEMM TFLOP/s instead of the H100 constants")
+    p.add_argument(
+        "--ceilings",
+        type=Path,
+        default=None,
+        help="verdict.csv of this device (python -m bench.verdict): %% of its measured copy GB/s and "
+        "GEMM TFLOP/s instead of the H100 constants",
+    )
     p.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32 for every provider (rows say tf32)")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     a = p.parse_args(argv)
@@ -487,11 +582,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     cap = a.max_batch_cap or (20 if quick_cpu else 1 << 21)
     mb_budget = min(a.max_batch_budget_s, 10.0) if a.quick else a.max_batch_budget_s
     try:
-        run(out=a.out, ops=a.ops, tags=[t for t in a.tags.split(",") if t], dtypes=dtypes,
+        run(
+            out=a.out,
+            ops=a.ops,
+            tags=[t for t in a.tags.split(",") if t],
+            dtypes=dtypes,
             providers=a.providers.split(",") if a.providers else None,
-            cases=a.cases.split(",") if a.cases else None, st=st, budget_s=a.budget_s,
-            max_batch=not a.no_max_batch, max_batch_start=start, max_batch_cap=cap, max_batch_budget_s=mb_budget,
-            max_batch_ks=[int(k) for k in a.max_batch_k.split(",") if k])
+            cases=a.cases.split(",") if a.cases else None,
+            st=st,
+            budget_s=a.budget_s,
+            max_batch=not a.no_max_batch,
+            max_batch_start=start,
+            max_batch_cap=cap,
+            max_batch_budget_s=mb_budget,
+            max_batch_ks=[int(k) for k in a.max_batch_k.split(",") if k],
+        )
     except KeyboardInterrupt:  # `timeout -s INT`: rows written so far are already in the CSV
         print("# interrupted; partial results kept", flush=True)
         return 130

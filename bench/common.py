@@ -26,8 +26,23 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 COLUMNS: tuple[str, ...] = (
-    "op", "case", "provider", "mode", "metric", "unit", "p50", "p20", "p80", "dtype", "dims_json", "correct",
-    "gpu", "torch", "triton", "git_sha", "timestamp",
+    "op",
+    "case",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "p50",
+    "p20",
+    "p80",
+    "dtype",
+    "dims_json",
+    "correct",
+    "gpu",
+    "torch",
+    "triton",
+    "git_sha",
+    "timestamp",
 )
 KEY: tuple[str, ...] = ("op", "case", "provider", "mode", "metric", "dtype", "gpu")
 
@@ -80,8 +95,15 @@ def _clear_grads(tensors: Sequence[torch.Tensor] | None) -> None:
         t.grad = None
 
 
-def cpu_timer(fn: Callable[[], Any], *, warmup: float = 25, rep: float = 100,
-              grad_to_none: Sequence[torch.Tensor] | None = None, min_runs: int = 3, max_runs: int = 1000) -> Timing:
+def cpu_timer(
+    fn: Callable[[], Any],
+    *,
+    warmup: float = 25,
+    rep: float = 100,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+    min_runs: int = 3,
+    max_runs: int = 1000,
+) -> Timing:
     """``do_bench`` look-alike for CPU: ``warmup`` / ``rep`` are budgets in ms (at least one warm-up call and
     ``min_runs`` timed calls)."""
     t_end = time.perf_counter() + warmup / 1e3
@@ -100,14 +122,25 @@ def cpu_timer(fn: Callable[[], Any], *, warmup: float = 25, rep: float = 100,
     return quantiles(times)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: float = 25, rep: float = 100,
-            grad_to_none: Sequence[torch.Tensor] | None = None) -> Timing:
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: float = 25,
+    rep: float = 100,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> Timing:
     """Time ``fn`` in ms: CUDA events via ``triton.testing.do_bench`` on CUDA, :func:`cpu_timer` elsewhere."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        p50, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8],
-                                 grad_to_none=list(grad_to_none) if grad_to_none else None)
+        p50, p20, p80 = do_bench(
+            fn,
+            warmup=warmup,
+            rep=rep,
+            quantiles=[0.5, 0.2, 0.8],
+            grad_to_none=list(grad_to_none) if grad_to_none else None,
+        )
         return Timing(float(p50), float(p20), float(p80))
     return cpu_timer(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none)
 
@@ -181,10 +214,16 @@ def git_sha(repo: Path | None = None) -> str:
         return os.environ["GIT_SHA"]
     repo = repo or Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -232,12 +271,37 @@ def fmt(x: float | None) -> str:
     return f"{x:.6g}"
 
 
-def make_row(env: dict[str, str], *, op: str, case: str, provider: str, mode: str, metric: str, unit: str,
-             p50: float | None, p20: float | None = None, p80: float | None = None, dtype: str, dims: dict[str, Any],
-             correct: str) -> dict[str, str]:
+def make_row(
+    env: dict[str, str],
+    *,
+    op: str,
+    case: str,
+    provider: str,
+    mode: str,
+    metric: str,
+    unit: str,
+    p50: float | None,
+    p20: float | None = None,
+    p80: float | None = None,
+    dtype: str,
+    dims: dict[str, Any],
+    correct: str,
+) -> dict[str, str]:
     """One tidy row (all values as CSV strings)."""
-    row = dict(op=op, case=case, provider=provider, mode=mode, metric=metric, unit=unit, p50=fmt(p50),
-               p20=fmt(p20), p80=fmt(p80), dtype=dtype, dims_json=json.dumps(dims, sort_keys=True), correct=correct)
+    row = dict(
+        op=op,
+        case=case,
+        provider=provider,
+        mode=mode,
+        metric=metric,
+        unit=unit,
+        p50=fmt(p50),
+        p20=fmt(p20),
+        p80=fmt(p80),
+        dtype=dtype,
+        dims_json=json.dumps(dims, sort_keys=True),
+        correct=correct,
+    )
     row.update({k: env[k] for k in ("gpu", "torch", "triton", "git_sha", "timestamp")})
     return row
 
@@ -273,8 +337,10 @@ def read_ceilings(path: Path) -> Ceilings:
     rows = {(r["op"], r["metric"]): r["p50"] for r in read_rows(path)}
     copy, gemm = rows.get(("device", "gbps")), rows.get(("device", "tflops"))
     if not copy or not gemm:
-        raise ValueError(f"{path}: no measured ceilings (rows op=device, metric gbps and tflops); run "
-                         f"`python -m bench.verdict` on this device first")
+        raise ValueError(
+            f"{path}: no measured ceilings (rows op=device, metric gbps and tflops); run "
+            f"`python -m bench.verdict` on this device first"
+        )
     return Ceilings(float(copy), float(gemm))
 
 

@@ -51,12 +51,55 @@ CI_SUBSET: tuple[tuple[str, str, str, str, int], ...] = (
     ("assign_attention", "stage1", "bf16", "fwd", 0),
     ("assign_attention", "stage1", "bf16", "bwd", 0),
 )
-COLUMNS = ("op", "kernel", "case", "dtype", "mode", "config", "target", "num_warps", "num_stages", "regs",
-           "spill_stores", "spill_loads", "stack", "shared", "smem_limit", "smem_ok", "dots", "fma_dots",
-           "fma_tc_dots", "ptx_wgmma", "ptx_mma_sync", "ptx_cp_async", "ptx_tma", "sass", "sass_mma", "sass_ffma",
-           "loops", "loop_static", "loop_instr", "inner_loop_instr", "loop_mma", "loop_ffma", "loop_mufu", "loop_i64",
-           "instr_per_logit", "ldgsts", "tma", "grid", "programs", "blocks_per_sm", "waves", "gflop", "mbytes",
-           "flop_per_byte", "floor_us", "compile_s", "gate")
+COLUMNS = (
+    "op",
+    "kernel",
+    "case",
+    "dtype",
+    "mode",
+    "config",
+    "target",
+    "num_warps",
+    "num_stages",
+    "regs",
+    "spill_stores",
+    "spill_loads",
+    "stack",
+    "shared",
+    "smem_limit",
+    "smem_ok",
+    "dots",
+    "fma_dots",
+    "fma_tc_dots",
+    "ptx_wgmma",
+    "ptx_mma_sync",
+    "ptx_cp_async",
+    "ptx_tma",
+    "sass",
+    "sass_mma",
+    "sass_ffma",
+    "loops",
+    "loop_static",
+    "loop_instr",
+    "inner_loop_instr",
+    "loop_mma",
+    "loop_ffma",
+    "loop_mufu",
+    "loop_i64",
+    "instr_per_logit",
+    "ldgsts",
+    "tma",
+    "grid",
+    "programs",
+    "blocks_per_sm",
+    "waves",
+    "gflop",
+    "mbytes",
+    "flop_per_byte",
+    "floor_us",
+    "compile_s",
+    "gate",
+)
 
 
 def op_variants(op: str, case_name: str, dtype_label: str, arch: int) -> list[Variant]:
@@ -77,9 +120,16 @@ def _row(v: Variant, arch: int, case_name: str) -> dict[str, Any]:
         r = analyze(v, arch)
         r["gate"] = "; ".join(gate_failures(r)) or "ok"
     except Exception as e:  # a config that does not compile is a finding, not a crash of the report
-        r = dict(op=v.op, kernel=v.kernel, dtype=v.dtype, config=v.config, target=TARGETS[arch]["name"],
-                 num_warps=v.num_warps, num_stages=v.num_stages, gate=f"compile error: {type(e).__name__}: "
-                 f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+        r = dict(
+            op=v.op,
+            kernel=v.kernel,
+            dtype=v.dtype,
+            config=v.config,
+            target=TARGETS[arch]["name"],
+            num_warps=v.num_warps,
+            num_stages=v.num_stages,
+            gate=f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+        )
     r["case"] = case_name
     r.setdefault("mode", v.meta.get("mode", ""))
     return r
@@ -99,8 +149,15 @@ def _limited(vs: list[Variant], n: int | None) -> list[Variant]:
     return out
 
 
-def collect(ops: Iterable[str], dtypes: Iterable[str], archs: Iterable[int], subset: str | None = None,
-            limits: dict[str, int] | None = None, cases: list[str] | None = None, log=print) -> list[dict[str, Any]]:
+def collect(
+    ops: Iterable[str],
+    dtypes: Iterable[str],
+    archs: Iterable[int],
+    subset: str | None = None,
+    limits: dict[str, int] | None = None,
+    cases: list[str] | None = None,
+    log=print,
+) -> list[dict[str, Any]]:
     rows = []
     t0 = time.perf_counter()
     if subset == "ci":
@@ -117,8 +174,10 @@ def collect(ops: Iterable[str], dtypes: Iterable[str], archs: Iterable[int], sub
                 for case in [c for c in OPS[op].select("model") if not cases or c.name in cases]:
                     for v in _limited(op_variants(op, case.name, dt, arch), (limits or {}).get(dt)):
                         rows.append(_row(v, arch, case.name))
-                    log(f"[{time.perf_counter() - t0:6.1f}s] {op} {dt} {TARGETS[arch]['name']} {case.name}: "
-                        f"{len(rows)} rows")
+                    log(
+                        f"[{time.perf_counter() - t0:6.1f}s] {op} {dt} {TARGETS[arch]['name']} {case.name}: "
+                        f"{len(rows)} rows"
+                    )
     return rows
 
 
@@ -129,18 +188,40 @@ def _fmt(x: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
-    cols = ("kernel", "dtype", "mode", "config", "target", "regs", "spill_stores", "shared", "dots", "loop_instr",
-            "instr_per_logit", "grid", "blocks_per_sm", "waves", "floor_us", "compile_s", "gate")
-    out = [f"# {title}", "",
-           "Compiled with triton " + _triton_version() + " for sm_90a / sm_80 on a CPU-only machine "
-           "(`python -m bench.kernel_report`); `instr_per_logit` = SASS instructions of the main loop x threads / "
-           "logits per iteration; `floor_us` from the FLOP/byte model (sm_90a: H100 achieved figures, sm_80: A100 "
-           "datasheet). Full data: the CSV beside this file.", ""]
+    cols = (
+        "kernel",
+        "dtype",
+        "mode",
+        "config",
+        "target",
+        "regs",
+        "spill_stores",
+        "shared",
+        "dots",
+        "loop_instr",
+        "instr_per_logit",
+        "grid",
+        "blocks_per_sm",
+        "waves",
+        "floor_us",
+        "compile_s",
+        "gate",
+    )
+    out = [
+        f"# {title}",
+        "",
+        "Compiled with triton " + _triton_version() + " for sm_90a / sm_80 on a CPU-only machine "
+        "(`python -m bench.kernel_report`); `instr_per_logit` = SASS instructions of the main loop x threads / "
+        "logits per iteration; `floor_us` from the FLOP/byte model (sm_90a: H100 achieved figures, sm_80: A100 "
+        "datasheet). Full data: the CSV beside this file.",
+        "",
+    ]
     fails = {}
     for r in rows:
         if r.get("gate", "ok") != "ok":
-            fails.setdefault((r["op"], r["kernel"], r["dtype"], r.get("mode", ""), r["config"], r["target"],
-                              r["gate"]), []).append(r["case"])
+            fails.setdefault(
+                (r["op"], r["kernel"], r["dtype"], r.get("mode", ""), r["config"], r["target"], r["gate"]), []
+            ).append(r["case"])
     out += [f"## Gate failures ({len(fails)} distinct configs)", ""]
     if fails:
         out += ["| op | kernel | dtype | mode | config | target | why | cases |", "|---|---|---|---|---|---|---|---|"]
@@ -152,8 +233,13 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             sel = [r for r in rows if r["op"] == op and r["case"] == case]
             if not sel:
                 continue
-            out += ["", f"## {op} `{case}` {OPS[op].case(case).dims}", "",
-                    "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            out += [
+                "",
+                f"## {op} `{case}` {OPS[op].case(case).dims}",
+                "",
+                "| " + " | ".join(cols) + " |",
+                "|" + "---|" * len(cols),
+            ]
             out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in sel]
     return "\n".join(out) + "\n"
 
@@ -181,9 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="comma list of " + ",".join(DEFAULT_DTYPES))
     p.add_argument("--archs", default="90,80", help="comma list of 90 (sm_90a) and 80 (sm_80)")
     p.add_argument("--subset", choices=("ci",), help="the fast CI gate subset instead of everything")
-    p.add_argument("--limit", action="append", default=[], metavar="DTYPE=N",
-                   help="at most N configs per kernel and mode for that dtype label (fp32-ieee=1: its FMA builds "
-                        "take up to a minute each)")
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="DTYPE=N",
+        help="at most N configs per kernel and mode for that dtype label (fp32-ieee=1: its FMA builds "
+        "take up to a minute each)",
+    )
     p.add_argument("--cases", nargs="+", help="only these registry cases (default: every 'model' case)")
     p.add_argument("--title", default="Kernel report")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when rows fail the gate")

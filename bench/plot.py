@@ -21,8 +21,7 @@ from typing import Iterable, Sequence
 from bench import common
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-PROVIDER_ORDER = ("eager", "compile", "triton", "sdpa", "xformers",
-                  "eager+compile", "triton+compile")
+PROVIDER_ORDER = ("eager", "compile", "triton", "sdpa", "xformers", "eager+compile", "triton+compile")
 MODE_ORDER = ("fwd", "bwd", "fwd_bwd", "step")
 
 Row = dict[str, str]
@@ -70,13 +69,17 @@ def _fmt(x: float) -> str:
 
 def header(rows: Sequence[Row]) -> list[str]:
     """Date, device, commit and versions of the rows (several values listed when runs were merged)."""
+
     def vals(col: str) -> str:
         return ", ".join(sorted({r[col] for r in rows})) or "-"
 
     stamps = sorted(r["timestamp"] for r in rows)
     date = f"{stamps[0]} … {stamps[-1]}" if stamps and stamps[0] != stamps[-1] else (stamps[0] if stamps else "-")
-    return [f"Date (UTC): {date} · device: {vals('gpu')} · commit: {vals('git_sha')} · "
-            f"torch {vals('torch')} · triton {vals('triton')}", ""]
+    return [
+        f"Date (UTC): {date} · device: {vals('gpu')} · commit: {vals('git_sha')} · "
+        f"torch {vals('torch')} · triton {vals('triton')}",
+        "",
+    ]
 
 
 def _group(rows: Sequence[Row], *cols: str) -> dict[tuple[str, ...], list[Row]]:
@@ -101,11 +104,15 @@ def op_tables(rows: Sequence[Row], modes: Sequence[str] = MODE_ORDER) -> list[st
         if not present_modes:
             continue
         floor_unit = next((r["unit"] for r in grp if r["metric"] == "pct_floor"), "")
-        lines += [f"### {op} · {dtype}" + (f" · {gpu}" if multi_gpu else ""), "",
-                  f"Median ms per call (in brackets: {floor_unit.replace('% of', '% of the floor,') or '% of floor'})."
-                  " ✗ = correctness check failed; n/a = provider not available; oom = out of memory.", "",
-                  "| case | mode | " + " | ".join(providers) + " |",
-                  "|---|---|" + "---|" * len(providers)]
+        lines += [
+            f"### {op} · {dtype}" + (f" · {gpu}" if multi_gpu else ""),
+            "",
+            f"Median ms per call (in brackets: {floor_unit.replace('% of', '% of the floor,') or '% of floor'})."
+            " ✗ = correctness check failed; n/a = provider not available; oom = out of memory.",
+            "",
+            "| case | mode | " + " | ".join(providers) + " |",
+            "|---|---|" + "---|" * len(providers),
+        ]
         for case in cases:
             for mode in present_modes:
                 row_cells = []
@@ -127,8 +134,13 @@ def op_tables(rows: Sequence[Row], modes: Sequence[str] = MODE_ORDER) -> list[st
         mem = [r for r in grp if r["metric"] == "peak_mb" and r["mode"] == "fwd_bwd"]
         if mem:
             mcell = {(r["case"], r["provider"]): r for r in mem}
-            lines += ["", f"Peak memory above the inputs, fwd_bwd (MiB) · {op} · {dtype}", "",
-                      "| case | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
+            lines += [
+                "",
+                f"Peak memory above the inputs, fwd_bwd (MiB) · {op} · {dtype}",
+                "",
+                "| case | " + " | ".join(providers) + " |",
+                "|---|" + "---|" * len(providers),
+            ]
             for case in cases:
                 vals = [_fmt(float(mcell[(case, p)]["p50"])) if (case, p) in mcell else "" for p in providers]
                 if any(vals):
@@ -141,16 +153,25 @@ def max_batch_table(rows: Sequence[Row]) -> list[str]:
     mb = [r for r in rows if r["metric"] == "max_batch" and r["op"] != "train_step"]
     if not mb:
         return []
-    peaks = {(r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]): r for r in rows
-             if r["metric"] == "peak_mb" and r["case"].startswith("max-batch")}
-    lines = ["### Largest batch that fits (fwd_bwd)", "",
-             "| op | case | dtype | provider | max B | peak MiB | stopped by |", "|---|---|---|---|---|---|---|"]
+    peaks = {
+        (r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]): r
+        for r in rows
+        if r["metric"] == "peak_mb" and r["case"].startswith("max-batch")
+    }
+    lines = [
+        "### Largest batch that fits (fwd_bwd)",
+        "",
+        "| op | case | dtype | provider | max B | peak MiB | stopped by |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in mb:
         pk = peaks.get((r["op"], r["case"], r["provider"], r["dtype"], r["gpu"]))
         best = f"{int(float(r['p50'])):,}" if _num(r["p50"]) is not None else _status_word(r["correct"])
         stop = r["correct"].split("stop:", 1)[-1].strip() if "stop:" in r["correct"] else r["correct"]
-        lines.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['provider']} | {best} | "
-                     f"{_fmt(float(pk['p50'])) if pk else ''} | {stop} |")
+        lines.append(
+            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['provider']} | {best} | "
+            f"{_fmt(float(pk['p50'])) if pk else ''} | {stop} |"
+        )
     return lines + [""]
 
 
@@ -159,11 +180,14 @@ def train_table(rows: Sequence[Row]) -> list[str]:
     if not tr:
         return []
     by = _group(tr, "gpu", "provider", "dtype")
-    lines = ["### Training step (forward, both losses, backward, AdamW)", "",
-             "| config | autocast | batch | images/s (p20–p80) | step ms | peak MiB | max batch | images/s at max | "
-             "check |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Training step (forward, both losses, backward, AdamW)",
+        "",
+        "| config | autocast | batch | images/s (p20–p80) | step ms | peak MiB | max batch | images/s at max | check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     rank = lambda p: PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else len(PROVIDER_ORDER)  # noqa: E731
-    for (gpu, prov, dtype) in sorted(by, key=lambda k: (k[0], rank(k[1]), k[2])):
+    for gpu, prov, dtype in sorted(by, key=lambda k: (k[0], rank(k[1]), k[2])):
         grp = by[(gpu, prov, dtype)]
         main = [r for r in grp if "max-batch" not in r["case"]]
         mx = {r["metric"]: r for r in grp if "max-batch" in r["case"]}
@@ -177,19 +201,26 @@ def train_table(rows: Sequence[Row]) -> list[str]:
         ms = _fmt(float(m["ms"]["p50"])) if "ms" in m and _num(m["ms"]["p50"]) is not None else ""
         pk = _fmt(float(m["peak_mb"]["p50"])) if "peak_mb" in m else ""
         mb = mx.get("max_batch")
-        mb_txt = (f"{int(float(mb['p50'])):,}" if mb and _num(mb["p50"]) is not None else
-                  (_status_word(mb["correct"]) if mb else ""))
+        mb_txt = (
+            f"{int(float(mb['p50'])):,}"
+            if mb and _num(mb["p50"]) is not None
+            else (_status_word(mb["correct"]) if mb else "")
+        )
         if mb and "stop:" in mb["correct"]:
             mb_txt += f" ({mb['correct'].split('stop:', 1)[1].strip()})"
-        mips = _fmt(float(mx["images_per_s"]["p50"])) if "images_per_s" in mx and _num(mx["images_per_s"]["p50"]) \
-            is not None else ""
+        mips = (
+            _fmt(float(mx["images_per_s"]["p50"]))
+            if "images_per_s" in mx and _num(mx["images_per_s"]["p50"]) is not None
+            else ""
+        )
         check = ips["correct"] if ips else ""
         lines.append(f"| {prov} | {dtype} | {batch} | {ips_txt} | {ms} | {pk} | {mb_txt} | {mips} | {check} |")
     return lines + [""]
 
 
-def render_markdown(rows: Sequence[Row], *, modes: Sequence[str] = MODE_ORDER, title: str = "Benchmark results",
-                    level: int = 2) -> str:
+def render_markdown(
+    rows: Sequence[Row], *, modes: Sequence[str] = MODE_ORDER, title: str = "Benchmark results", level: int = 2
+) -> str:
     """The whole report as markdown (headings start at ``level``)."""
     if not rows:
         return f"{'#' * level} {title}\n\nNo benchmark rows.\n"
@@ -257,8 +288,15 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
         files.append(_save(fig, out / f"ops_{op}_{dtype}.png", plt))
 
     # contrastive: time and memory against B (fwd_bwd), one line per (provider, K)
-    cl = [r for r in rows if r["op"] == "contrastive_loss" and r["mode"] == "fwd_bwd" and _num(r["p50"]) is not None
-          and r["metric"] in ("ms", "peak_mb") and not r["case"].startswith("max-batch")]
+    cl = [
+        r
+        for r in rows
+        if r["op"] == "contrastive_loss"
+        and r["mode"] == "fwd_bwd"
+        and _num(r["p50"]) is not None
+        and r["metric"] in ("ms", "peak_mb")
+        and not r["case"].startswith("max-batch")
+    ]
     for (dtype,), grp in _group(cl, "dtype").items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, metric, label in ((axes[0], "ms", "ms (median)"), (axes[1], "peak_mb", "peak MiB above inputs")):
@@ -280,11 +318,19 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
         fig.tight_layout()
         files.append(_save(fig, out / f"contrastive_scaling_{dtype}.png", plt))
 
-    tr = [r for r in rows if r["op"] == "train_step" and r["metric"] == "images_per_s" and _num(r["p50"]) is not None
-          and "max-batch" not in r["case"]]
+    tr = [
+        r
+        for r in rows
+        if r["op"] == "train_step"
+        and r["metric"] == "images_per_s"
+        and _num(r["p50"]) is not None
+        and "max-batch" not in r["case"]
+    ]
     if tr:
-        tr = sorted(tr, key=lambda r: (r["dtype"], PROVIDER_ORDER.index(r["provider"])
-                                       if r["provider"] in PROVIDER_ORDER else 99))
+        tr = sorted(
+            tr,
+            key=lambda r: (r["dtype"], PROVIDER_ORDER.index(r["provider"]) if r["provider"] in PROVIDER_ORDER else 99),
+        )
         fig, ax = plt.subplots(figsize=(6, 4))
         labels = [f"{r['provider']}\n{r['dtype']}" for r in tr]
         ys = [float(r["p50"]) for r in tr]

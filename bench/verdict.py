@@ -94,9 +94,19 @@ def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) 
     y = torch.empty_like(x)
     t = common.time_fn(lambda: y.copy_(x), device, **timing)
     c.copy_gbps = 2 * n / 1e9 / (t.p50 * 1e-3)
-    rows.append(dict(op="device", case=f"copy-{n >> 20}MiB", mode="copy", metric="gbps", unit="GB/s",
-                     p50=c.copy_gbps, p20=2 * n / 1e9 / (t.p80 * 1e-3), p80=2 * n / 1e9 / (t.p20 * 1e-3),
-                     dims=dict(bytes=n)))
+    rows.append(
+        dict(
+            op="device",
+            case=f"copy-{n >> 20}MiB",
+            mode="copy",
+            metric="gbps",
+            unit="GB/s",
+            p50=c.copy_gbps,
+            p20=2 * n / 1e9 / (t.p80 * 1e-3),
+            p80=2 * n / 1e9 / (t.p20 * 1e-3),
+            dims=dict(bytes=n),
+        )
+    )
     x = y = None  # free the copy buffers before the GEMM
     m = 256 if dry else 8192
     a = torch.randn(m, m, device=device).to(torch.bfloat16)
@@ -104,8 +114,19 @@ def measure_ceilings(device: torch.device, dry: bool, timing: dict[str, float]) 
     t = common.time_fn(lambda: a @ b, device, **timing)
     flop = 2.0 * m**3 / 1e12
     c.gemm_tflops = flop / (t.p50 * 1e-3)
-    rows.append(dict(op="device", case=f"gemm-bf16-{m}", mode="matmul", metric="tflops", unit="TFLOP/s",
-                     p50=c.gemm_tflops, p20=flop / (t.p80 * 1e-3), p80=flop / (t.p20 * 1e-3), dims=dict(M=m, N=m, K=m)))
+    rows.append(
+        dict(
+            op="device",
+            case=f"gemm-bf16-{m}",
+            mode="matmul",
+            metric="tflops",
+            unit="TFLOP/s",
+            p50=c.gemm_tflops,
+            p20=flop / (t.p80 * 1e-3),
+            p80=flop / (t.p20 * 1e-3),
+            dims=dict(M=m, N=m, K=m),
+        )
+    )
     return c, rows
 
 
@@ -128,8 +149,9 @@ def _atol(ref: Tensor) -> float:
     return ATOL[DTYPE] * min(1.0, ref.detach().abs().max().item() if ref.numel() else 1.0)
 
 
-def _grads(fn: Callable[..., Tensor], args: Sequence[Tensor], kw: dict[str, Any], upstream: Tensor | None
-           ) -> list[Tensor]:
+def _grads(
+    fn: Callable[..., Tensor], args: Sequence[Tensor], kw: dict[str, Any], upstream: Tensor | None
+) -> list[Tensor]:
     """Output and the gradients of every input, on fresh leaf copies."""
     xs = [a.detach().clone().requires_grad_(True) for a in args]
     y = fn(*xs, **kw)
@@ -160,8 +182,9 @@ def _assign_parity(item: Item, device: torch.device) -> ParityResult:
     if kw.get("hard", True):  # images with an argmax near-tie may legitimately flip: compare the others
         keep = top2_margin(q, k, noise, kw.get("scale")).amin(1) > ARGMAX_MARGIN
     res = ParityResult(item, "pass", kept=keep.float().mean().item())
-    return _judge(res, ("out", "dq", "dk", "dv"), [t[keep] for t in out], [t[keep] for t in eager],
-                  [t[keep] for t in ref])
+    return _judge(
+        res, ("out", "dq", "dk", "dv"), [t[keep] for t in out], [t[keep] for t in eager], [t[keep] for t in ref]
+    )
 
 
 def _contrastive_parity(item: Item, device: torch.device) -> ParityResult:
@@ -177,8 +200,9 @@ def _contrastive_parity(item: Item, device: torch.device) -> ParityResult:
     return _judge(ParityResult(item, "pass"), ("loss", "d_image", "d_text", "d_theta"), out, eager, ref)
 
 
-def _judge(res: ParityResult, names: Sequence[str], out: Sequence[Tensor], eager: Sequence[Tensor],
-           ref: Sequence[Tensor]) -> ParityResult:
+def _judge(
+    res: ParityResult, names: Sequence[str], out: Sequence[Tensor], eager: Sequence[Tensor], ref: Sequence[Tensor]
+) -> ParityResult:
     from kernels.tolerance import parity
 
     fails = []
@@ -222,8 +246,14 @@ def _provider(item: Item, name: str, device: torch.device, dry: bool) -> Callabl
     return bench_ops.load_provider(item.spec, name, device)
 
 
-def time_item(item: Item, provider: str, fn: Callable[..., Tensor] | str, mode: str, device: torch.device,
-              timing: dict[str, float]) -> TimingResult:
+def time_item(
+    item: Item,
+    provider: str,
+    fn: Callable[..., Tensor] | str,
+    mode: str,
+    device: torch.device,
+    timing: dict[str, float],
+) -> TimingResult:
     """``fwd`` (eval: under no_grad) or ``fwd_bwd`` of ``fn`` at the item's case: median ms and peak MiB."""
     if isinstance(fn, str):
         return TimingResult(item, provider, mode, fn)
@@ -302,17 +332,47 @@ def csv_rows(v: Verdict) -> list[dict[str, str]]:
     for p in v.parity:
         it = p.item
         for name, t in p.tensors.items():
-            rows.append(common.make_row(v.env, op=it.spec.name, case=it.case.name, provider="triton", mode=it.mode,
-                                        metric=f"parity_{name}", unit="worst err / allowed", dtype=dt,
-                                        p50=t.worst / t.tol if t.tol > 0 else None, dims=_dims(it),
-                                        correct="pass" if t.ok else "fail"))
-        rows.append(common.make_row(v.env, op=it.spec.name, case=it.case.name, provider="triton", mode=it.mode,
-                                    metric="parity", unit="share of images compared", p50=p.kept, dtype=dt,
-                                    dims=_dims(it), correct=p.status[:300]))
+            rows.append(
+                common.make_row(
+                    v.env,
+                    op=it.spec.name,
+                    case=it.case.name,
+                    provider="triton",
+                    mode=it.mode,
+                    metric=f"parity_{name}",
+                    unit="worst err / allowed",
+                    dtype=dt,
+                    p50=t.worst / t.tol if t.tol > 0 else None,
+                    dims=_dims(it),
+                    correct="pass" if t.ok else "fail",
+                )
+            )
+        rows.append(
+            common.make_row(
+                v.env,
+                op=it.spec.name,
+                case=it.case.name,
+                provider="triton",
+                mode=it.mode,
+                metric="parity",
+                unit="share of images compared",
+                p50=p.kept,
+                dtype=dt,
+                dims=_dims(it),
+                correct=p.status[:300],
+            )
+        )
     for t in v.timings:
         it, mode = t.item, f"{t.item.mode}-{t.mode}"
-        row = dict(op=it.spec.name, case=it.case.name, provider=t.provider, mode=mode, dtype=dt, dims=_dims(it),
-                   correct=t.status)
+        row = dict(
+            op=it.spec.name,
+            case=it.case.name,
+            provider=t.provider,
+            mode=mode,
+            dtype=dt,
+            dims=_dims(it),
+            correct=t.status,
+        )
         if t.t is None:
             rows.append(common.make_row(v.env, metric="ms", unit="ms", p50=None, **row))
             continue
@@ -325,8 +385,9 @@ def csv_rows(v: Verdict) -> list[dict[str, str]]:
         for other in ("eager", "compile"):
             base = v.timing(it, other, t.mode)
             if t.provider == "triton" and base is not None and base.t is not None:
-                rows.append(common.make_row(v.env, metric=f"speedup_vs_{other}", unit="x", p50=base.t.p50 / t.t.p50,
-                                            **row))
+                rows.append(
+                    common.make_row(v.env, metric=f"speedup_vs_{other}", unit="x", p50=base.t.p50 / t.t.p50, **row)
+                )
     return rows
 
 
@@ -347,27 +408,45 @@ def _ratio(a: TimingResult | None, b: TimingResult | None) -> str:
 def render_markdown(v: Verdict) -> str:
     e = v.env
     n_pass = sum(p.status == "pass" for p in v.parity)
-    head = ("DRY RUN (CPU, tiny shapes, Triton interpreter: plumbing only, no performance meaning)\n\n" if v.dry
-            else "")
-    verdict = (f"**{'PASS' if v.ok() else 'FAIL'}**: {n_pass}/{v.n_items} parity checks pass"
-               + ("" if len(v.parity) == v.n_items else f" ({v.n_items - len(v.parity)} not run)"))
-    lines = [f"# GroupViT Triton verdict: {e['gpu']}", "", head + verdict, "",
-             f"{v.device_info}; torch {e['torch']}, triton {e['triton']}; commit {e['git_sha']}; {e['timestamp']}.",
-             "", "## Ceilings of this device", "", "| measure | median | 20-80% |", "|---|---|---|"]
+    head = "DRY RUN (CPU, tiny shapes, Triton interpreter: plumbing only, no performance meaning)\n\n" if v.dry else ""
+    verdict = f"**{'PASS' if v.ok() else 'FAIL'}**: {n_pass}/{v.n_items} parity checks pass" + (
+        "" if len(v.parity) == v.n_items else f" ({v.n_items - len(v.parity)} not run)"
+    )
+    lines = [
+        f"# GroupViT Triton verdict: {e['gpu']}",
+        "",
+        head + verdict,
+        "",
+        f"{v.device_info}; torch {e['torch']}, triton {e['triton']}; commit {e['git_sha']}; {e['timestamp']}.",
+        "",
+        "## Ceilings of this device",
+        "",
+        "| measure | median | 20-80% |",
+        "|---|---|---|",
+    ]
     for r in v.ceiling_rows:
         lines.append(f"| {r['case']} | {r['p50']:.4g} {r['unit']} | {r['p20']:.4g}-{r['p80']:.4g} |")
-    lines += ["", "## Parity (bf16 vs fp64 reference; allowed = 2 x same-dtype eager error + atol)", "",
-              "| op | case | mode | verdict | worst/allowed per tensor | images compared |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Parity (bf16 vs fp64 reference; allowed = 2 x same-dtype eager error + atol)",
+        "",
+        "| op | case | mode | verdict | worst/allowed per tensor | images compared |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in v.parity:
         per = ", ".join(f"{n} {t.worst / t.tol:.2g}" if t.tol > 0 else n for n, t in p.tensors.items())
         status = p.status if len(p.status) < 200 else p.status[:200] + " ..."
         kept = "-" if p.kept is None else f"{100 * p.kept:.1f}%"
         lines.append(f"| {p.item.spec.name} | {p.item.case.name} | {p.item.mode} | {status} | {per} | {kept} |")
     timer = "perf_counter loop (CPU)" if v.dry else "do_bench, CUDA events"
-    lines += ["", f"## Timings (ms, median of {timer}; peak MiB above the inputs)", "",
-              "| op | case | mode | eager | compile | triton | triton vs eager | triton vs compile | "
-              "triton % of ceiling | peak MiB eager / compile / triton |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Timings (ms, median of {timer}; peak MiB above the inputs)",
+        "",
+        "| op | case | mode | eager | compile | triton | triton vs eager | triton vs compile | "
+        "triton % of ceiling | peak MiB eager / compile / triton |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     items = list(dict.fromkeys(t.item for t in v.timings))
     for it in items:
         for mode in it.timed_modes:
@@ -376,14 +455,18 @@ def render_markdown(v: Verdict) -> str:
             if tr is not None and tr.t is not None:
                 val, unit = pct_ceiling(it, mode, tr.t.p50, v.ceilings)
                 pct = f"{val:.1f} {unit}" if val is not None else ""
-            peaks = " / ".join(f"{t.peak_mb:,.0f}" if t is not None and t.peak_mb is not None else "-"
-                               for t in (ea, co, tr))
-            lines.append(f"| {it.spec.name} | {it.case.name} | {it.mode}-{mode} | {_ms(ea)} | {_ms(co)} | {_ms(tr)} "
-                         f"| {_ratio(tr, ea)} | {_ratio(tr, co)} | {pct} | {peaks} |")
+            peaks = " / ".join(
+                f"{t.peak_mb:,.0f}" if t is not None and t.peak_mb is not None else "-" for t in (ea, co, tr)
+            )
+            lines.append(
+                f"| {it.spec.name} | {it.case.name} | {it.mode}-{mode} | {_ms(ea)} | {_ms(co)} | {_ms(tr)} "
+                f"| {_ratio(tr, ea)} | {_ratio(tr, co)} | {pct} | {peaks} |"
+            )
     problems = [t for t in v.timings if t.status not in ("ok",) and not t.status.startswith("skipped")]
     if problems:
-        lines += ["", "Timing problems:", ""] + [f"* {t.item.label} {t.provider} {t.mode}: {t.status}"
-                                                 for t in problems]
+        lines += ["", "Timing problems:", ""] + [
+            f"* {t.item.label} {t.provider} {t.mode}: {t.status}" for t in problems
+        ]
     if v.notes:
         lines += ["", "Notes:", ""] + [f"* {n}" for n in v.notes]
     lines += ["", "Columns: see bench/README.md (verdict section)."]
@@ -407,8 +490,16 @@ def device_info(device: torch.device) -> str:
     p = torch.cuda.get_device_properties(device)
     info = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, CUDA {torch.version.cuda}"
     try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        drv = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         if drv:
             info += f", driver {drv[0]}"
     except (OSError, subprocess.SubprocessError):
@@ -430,8 +521,10 @@ def run(out: Path, *, dry: bool, budget_s: float, providers: Sequence[str] = PRO
 
     try:
         v.ceilings, v.ceiling_rows = measure_ceilings(device, dry, timing)
-        print(f"# ceilings: copy {v.ceilings.copy_gbps:.4g} GB/s, bf16 GEMM {v.ceilings.gemm_tflops:.4g} TFLOP/s",
-              flush=True)
+        print(
+            f"# ceilings: copy {v.ceilings.copy_gbps:.4g} GB/s, bf16 GEMM {v.ceilings.gemm_tflops:.4g} TFLOP/s",
+            flush=True,
+        )
     except Exception as e:  # the parity checks matter more: go on without "% of ceiling"
         v.notes.append(f"ceilings not measured: {bench_ops._short(e)}")
         common.free_memory(device)
@@ -472,13 +565,20 @@ def default_out(dry: bool) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory for verdict.csv and verdict.md (default bench/results/verdict-<device>; "
-                        "dry run: a temporary directory)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory for verdict.csv and verdict.md (default bench/results/verdict-<device>; "
+        "dry run: a temporary directory)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, no torch.compile")
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new work after this many seconds")
-    p.add_argument("--providers", default=",".join(PROVIDERS),
-                   help="timed providers, comma-separated, timed in this order: triton,eager,compile (empty: none)")
+    p.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="timed providers, comma-separated, timed in this order: triton,eager,compile (empty: none)",
+    )
     a = p.parse_args(argv)
     providers = [x for x in a.providers.split(",") if x]
     if bad := sorted(set(providers) - set(PROVIDERS)):
@@ -489,8 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ["TRITON_INTERPRET"] != "1":
             p.error("--dry-run runs the kernels under the Triton interpreter: unset TRITON_INTERPRET or set it to 1")
     elif not torch.cuda.is_available():
-        p.error("no CUDA device: the verdict measures a GPU. On a CPU machine run `python -m bench.verdict "
-                "--dry-run` (tiny shapes under the Triton interpreter)")
+        p.error(
+            "no CUDA device: the verdict measures a GPU. On a CPU machine run `python -m bench.verdict "
+            "--dry-run` (tiny shapes under the Triton interpreter)"
+        )
     elif os.environ.get("TRITON_INTERPRET") == "1":
         p.error("TRITON_INTERPRET=1 is set: the verdict times compiled kernels; unset it")
     if a.dry_run:

@@ -17,7 +17,19 @@ from groupvit.model import GroupViT, GroupViTOutput, ImageGroups, create_model
 from groupvit.segmentation import SegConfig, ZeroShotSegmenter
 
 __all__ = [
-    "GroupViT", "GroupViTConfig", "GroupViTLoss", "GroupViTOutput", "ImageGroups", "PRESETS", "TextConfig",
-    "SegConfig", "VisionConfig", "ZeroShotSegmenter", "create_model", "export_hf", "load_checkpoint", "ops",
+    "GroupViT",
+    "GroupViTConfig",
+    "GroupViTLoss",
+    "GroupViTOutput",
+    "ImageGroups",
+    "PRESETS",
+    "TextConfig",
+    "SegConfig",
+    "VisionConfig",
+    "ZeroShotSegmenter",
+    "create_model",
+    "export_hf",
+    "load_checkpoint",
+    "ops",
     "save_model",
 ]

@@ -33,18 +33,29 @@ _RENAMES: list[tuple[str, str]] = [
     ("img_encoder.pos_embed", "vision_model.embeddings.position_embeddings"),
     ("img_encoder.patch_embed.proj.{leaf}", "vision_model.embeddings.patch_embeddings.projection.{leaf}"),
     ("img_encoder.patch_embed.norm.{leaf}", "vision_model.embeddings.layernorm.{leaf}"),
-    ("img_encoder.layers.{i}.blocks.{j}.norm{n}.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.layer_norm{n}.{leaf}"),
-    ("img_encoder.layers.{i}.blocks.{j}.attn.proj.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.self_attn.out_proj.{leaf}"),
+    (
+        "img_encoder.layers.{i}.blocks.{j}.norm{n}.{leaf}",
+        "vision_model.encoder.stages.{i}.layers.{j}.layer_norm{n}.{leaf}",
+    ),
+    (
+        "img_encoder.layers.{i}.blocks.{j}.attn.proj.{leaf}",
+        "vision_model.encoder.stages.{i}.layers.{j}.self_attn.out_proj.{leaf}",
+    ),
     ("img_encoder.layers.{i}.blocks.{j}.mlp.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.mlp.{leaf}"),
-    ("img_encoder.layers.{i}.downsample.pre_assign_attn.attn.proj.{leaf}",
-     "vision_model.encoder.stages.{i}.downsample.pre_assign_attn.attn.out_proj.{leaf}"),
+    (
+        "img_encoder.layers.{i}.downsample.pre_assign_attn.attn.proj.{leaf}",
+        "vision_model.encoder.stages.{i}.downsample.pre_assign_attn.attn.out_proj.{leaf}",
+    ),
     ("img_encoder.layers.{i}.downsample.{leaf}", "vision_model.encoder.stages.{i}.downsample.{leaf}"),
     ("img_encoder.layers.{i}.group_token", "vision_model.encoder.stages.{i}.group_token"),
     ("img_encoder.layers.{i}.group_projector.{leaf}", "vision_model.encoder.stages.{i}.group_projector.{leaf}"),
     ("img_encoder.norm.{leaf}", "vision_model.layernorm.{leaf}"),
     ("text_encoder.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
     ("text_encoder.positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    ("text_encoder.transformer.resblocks.{l}.attn.out_proj.{leaf}", "text_model.encoder.layers.{l}.self_attn.out_proj.{leaf}"),
+    (
+        "text_encoder.transformer.resblocks.{l}.attn.out_proj.{leaf}",
+        "text_model.encoder.layers.{l}.self_attn.out_proj.{leaf}",
+    ),
     ("text_encoder.transformer.resblocks.{l}.ln_{n}.{leaf}", "text_model.encoder.layers.{l}.layer_norm{n}.{leaf}"),
     ("text_encoder.transformer.resblocks.{l}.mlp.c_fc.{leaf}", "text_model.encoder.layers.{l}.mlp.fc1.{leaf}"),
     ("text_encoder.transformer.resblocks.{l}.mlp.c_proj.{leaf}", "text_model.encoder.layers.{l}.mlp.fc2.{leaf}"),
@@ -57,8 +68,14 @@ _RENAMES: list[tuple[str, str]] = [
 ]
 # Fused projections (official) <-> separate q/k/v projections (HF); {p} is q, k or v.
 _SPLITS: list[tuple[str, str]] = [
-    ("img_encoder.layers.{i}.blocks.{j}.attn.qkv.{leaf}", "vision_model.encoder.stages.{i}.layers.{j}.self_attn.{p}_proj.{leaf}"),
-    ("text_encoder.transformer.resblocks.{l}.attn.in_proj_{leaf}", "text_model.encoder.layers.{l}.self_attn.{p}_proj.{leaf}"),
+    (
+        "img_encoder.layers.{i}.blocks.{j}.attn.qkv.{leaf}",
+        "vision_model.encoder.stages.{i}.layers.{j}.self_attn.{p}_proj.{leaf}",
+    ),
+    (
+        "text_encoder.transformer.resblocks.{l}.attn.in_proj_{leaf}",
+        "text_model.encoder.layers.{l}.self_attn.{p}_proj.{leaf}",
+    ),
 ]
 _CONV_PROJ = re.compile(r"(img|text)_projector\.(linear_hidden\.0|linear_out)\.weight")
 _SLOT = {"i": r"\d+", "j": r"\d+", "l": r"\d+", "n": r"\d", "h": r"[01]", "p": r"[qkv]", "leaf": r"[\w.]+"}
@@ -139,8 +156,10 @@ def detect_layout(sd: Mapping[str, Any]) -> str:
         return "hf"
     if any(k.startswith("img_encoder.") for k in keys):
         return "official"
-    raise ValueError(f"unknown checkpoint layout: expected official GroupViT keys (img_encoder.*, text_encoder.*) "
-                     f"or HuggingFace GroupViTModel keys (vision_model.*, text_model.*); first keys: {keys[:5]}")
+    raise ValueError(
+        f"unknown checkpoint layout: expected official GroupViT keys (img_encoder.*, text_encoder.*) "
+        f"or HuggingFace GroupViTModel keys (vision_model.*, text_model.*); first keys: {keys[:5]}"
+    )
 
 
 def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
@@ -151,12 +170,17 @@ def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
         dim, patch = conv.shape[0], conv.shape[-1]
         grid = int(round(pos.shape[1] ** 0.5))
         stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"img_encoder\.layers\.(\d+)\.", k))})
-        depths = tuple(len({m.group(1) for k in sd if (m := re.match(rf"img_encoder\.layers\.{i}\.blocks\.(\d+)\.", k))})
-                       for i in stages)
-        tokens = tuple(sd[f"img_encoder.layers.{i}.group_token"].shape[1]
-                       if f"img_encoder.layers.{i}.group_token" in sd else 0 for i in stages)
-        outputs = tuple(sd[f"img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0]
-                        for i in stages if tokens[i] > 0)
+        depths = tuple(
+            len({m.group(1) for k in sd if (m := re.match(rf"img_encoder\.layers\.{i}\.blocks\.(\d+)\.", k))})
+            for i in stages
+        )
+        tokens = tuple(
+            sd[f"img_encoder.layers.{i}.group_token"].shape[1] if f"img_encoder.layers.{i}.group_token" in sd else 0
+            for i in stages
+        )
+        outputs = tuple(
+            sd[f"img_encoder.layers.{i}.downsample.mlp_inter.fc2.weight"].shape[0] for i in stages if tokens[i] > 0
+        )
         if tokens[-1] > 0:  # a last stage without blocks has no parameters of its own
             depths, tokens = depths + (0,), tokens + (0,)
         heads_guess = max(1, dim // 64)
@@ -168,15 +192,33 @@ def infer_config(sd: Mapping[str, Tensor]) -> GroupViTConfig:
         fc1_key = re.compile(r"img_encoder\.layers\.\d+\.blocks\.\d+\.mlp\.fc1\.weight")
         fc1 = next((v for k, v in sd.items() if fc1_key.fullmatch(k)), None)  # None: no transformer blocks at all
         pre_assign = any(".downsample.pre_assign_attn." in k for k in sd)
-        vision = VisionConfig(img_size=grid * patch, patch_size=patch, in_chans=conv.shape[1], embed_dim=dim,
-                              depths=depths, num_heads=heads_guess, num_group_tokens=tokens, num_output_groups=outputs,
-                              mlp_ratio=fc1.shape[0] / dim if fc1 is not None else 4.0, pre_assign_attn=pre_assign)
-        text = TextConfig(context_length=sd["text_encoder.positional_embedding"].shape[0],
-                          vocab_size=sd["text_encoder.token_embedding.weight"].shape[0], width=width, layers=layers,
-                          heads=max(1, width // 64))
-        return GroupViTConfig(vision=vision, text=text, output_dim=sd["img_projector.linear_out.weight"].shape[0],
-                              proj_num_layers=proj_layers, proj_hidden_dim=proj_hidden,
-                              multi_label=3 if "multi_label_logit_scale" in sd else 0)
+        vision = VisionConfig(
+            img_size=grid * patch,
+            patch_size=patch,
+            in_chans=conv.shape[1],
+            embed_dim=dim,
+            depths=depths,
+            num_heads=heads_guess,
+            num_group_tokens=tokens,
+            num_output_groups=outputs,
+            mlp_ratio=fc1.shape[0] / dim if fc1 is not None else 4.0,
+            pre_assign_attn=pre_assign,
+        )
+        text = TextConfig(
+            context_length=sd["text_encoder.positional_embedding"].shape[0],
+            vocab_size=sd["text_encoder.token_embedding.weight"].shape[0],
+            width=width,
+            layers=layers,
+            heads=max(1, width // 64),
+        )
+        return GroupViTConfig(
+            vision=vision,
+            text=text,
+            output_dim=sd["img_projector.linear_out.weight"].shape[0],
+            proj_num_layers=proj_layers,
+            proj_hidden_dim=proj_hidden,
+            multi_label=3 if "multi_label_logit_scale" in sd else 0,
+        )
     except KeyError as e:
         raise ValueError(f"cannot infer the architecture: key {e} missing; pass model= explicitly") from e
 
@@ -207,14 +249,29 @@ class _Inert:
 # The globals an official release file's config pickles (OmegaConf 2.0/2.1 containers, value nodes, their metadata
 # and the type markers inside it), each read as an inert record. Measured by pickling an OmegaConf 2.1.1 DictConfig.
 _OFFICIAL_CONFIG_GLOBALS = (
-    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.Metadata",
-    "omegaconf.base.ContainerMetadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode",
-    "omegaconf.nodes.IntegerNode", "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "typing.Any",
-    "collections.defaultdict", "builtins.dict", "builtins.list", "builtins.int", "builtins.float", "builtins.str",
-    "builtins.bool", "builtins.object",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.Metadata",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.nodes.AnyNode",
+    "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode",
+    "omegaconf.nodes.BooleanNode",
+    "typing.Any",
+    "collections.defaultdict",
+    "builtins.dict",
+    "builtins.list",
+    "builtins.int",
+    "builtins.float",
+    "builtins.str",
+    "builtins.bool",
+    "builtins.object",
 )
-_TRUST_HINT = ("if you trust the file's source, pass trust_checkpoint=True (CLI: --trust-checkpoint), which unpickles "
-               "it fully and so runs any code it contains")
+_TRUST_HINT = (
+    "if you trust the file's source, pass trust_checkpoint=True (CLI: --trust-checkpoint), which unpickles "
+    "it fully and so runs any code it contains"
+)
 
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${a.b.c}: an absolute OmegaConf reference
@@ -263,11 +320,12 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False) -> Any:
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # a zip archive or a protocol-2+ pickle
-        raise CheckpointReadError(f"{path} is not a torch checkpoint (it starts with bytes {head!r}; an image or "
-                                  f"text file?): give a .pt/.pth/.bin/.safetensors file or a HuggingFace model folder")
+        raise CheckpointReadError(
+            f"{path} is not a torch checkpoint (it starts with bytes {head!r}; an image or "
+            f"text file?): give a .pt/.pth/.bin/.safetensors file or a HuggingFace model folder"
+        )
     if trust:
-        warnings.warn(f"trust_checkpoint: unpickling {path} fully; a crafted file can run arbitrary code",
-                      stacklevel=3)
+        warnings.warn(f"trust_checkpoint: unpickling {path} fully; a crafted file can run arbitrary code", stacklevel=3)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
@@ -276,16 +334,22 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False) -> Any:
         with torch.serialization.safe_globals([(_Inert, name) for name in _OFFICIAL_CONFIG_GLOBALS]):
             return _plain_config(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
-        parts = [p.strip() for p in str(e).split("\n\n")  # drop torch's advice to set weights_only=False
-                 if p.strip() and not p.strip().startswith(("Weights only load failed", "Check the documentation"))]
+        parts = [
+            p.strip()
+            for p in str(e).split("\n\n")  # drop torch's advice to set weights_only=False
+            if p.strip() and not p.strip().startswith(("Weights only load failed", "Check the documentation"))
+        ]
         detail = (parts[0] if parts else str(e)).removeprefix("WeightsUnpickler error:").strip()
         found = re.search(r"GLOBAL (\S+)", detail)
         if found or "reduce for unrecognized function" in detail:
             what = f"the object {found.group(1)}" if found else "a call of a function"
             raise CheckpointReadError(
                 f"{path} pickles {what}, which is neither a tensor nor part of an official GroupViT release file; "
-                f"it was not loaded, because unpickling it could run code from the file. {_TRUST_HINT}") from None
-        raise CheckpointReadError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {detail}") from None
+                f"it was not loaded, because unpickling it could run code from the file. {_TRUST_HINT}"
+            ) from None
+        raise CheckpointReadError(
+            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {detail}"
+        ) from None
     except Exception as e:
         raise CheckpointReadError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
 
@@ -294,8 +358,9 @@ def _load_safetensors(path: Path) -> StateDict:
     try:
         from safetensors.torch import load_file
     except ImportError as e:
-        raise CheckpointReadError(f"{path}: reading .safetensors files needs the safetensors package "
-                                  f"(pip install safetensors)") from e
+        raise CheckpointReadError(
+            f"{path}: reading .safetensors files needs the safetensors package (pip install safetensors)"
+        ) from e
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:
@@ -310,8 +375,10 @@ def _read_hf_folder(folder: Path, trust: bool) -> dict[str, Any]:
     config = folder / "config.json"
     weights = next((folder / n for n in _HF_WEIGHTS if (folder / n).is_file()), None)
     if not config.is_file() or weights is None:
-        raise CheckpointReadError(f"{folder} is a folder but not a HuggingFace model folder: expected config.json and "
-                                  f"one of {', '.join(_HF_WEIGHTS)} (as GroupViTModel.save_pretrained writes)")
+        raise CheckpointReadError(
+            f"{folder} is a folder but not a HuggingFace model folder: expected config.json and "
+            f"one of {', '.join(_HF_WEIGHTS)} (as GroupViTModel.save_pretrained writes)"
+        )
     try:
         hf_config = json.loads(config.read_text())
     except (OSError, ValueError) as e:
@@ -334,8 +401,10 @@ def _download_hf(repo_id: str) -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:
-        raise CheckpointReadError(f"hf:{repo_id} needs the huggingface_hub package (pip install huggingface_hub), or "
-                                  f"download the model folder yourself and pass its path") from None
+        raise CheckpointReadError(
+            f"hf:{repo_id} needs the huggingface_hub package (pip install huggingface_hub), or "
+            f"download the model folder yourself and pass its path"
+        ) from None
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -347,9 +416,11 @@ def _download_hf(repo_id: str) -> Path:
             except EntryNotFoundError:
                 continue  # the repository has no such file
     except Exception as e:
-        raise CheckpointReadError(f"cannot fetch hf:{repo_id} from the HuggingFace Hub (offline, or no such "
-                                  f"repository?): {type(e).__name__}: {e}. With network access run "
-                                  f"`huggingface-cli download {repo_id} --local-dir DIR` and pass DIR") from None
+        raise CheckpointReadError(
+            f"cannot fetch hf:{repo_id} from the HuggingFace Hub (offline, or no such "
+            f"repository?): {type(e).__name__}: {e}. With network access run "
+            f"`huggingface-cli download {repo_id} --local-dir DIR` and pass DIR"
+        ) from None
     raise CheckpointReadError(f"hf:{repo_id} has neither model.safetensors nor pytorch_model.bin")
 
 
@@ -373,8 +444,13 @@ def read_checkpoint(spec: str | os.PathLike | Mapping[str, Any], trust_checkpoin
     return obj
 
 
-def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], model: GroupViT | None = None,
-                    *, strict: bool = True, trust_checkpoint: bool = False) -> GroupViT:
+def load_checkpoint(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    model: GroupViT | None = None,
+    *,
+    strict: bool = True,
+    trust_checkpoint: bool = False,
+) -> GroupViT:
     """Load weights into ``model`` (or into a new model built from the checkpoint's config) and return it.
 
     Accepts (a) an official release ``.pth`` (a dict with ``model`` and an OmegaConf ``config``), (b) a bare official
@@ -397,8 +473,10 @@ def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], m
             if isinstance(raw, Mapping):
                 cfg = GroupViTConfig.from_dict(raw)
             elif model is None:
-                raise CheckpointReadError(f"the checkpoint's config is {type(raw).__name__}, not a dict: pass the "
-                                          f"architecture (a model, or --preset NAME) to load its weights")
+                raise CheckpointReadError(
+                    f"the checkpoint's config is {type(raw).__name__}, not a dict: pass the "
+                    f"architecture (a model, or --preset NAME) to load its weights"
+                )
         elif isinstance(obj.get("hf_config"), Mapping):
             cfg = config_from_hf(obj["hf_config"])
         elif obj.get("config") is not None:
@@ -421,9 +499,11 @@ def load_checkpoint(path_or_state_dict: str | os.PathLike | Mapping[str, Any], m
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if strict and (missing or unexpected):
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                         f" ({len(missing)}), unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
-                         f" ({len(unexpected)}). Check that the config matches the checkpoint.")
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+            f" ({len(missing)}), unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            f" ({len(unexpected)}). Check that the config matches the checkpoint."
+        )
     shape_bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if shape_bad:
         raise ValueError(f"checkpoint/config shape mismatch (key, checkpoint, model): {shape_bad[:5]}")
@@ -455,8 +535,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 def _check_hf_compatible(cfg: GroupViTConfig) -> None:
     if not cfg.vision.pre_assign_attn:
-        raise ValueError("HF GroupViT always has the pre-assign cross-attention; a model built with "
-                         "vision.pre_assign_attn=False (the demo preset) has no HuggingFace equivalent")
+        raise ValueError(
+            "HF GroupViT always has the pre-assign cross-attention; a model built with "
+            "vision.pre_assign_attn=False (the demo preset) has no HuggingFace equivalent"
+        )
 
 
 def export_hf(model: GroupViT, folder: str | os.PathLike | None = None) -> StateDict:
@@ -467,8 +549,11 @@ def export_hf(model: GroupViT, folder: str | os.PathLike | None = None) -> State
     _check_hf_compatible(model.cfg)
     sd = model.state_dict()
     if "multi_label_logit_scale" in sd:
-        warnings.warn(f"export_hf: HuggingFace GroupViT has no multi-label temperature; multi_label_logit_scale "
-                      f"(exp = {sd['multi_label_logit_scale'].exp().item():.4g}) is not exported", stacklevel=2)
+        warnings.warn(
+            f"export_hf: HuggingFace GroupViT has no multi-label temperature; multi_label_logit_scale "
+            f"(exp = {sd['multi_label_logit_scale'].exp().item():.4g}) is not exported",
+            stacklevel=2,
+        )
     hf = to_hf_state_dict(sd)
     if folder is not None:
         from safetensors.torch import save_file
@@ -477,8 +562,11 @@ def export_hf(model: GroupViT, folder: str | os.PathLike | None = None) -> State
         folder.mkdir(parents=True, exist_ok=True)
         config = {"architectures": ["GroupViTModel"], "model_type": "groupvit", **hf_config_kwargs(model.cfg)}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in hf.items()}, str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in hf.items()},
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     return hf
 
 
@@ -487,25 +575,56 @@ def hf_config_kwargs(cfg: GroupViTConfig) -> dict[str, Any]:
     _check_hf_compatible(cfg)
     v, t = cfg.vision, cfg.text
     return dict(
-        projection_dim=cfg.output_dim, projection_intermediate_dim=cfg.proj_hidden_dim,
+        projection_dim=cfg.output_dim,
+        projection_intermediate_dim=cfg.proj_hidden_dim,
         logit_scale_init_value=cfg.logit_scale_init,
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
-                         num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
-                         hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=v.embed_dim, intermediate_size=int(v.embed_dim * v.mlp_ratio), depths=list(v.depths),
-                           num_attention_heads=v.num_heads, num_group_tokens=list(v.num_group_tokens),
-                           num_output_groups=list(v.num_output_groups) + [v.num_output_groups[-1]],
-                           image_size=v.img_size, patch_size=v.patch_size, num_channels=v.in_chans,
-                           assign_eps=v.assign_eps, assign_mlp_ratio=list(v.group_mlp_ratio)),
+        text_config=dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.width,
+            intermediate_size=int(t.width * t.mlp_ratio),
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.context_length,
+            hidden_act="quick_gelu",
+        ),
+        vision_config=dict(
+            hidden_size=v.embed_dim,
+            intermediate_size=int(v.embed_dim * v.mlp_ratio),
+            depths=list(v.depths),
+            num_attention_heads=v.num_heads,
+            num_group_tokens=list(v.num_group_tokens),
+            num_output_groups=list(v.num_output_groups) + [v.num_output_groups[-1]],
+            image_size=v.img_size,
+            patch_size=v.patch_size,
+            num_channels=v.in_chans,
+            assign_eps=v.assign_eps,
+            assign_mlp_ratio=list(v.group_mlp_ratio),
+        ),
     )
 
 
 # transformers.GroupViTConfig defaults (save_pretrained writes only the values that differ from them)
-_HF_TEXT = dict(vocab_size=49408, hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
-                max_position_embeddings=77)
-_HF_VISION = dict(hidden_size=384, intermediate_size=1536, depths=[6, 3, 3], num_attention_heads=6,
-                  num_group_tokens=[64, 8, 0], num_output_groups=[64, 8, 8], image_size=224, patch_size=16,
-                  num_channels=3, assign_eps=1.0, assign_mlp_ratio=[0.5, 4])
+_HF_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+)
+_HF_VISION = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    depths=[6, 3, 3],
+    num_attention_heads=6,
+    num_group_tokens=[64, 8, 0],
+    num_output_groups=[64, 8, 8],
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    assign_eps=1.0,
+    assign_mlp_ratio=[0.5, 4],
+)
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> GroupViTConfig:
@@ -515,14 +634,32 @@ def config_from_hf(hf: Mapping[str, Any]) -> GroupViTConfig:
     v = {**_HF_VISION, **hf.get("vision_config", {})}
     tokens = tuple(v["num_group_tokens"])
     vision = VisionConfig(
-        img_size=v["image_size"], patch_size=v["patch_size"], in_chans=v["num_channels"], embed_dim=v["hidden_size"],
-        depths=tuple(v["depths"]), num_heads=v["num_attention_heads"], num_group_tokens=tokens,
+        img_size=v["image_size"],
+        patch_size=v["patch_size"],
+        in_chans=v["num_channels"],
+        embed_dim=v["hidden_size"],
+        depths=tuple(v["depths"]),
+        num_heads=v["num_attention_heads"],
+        num_group_tokens=tokens,
         num_output_groups=tuple(o for o, g in zip(v["num_output_groups"], tokens) if g > 0),
-        mlp_ratio=v["intermediate_size"] / v["hidden_size"], group_mlp_ratio=tuple(v["assign_mlp_ratio"]),
-        assign_eps=v["assign_eps"], drop_path_rate=0.0)  # HF GroupViT has no stochastic depth
-    text = TextConfig(context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"], width=t["hidden_size"],
-                      layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
-                      mlp_ratio=t["intermediate_size"] / t["hidden_size"])
-    return GroupViTConfig(vision=vision, text=text, output_dim=hf.get("projection_dim", 256),
-                          proj_hidden_dim=hf.get("projection_intermediate_dim", 4096), multi_label=0,
-                          contrast_temperature=math.exp(-hf.get("logit_scale_init_value", 2.6592)))
+        mlp_ratio=v["intermediate_size"] / v["hidden_size"],
+        group_mlp_ratio=tuple(v["assign_mlp_ratio"]),
+        assign_eps=v["assign_eps"],
+        drop_path_rate=0.0,
+    )  # HF GroupViT has no stochastic depth
+    text = TextConfig(
+        context_length=t["max_position_embeddings"],
+        vocab_size=t["vocab_size"],
+        width=t["hidden_size"],
+        layers=t["num_hidden_layers"],
+        heads=t["num_attention_heads"],
+        mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+    )
+    return GroupViTConfig(
+        vision=vision,
+        text=text,
+        output_dim=hf.get("projection_dim", 256),
+        proj_hidden_dim=hf.get("projection_intermediate_dim", 4096),
+        multi_label=0,
+        contrast_temperature=math.exp(-hf.get("logit_scale_init_value", 2.6592)),
+    )

@@ -13,8 +13,15 @@ from groupvit.checkpoint import load_checkpoint, read_checkpoint
 from groupvit.model import create_model
 from kernels.utils import triton_can_launch
 
-__all__ = ["CliError", "DEMO_CHECKPOINT", "check_backend", "check_device", "demo_checkpoint_path", "load_model",
-           "seg_settings"]
+__all__ = [
+    "CliError",
+    "DEMO_CHECKPOINT",
+    "check_backend",
+    "check_device",
+    "demo_checkpoint_path",
+    "load_model",
+    "seg_settings",
+]
 
 DEMO_CHECKPOINT = Path("runs/demo/latest.pt")  # `--checkpoint demo`: the training demo's default output
 _REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +36,15 @@ def demo_checkpoint_path() -> Path:
     for p in (DEMO_CHECKPOINT, _REPO / DEMO_CHECKPOINT):
         if p.is_file():
             return p
-    raise CliError(f"demo model not found at {DEMO_CHECKPOINT} (or {_REPO / DEMO_CHECKPOINT}); "
-                   f"train it first with the training demo (python -m train.demo), or pass --checkpoint FILE")
+    raise CliError(
+        f"demo model not found at {DEMO_CHECKPOINT} (or {_REPO / DEMO_CHECKPOINT}); "
+        f"train it first with the training demo (python -m train.demo), or pass --checkpoint FILE"
+    )
 
 
-def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoint: bool = False
-               ) -> tuple[Any, dict[str, Any]]:
+def load_model(
+    checkpoint: str | None, preset: str | None = None, trust_checkpoint: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """``(model, settings)``: a GroupViT in eval mode from a checkpoint (any spec :func:`groupvit.load_checkpoint`
     reads: file, HF model folder, ``hf:ORG/NAME``) or ``"demo"``, and the checkpoint's ``"segmentation"`` entry
     (``{}`` if none). With ``preset`` the weights are loaded into that architecture (a mismatch is an error); with a
@@ -50,8 +60,10 @@ def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoi
         return model.eval(), {}
     path = demo_checkpoint_path() if checkpoint == "demo" else checkpoint
     if not str(path).startswith("hf:") and not Path(path).exists():
-        raise CliError(f"checkpoint {str(path)!r} does not exist: give a checkpoint file, a HuggingFace model "
-                       f"folder, hf:ORG/NAME or 'demo'")
+        raise CliError(
+            f"checkpoint {str(path)!r} does not exist: give a checkpoint file, a HuggingFace model "
+            f"folder, hf:ORG/NAME or 'demo'"
+        )
     try:
         payload = read_checkpoint(path, trust_checkpoint)
         model = load_checkpoint(payload, model)
@@ -61,8 +73,10 @@ def load_model(checkpoint: str | None, preset: str | None = None, trust_checkpoi
             raise CliError(f"checkpoint {str(path)!r}{arch} do not match: {e}") from e
         raise CliError(f"cannot load checkpoint {str(path)!r}: {e}") from e
     except (OSError, RuntimeError, TypeError, KeyError, AttributeError) as e:
-        raise CliError(f"cannot load checkpoint {str(path)!r} ({type(e).__name__}: {e}): is it a GroupViT "
-                       f"checkpoint? (--preset NAME gives the architecture of a bare state dict)") from e
+        raise CliError(
+            f"cannot load checkpoint {str(path)!r} ({type(e).__name__}: {e}): is it a GroupViT "
+            f"checkpoint? (--preset NAME gives the architecture of a bare state dict)"
+        ) from e
     settings = payload.get("segmentation")
     return model.eval(), dict(settings) if isinstance(settings, Mapping) else {}
 
@@ -86,8 +100,10 @@ def seg_settings(settings: Mapping[str, Any], img_size: int) -> dict[str, Any]:
 def check_backend(backend: str | None, device: str) -> None:
     """The triton backend needs CUDA, or the (slow) Triton interpreter on CPU."""
     if backend == "triton" and not triton_can_launch(device):
-        raise CliError(f"--backend triton on {device} needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
-                       f"(the Triton interpreter: correct but slow); or use --backend eager")
+        raise CliError(
+            f"--backend triton on {device} needs a CUDA device, or TRITON_INTERPRET=1 in the environment "
+            f"(the Triton interpreter: correct but slow); or use --backend eager"
+        )
 
 
 def check_device(device: str | None) -> str:
@@ -100,8 +116,10 @@ def check_device(device: str | None) -> str:
         raise CliError(f"--device {device!r} is not a device name ({e}): use cpu, cuda or cuda:N") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CliError(f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, "
-                           f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+            raise CliError(
+                f"--device {device}: this torch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CliError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0..")
     elif dev.type != "cpu":

@@ -154,8 +154,17 @@ class GroupViTConfig:
         if img.get("pos_embed_type", "simple") != "simple":
             raise ValueError(f"pos_embed_type {img['pos_embed_type']!r} is not supported (only 'simple')")
         vkeys = {
-            "img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_group_tokens", "num_output_groups",
-            "mlp_ratio", "qkv_bias", "drop_path_rate", "hard_assignment",
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depths",
+            "num_group_tokens",
+            "num_output_groups",
+            "mlp_ratio",
+            "qkv_bias",
+            "drop_path_rate",
+            "hard_assignment",
         }
         vision = {k: (tuple(v) if isinstance(v, list) else v) for k, v in img.items() if k in vkeys}
         vision["num_heads"] = int(heads)
@@ -193,11 +202,19 @@ PRESETS: dict[str, GroupViTConfig] = {
     # Tiny model for tests and the CPU demo (about 0.9 M parameters with a small vocabulary).
     "groupvit-tiny": GroupViTConfig(
         vision=VisionConfig(
-            img_size=32, patch_size=4, embed_dim=64, depths=(1, 1, 1), num_heads=2,
-            num_group_tokens=(8, 4, 0), num_output_groups=(8, 4), drop_path_rate=0.0,
+            img_size=32,
+            patch_size=4,
+            embed_dim=64,
+            depths=(1, 1, 1),
+            num_heads=2,
+            num_group_tokens=(8, 4, 0),
+            num_output_groups=(8, 4),
+            drop_path_rate=0.0,
         ),
         text=TextConfig(context_length=16, vocab_size=49408, width=64, layers=2, heads=2),
-        output_dim=32, proj_hidden_dim=128, multi_label=3,
+        output_dim=32,
+        proj_hidden_dim=128,
+        multi_label=3,
     ),
 }
 

@@ -18,17 +18,42 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["COLOR_WORDS", "display_scale", "distinct_colors", "label_colors", "legend", "mask_image",
-           "overlay_with_legend", "panel_figure", "tint"]
+__all__ = [
+    "COLOR_WORDS",
+    "display_scale",
+    "distinct_colors",
+    "label_colors",
+    "legend",
+    "mask_image",
+    "overlay_with_legend",
+    "panel_figure",
+    "tint",
+]
 
 # sRGB of the colour words a class name may contain (their common screen meaning)
 COLOR_WORDS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 215), "yellow": (235, 215, 40),
-    "orange": (245, 135, 25), "purple": (140, 50, 180), "violet": (150, 90, 210), "pink": (245, 130, 185),
-    "brown": (135, 80, 35), "black": (20, 20, 20), "white": (250, 250, 250), "grey": (128, 128, 128),
-    "gray": (128, 128, 128), "cyan": (20, 200, 220), "magenta": (215, 30, 190), "teal": (0, 128, 128),
-    "navy": (20, 30, 120), "gold": (215, 170, 20), "beige": (225, 205, 160), "lime": (140, 225, 40),
-    "olive": (120, 120, 30), "maroon": (120, 20, 30),
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 215),
+    "yellow": (235, 215, 40),
+    "orange": (245, 135, 25),
+    "purple": (140, 50, 180),
+    "violet": (150, 90, 210),
+    "pink": (245, 130, 185),
+    "brown": (135, 80, 35),
+    "black": (20, 20, 20),
+    "white": (250, 250, 250),
+    "grey": (128, 128, 128),
+    "gray": (128, 128, 128),
+    "cyan": (20, 200, 220),
+    "magenta": (215, 30, 190),
+    "teal": (0, 128, 128),
+    "navy": (20, 30, 120),
+    "gold": (215, 170, 20),
+    "beige": (225, 205, 160),
+    "lime": (140, 225, 40),
+    "olive": (120, 120, 30),
+    "maroon": (120, 20, 30),
 }
 BACKGROUND = (0, 0, 0)
 MIN_SIDE = 256  # figures scale images whose short side is below this up by an integer factor
@@ -92,13 +117,14 @@ def mask_image(labels: np.ndarray, colors: np.ndarray) -> Image.Image:
     h, w = labels.shape
     im = Image.frombytes("P", (w, h), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
     pal = np.zeros((256, 3), np.uint8)
-    pal[:len(colors)] = colors[:256]
+    pal[: len(colors)] = colors[:256]
     im.putpalette(pal.reshape(-1).tolist())
     return im
 
 
-def tint(rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float = 0.55,
-         background: bool = True) -> np.ndarray:
+def tint(
+    rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray, alpha: float = 0.55, background: bool = True
+) -> np.ndarray:
     """``uint8 [H, W, 3]``: ``rgb * (1 - alpha) + colors[labels] * alpha``; with ``background`` label-0 pixels keep
     the image's own colour."""
     base = rgb.astype(np.float32)
@@ -124,7 +150,9 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def legend(entries: Sequence[tuple[Sequence[int] | None, str]], size: int = 12, width: int | None = None) -> Image.Image:
+def legend(
+    entries: Sequence[tuple[Sequence[int] | None, str]], size: int = 12, width: int | None = None
+) -> Image.Image:
     """Colour boxes with their text, ``entries = [(rgb or None for text only, text)]``: one entry per line, or, with
     ``width``, left to right wrapped at ``width`` pixels."""
     font = _font(size)
@@ -150,8 +178,14 @@ def legend(entries: Sequence[tuple[Sequence[int] | None, str]], size: int = 12, 
     return im
 
 
-def overlay_with_legend(rgb: np.ndarray, labels: np.ndarray, names: Sequence[str], colors: np.ndarray,
-                        background: bool = True, alpha: float = 0.55) -> Image.Image:
+def overlay_with_legend(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    colors: np.ndarray,
+    background: bool = True,
+    alpha: float = 0.55,
+) -> Image.Image:
     """The image tinted by label colour (:func:`tint`), scaled up if small (:func:`display_scale`), with a legend at
     its right listing the labels present, largest first, as colour box + name + pixel share."""
     k = display_scale(*labels.shape)
@@ -159,16 +193,23 @@ def overlay_with_legend(rgb: np.ndarray, labels: np.ndarray, names: Sequence[str
     h, w = img.shape[:2]
     present = np.bincount(labels.reshape(-1), minlength=len(names))
     order = [int(i) for i in np.argsort(-present, kind="stable") if present[i] > 0]
-    leg = legend([(colors[i], f"{names[i]} ({100 * present[i] / labels.size:.1f}%)") for i in order],
-                 size=max(12, min(h, w) // 28))
+    leg = legend(
+        [(colors[i], f"{names[i]} ({100 * present[i] / labels.size:.1f}%)") for i in order],
+        size=max(12, min(h, w) // 28),
+    )
     canvas = Image.new("RGB", (w + leg.width, max(h, leg.height)), (255, 255, 255))
     canvas.paste(Image.fromarray(img), (0, 0))
     canvas.paste(leg, (w, 0))
     return canvas
 
 
-def panel_figure(tiles: Sequence[tuple[str, np.ndarray]], legend_entries: Sequence[tuple[Sequence[int] | None, str]],
-                 caption: str = "", cols: int = 4, scale: int | None = None) -> Image.Image:
+def panel_figure(
+    tiles: Sequence[tuple[str, np.ndarray]],
+    legend_entries: Sequence[tuple[Sequence[int] | None, str]],
+    caption: str = "",
+    cols: int = 4,
+    scale: int | None = None,
+) -> Image.Image:
     """Titled panels (``[(title, uint8 [H, W, 3])]``, all one size) in a grid of ``cols`` columns, each scaled by
     ``scale`` (default :func:`display_scale`), the caption on top and one legend below."""
     h, w = tiles[0][1].shape[:2]

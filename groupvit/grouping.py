@@ -40,8 +40,9 @@ class AssignAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: Tensor, key: Tensor, *, return_maps: bool = False,
-                noise: Tensor | None = None) -> tuple[Tensor, GroupingMaps | None]:
+    def forward(
+        self, query: Tensor, key: Tensor, *, return_maps: bool = False, noise: Tensor | None = None
+    ) -> tuple[Tensor, GroupingMaps | None]:
         q = self.q_proj(query)  # [B, G, C]
         k = self.k_proj(key)  # [B, N, C]
         v = self.v_proj(key)  # [B, N, C]
@@ -52,8 +53,9 @@ class AssignAttention(nn.Module):
                 noise = gumbel_like(q.new_empty(q.shape[0], q.shape[1], k.shape[1]))
             soft, hard = ops.assignment_maps(q, k, tau=self.tau, hard=self.hard, gumbel=gumbel, noise=noise)
             maps = GroupingMaps(soft=soft, hard=hard)
-        out = ops.assign_attention(q, k, v, tau=self.tau, hard=self.hard, gumbel=gumbel,
-                                   noise=noise if gumbel else None, eps=self.eps)  # [B, G, C]
+        out = ops.assign_attention(
+            q, k, v, tau=self.tau, hard=self.hard, gumbel=gumbel, noise=noise if gumbel else None, eps=self.eps
+        )  # [B, G, C]
         return self.proj(out), maps
 
 
@@ -64,9 +66,18 @@ class GroupingBlock(nn.Module):
     ``pre_assign=False``); assign image tokens to the resulting G queries (AssignAttention); residual add; channel MLP.
     """
 
-    def __init__(self, dim: int, heads: int, num_group_tokens: int, num_output_groups: int,
-                 mlp_ratio: tuple[float, float] = (0.5, 4.0), hard: bool = True, tau: float = 1.0,
-                 eps: float = 1.0, pre_assign: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        num_group_tokens: int,
+        num_output_groups: int,
+        mlp_ratio: tuple[float, float] = (0.5, 4.0),
+        hard: bool = True,
+        tau: float = 1.0,
+        eps: float = 1.0,
+        pre_assign: bool = True,
+    ) -> None:
         super().__init__()
         tokens_hidden, channels_hidden = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
         self.norm_tokens = nn.LayerNorm(dim)
@@ -78,8 +89,9 @@ class GroupingBlock(nn.Module):
         self.norm_new_x = nn.LayerNorm(dim)
         self.mlp_channels = Mlp(dim, channels_hidden)
 
-    def forward(self, x: Tensor, group_tokens: Tensor, *, return_maps: bool = False,
-                noise: Tensor | None = None) -> tuple[Tensor, GroupingMaps | None]:
+    def forward(
+        self, x: Tensor, group_tokens: Tensor, *, return_maps: bool = False, noise: Tensor | None = None
+    ) -> tuple[Tensor, GroupingMaps | None]:
         t = self.norm_tokens(group_tokens)  # [B, G_in, C]
         x = self.norm_x(x)  # [B, N, C]
         p = self.norm_post_tokens(self.mlp_inter(t))  # [B, G, C]

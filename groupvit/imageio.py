@@ -32,8 +32,12 @@ class ImageTooLarge(ValueError):
     """An image whose ``width × height`` exceeds the pixel cap (a possible decompression bomb)."""
 
 
-def open_image(src: bytes | str | os.PathLike | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
-               draft: tuple[int, int] | None = None) -> Image.Image:
+def open_image(
+    src: bytes | str | os.PathLike | BinaryIO,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    draft: tuple[int, int] | None = None,
+) -> Image.Image:
     """Open ``src`` (encoded bytes, a path or a binary file) and read its header only; nothing is decoded yet.
 
     Raises:
@@ -47,8 +51,9 @@ def open_image(src: bytes | str | os.PathLike | BinaryIO, max_pixels: int | None
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         img.close()
-        raise ImageTooLarge(f"image of {w}x{h} = {w * h:,} pixels is above the cap of {max_pixels:,} pixels "
-                            f"(a decompression bomb?)")
+        raise ImageTooLarge(
+            f"image of {w}x{h} = {w * h:,} pixels is above the cap of {max_pixels:,} pixels (a decompression bomb?)"
+        )
     if draft is not None and img.format == "JPEG":
         img.draft("RGB", draft)  # libjpeg scales by 1/2, 1/4, 1/8 while the result stays >= draft
     return img

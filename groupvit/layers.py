@@ -95,16 +95,18 @@ class CrossAttention(nn.Module):
 
     def forward(self, q: Tensor, kv: Tensor) -> Tensor:
         h = self.heads
-        out = ops.attention(_split_heads(self.q_proj(q), h), _split_heads(self.k_proj(kv), h),
-                            _split_heads(self.v_proj(kv), h))
+        out = ops.attention(
+            _split_heads(self.q_proj(q), h), _split_heads(self.k_proj(kv), h), _split_heads(self.v_proj(kv), h)
+        )
         return self.proj(_merge_heads(out))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + DropPath(MHA(LN x))``, then ``x + DropPath(MLP(LN x))``."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, qkv_bias)

@@ -1,4 +1,5 @@
-"""GroupViT's training objective: image-text InfoNCE + multi-label InfoNCE, through :func:`groupvit.ops.contrastive_loss`.
+"""GroupViT's training objective: image-text InfoNCE + multi-label InfoNCE, through
+:func:`groupvit.ops.contrastive_loss`.
 
 Under ``torch.distributed`` each rank scores its local rows against all-gathered columns (labels offset by rank,
 gradients through the gather); with the ``triton`` backend the fused kernel never builds the logits matrix.
@@ -27,8 +28,9 @@ class GroupViTLoss(nn.Module):
         total = itc
         if out.prompt_embeds is not None:
             k = out.prompt_embeds.shape[0] // out.image_embeds.shape[0]
-            ml = ops.contrastive_loss(out.image_embeds, out.prompt_embeds, out.multi_label_logit_scale,
-                                      num_prompts=k, group=self.group)
+            ml = ops.contrastive_loss(
+                out.image_embeds, out.prompt_embeds, out.multi_label_logit_scale, num_prompts=k, group=self.group
+            )
             losses["loss_ml"] = ml
             total = total + self.multi_label_weight * ml
         losses["loss"] = total

@@ -51,9 +51,17 @@ class GroupingStage(nn.Module):
         if self.num_group_token > 0:
             self.group_token = nn.Parameter(torch.zeros(1, self.num_group_token, c))
             out_groups = cfg.num_output_groups[stage]
-            self.downsample = GroupingBlock(c, cfg.num_heads, self.num_group_token, out_groups,
-                                            mlp_ratio=cfg.group_mlp_ratio, hard=cfg.hard_assignment,
-                                            tau=cfg.gumbel_tau, eps=cfg.assign_eps, pre_assign=cfg.pre_assign_attn)
+            self.downsample = GroupingBlock(
+                c,
+                cfg.num_heads,
+                self.num_group_token,
+                out_groups,
+                mlp_ratio=cfg.group_mlp_ratio,
+                hard=cfg.hard_assignment,
+                tau=cfg.gumbel_tau,
+                eps=cfg.assign_eps,
+                pre_assign=cfg.pre_assign_attn,
+            )
         else:
             self.downsample = None
         if stage > 0 and self.num_group_token > 0:
@@ -63,8 +71,13 @@ class GroupingStage(nn.Module):
         else:
             self.group_projector = None
 
-    def forward(self, x: Tensor, prev_group_tokens: Tensor | None, *, return_maps: bool = False,
-                ) -> tuple[Tensor, Tensor | None, GroupingMaps | None]:
+    def forward(
+        self,
+        x: Tensor,
+        prev_group_tokens: Tensor | None,
+        *,
+        return_maps: bool = False,
+    ) -> tuple[Tensor, Tensor | None, GroupingMaps | None]:
         n = x.shape[1]
         t = None
         if self.num_group_token > 0:
@@ -90,7 +103,8 @@ class ImageGroups:
         group_features: final group tokens after the last LayerNorm ``[B, G_last, C]``.
         maps: per grouping stage, soft and hard assignment maps ``[B, G, N]`` (empty unless requested).
         grid: patch grid ``(h, w)`` of the input.
-        group_embeddings: projected per-group embeddings ``[B, G_last, D]`` (only from :meth:`GroupViT.encode_image_groups`).
+        group_embeddings: projected per-group embeddings ``[B, G_last, D]`` (only from
+        :meth:`GroupViT.encode_image_groups`).
     """
 
     embedding: Tensor
@@ -125,7 +139,9 @@ class VisionEncoder(nn.Module):
         pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
         return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
-    def forward(self, images: Tensor, *, return_maps: bool = False) -> tuple[Tensor, list[GroupingMaps], tuple[int, int]]:
+    def forward(
+        self, images: Tensor, *, return_maps: bool = False
+    ) -> tuple[Tensor, list[GroupingMaps], tuple[int, int]]:
         self._check(images)
         x, (h, w) = self.patch_embed(images)  # [B, N, C]
         x = x + self.pos_embed_for(h, w)
@@ -145,9 +161,11 @@ class VisionEncoder(nn.Module):
             raise TypeError(f"images must be a float tensor (normalised), got {images.dtype}")
         h, w = images.shape[-2:]
         if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {cfg.patch_size}; "
-                             f"resize or pad it (e.g. to {math.ceil(h / cfg.patch_size) * cfg.patch_size}x"
-                             f"{math.ceil(w / cfg.patch_size) * cfg.patch_size})")
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the patch size {cfg.patch_size}; "
+                f"resize or pad it (e.g. to {math.ceil(h / cfg.patch_size) * cfg.patch_size}x"
+                f"{math.ceil(w / cfg.patch_size) * cfg.patch_size})"
+            )
 
 
 class TextTransformerStack(nn.Module):
@@ -217,8 +235,10 @@ class TextEncoder(nn.Module):
         if plan is None:
             plan = self.plan(tokens).to(tokens.device)
         elif tokens.dim() != 2 or sum(eot.shape[0] for _, eot, _ in plan.groups) != tokens.shape[0]:
-            raise ValueError(f"the text plan covers {sum(e.shape[0] for _, e, _ in plan.groups)} rows but the tokens "
-                             f"are {tuple(tokens.shape)}; make it with plan() of these tokens")
+            raise ValueError(
+                f"the text plan covers {sum(e.shape[0] for _, e, _ in plan.groups)} rows but the tokens "
+                f"are {tuple(tokens.shape)}; make it with plan() of these tokens"
+            )
         feats = []
         for rows, eot, length in plan.groups:
             t = (tokens if rows is None else tokens.index_select(0, rows))[:, :length]  # [n, l]
@@ -353,8 +373,13 @@ class GroupViT(nn.Module):
         """Image embedding plus the grouping internals: per-stage soft/hard maps ``[B, G, N]``, the final group
         features ``[B, G_last, C]`` and their projected embeddings ``[B, G_last, D]`` (segmentation uses these)."""
         z, maps, grid = self.img_encoder(images, return_maps=return_maps)
-        return ImageGroups(embedding=self.img_projector(z.mean(dim=1)), group_features=z, maps=maps, grid=grid,
-                           group_embeddings=self.img_projector(z))
+        return ImageGroups(
+            embedding=self.img_projector(z.mean(dim=1)),
+            group_features=z,
+            maps=maps,
+            grid=grid,
+            group_embeddings=self.img_projector(z),
+        )
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """Projected text embedding ``[..., D]`` (not normalised) of token ids ``[..., L]``."""
@@ -386,16 +411,18 @@ class GroupViT(nn.Module):
         features = self.forward_towers(images, texts, text_plan=text_plan)  # validates the shapes
         return self.project(*features, num_texts=texts.shape[1] if texts.dim() == 3 else 1)
 
-    def forward_towers(self, images: Tensor, texts: Tensor, *, text_plan: TextPlan | None = None
-                       ) -> tuple[Tensor, Tensor]:
+    def forward_towers(
+        self, images: Tensor, texts: Tensor, *, text_plan: TextPlan | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The two towers up to their pooled outputs, before the projectors (the only cross-sample layers: their
         BatchNorm): image features ``[B, C]`` (mean over the final groups) and text features ``[B*(1+K), W]``
         (row ``b*(1+K) + j``: caption ``j = 0``, prompts ``j >= 1`` of image b). Arguments as :meth:`forward`."""
         if texts.dim() == 2:
             texts = texts[:, None]
         if texts.dim() != 3 or texts.shape[0] != images.shape[0]:
-            raise ValueError(f"texts must be [B, L] or [B, 1+K, L] with B = {images.shape[0]}, "
-                             f"got {tuple(texts.shape)}")
+            raise ValueError(
+                f"texts must be [B, L] or [B, 1+K, L] with B = {images.shape[0]}, got {tuple(texts.shape)}"
+            )
         if texts.shape[1] > 1 and self.multi_label_logit_scale is None:
             raise ValueError(f"texts carry {texts.shape[1] - 1} prompts but the model has multi_label=0")
         z, _, _ = self.img_encoder(images)  # [B, G_last, C]
@@ -408,8 +435,9 @@ class GroupViT(nn.Module):
         img = F.normalize(self.img_projector(image_features), dim=-1)  # [B, D]
         txt = F.normalize(self.text_projector(text_features), dim=-1).reshape(-1, num_texts, img.shape[-1])
         prompts = txt[:, 1:].reshape(-1, txt.shape[-1]) if k > 0 else None  # [B*K, D]
-        return GroupViTOutput(img, txt[:, 0], prompts, self.logit_scale,
-                              self.multi_label_logit_scale if k > 0 else None)
+        return GroupViTOutput(
+            img, txt[:, 0], prompts, self.logit_scale, self.multi_label_logit_scale if k > 0 else None
+        )
 
 
 def create_model(preset_or_config: str | GroupViTConfig | dict = "groupvit-s", **overrides) -> GroupViT:

@@ -134,8 +134,10 @@ def _triton_impl(op: str) -> Callable[..., Tensor]:
         try:
             fn = OPS[op].triton_fn()
         except ImportError as e:  # triton missing or broken: say so instead of falling back
-            raise RuntimeError(f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
-                               f"Install triton (see README) or use ops.set_backend('eager').") from e
+            raise RuntimeError(
+                f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
+                f"Install triton (see README) or use ops.set_backend('eager')."
+            ) from e
         _TRITON[op] = (fn, importlib.import_module(OPS[op].triton.split(":")[0]))
     return _TRITON[op][0]
 
@@ -153,8 +155,16 @@ def _impl(op: str) -> Callable[..., Tensor]:
 
 
 def assign_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = False,
-    noise: Tensor | None = None, eps: float = 1.0, scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    tau: float = 1.0,
+    hard: bool = True,
+    gumbel: bool = False,
+    noise: Tensor | None = None,
+    eps: float = 1.0,
+    scale: float | None = None,
 ) -> Tensor:
     """Grouping assignment ``q [B,G,C], k, v [B,N,C] -> [B,G,C]``; spec: :func:`kernels.reference.assign_attention`."""
     if _backend == "eager" and _kernel_noise and gumbel and noise is None:
@@ -165,7 +175,13 @@ def assign_attention(
 
 
 def assignment_maps(
-    q: Tensor, k: Tensor, *, tau: float = 1.0, hard: bool = True, gumbel: bool = False, noise: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    *,
+    tau: float = 1.0,
+    hard: bool = True,
+    gumbel: bool = False,
+    noise: Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Soft and hard ``[B,G,N]`` maps of a grouping block (diagnostics and segmentation; always eager)."""
@@ -193,14 +209,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: f
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     if not (q.is_cuda and _xformers_ok()):
-        raise RuntimeError(f"attention implementation 'xformers' requested for {q.device} tensors of shape "
-                           f"{tuple(q.shape)}, but xformers memory_efficient_attention is not usable here "
-                           f"(it needs xformers with CUDA). Use ops.set_attention('sdpa').")
+        raise RuntimeError(
+            f"attention implementation 'xformers' requested for {q.device} tensors of shape "
+            f"{tuple(q.shape)}, but xformers memory_efficient_attention is not usable here "
+            f"(it needs xformers with CUDA). Use ops.set_attention('sdpa')."
+        )
     from xformers.ops import LowerTriangularMask, memory_efficient_attention
 
     # xformers takes [B, L, H, Dh]
-    out = memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                     attn_bias=LowerTriangularMask() if causal else None, scale=scale)
+    out = memory_efficient_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_bias=LowerTriangularMask() if causal else None,
+        scale=scale,
+    )
     return out.transpose(1, 2)
 
 

@@ -39,35 +39,193 @@ from groupvit.cli import CliError, check_backend, check_device, load_model, seg_
 from groupvit.segmentation import SegConfig, ZeroShotSegmenter, load_image
 
 __all__ = [
-    "COCO_OBJECT_CLASSES", "CONTEXT_CLASSES", "DATASETS", "EvalResult", "IoUResult", "MeanIoU", "SegDataset",
-    "VOC_CLASSES", "build_dataset", "coco_object", "evaluate", "pascal_context", "pascal_voc", "voc_colormap",
+    "COCO_OBJECT_CLASSES",
+    "CONTEXT_CLASSES",
+    "DATASETS",
+    "EvalResult",
+    "IoUResult",
+    "MeanIoU",
+    "SegDataset",
+    "VOC_CLASSES",
+    "build_dataset",
+    "coco_object",
+    "evaluate",
+    "pascal_context",
+    "pascal_voc",
+    "voc_colormap",
 ]
 
 IGNORE_INDEX = 255
 
 VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table",
-    "dog", "horse", "motorbike", "person", "plant", "sheep", "sofa", "train", "monitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "table",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "plant",
+    "sheep",
+    "sofa",
+    "train",
+    "monitor",
 )
 
 CONTEXT_CLASSES: tuple[str, ...] = (
-    "background", "airplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
-    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain",
-    "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
-    "mountain", "mouse", "person", "plate", "platform", "plant", "road", "rock", "sheep", "shelves", "sidewalk",
-    "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "monitor", "wall", "water", "window",
+    "background",
+    "airplane",
+    "bag",
+    "bed",
+    "bedclothes",
+    "bench",
+    "bicycle",
+    "bird",
+    "boat",
+    "book",
+    "bottle",
+    "building",
+    "bus",
+    "cabinet",
+    "car",
+    "cat",
+    "ceiling",
+    "chair",
+    "cloth",
+    "computer",
+    "cow",
+    "cup",
+    "curtain",
+    "dog",
+    "door",
+    "fence",
+    "floor",
+    "flower",
+    "food",
+    "grass",
+    "ground",
+    "horse",
+    "keyboard",
+    "light",
+    "motorbike",
+    "mountain",
+    "mouse",
+    "person",
+    "plate",
+    "platform",
+    "plant",
+    "road",
+    "rock",
+    "sheep",
+    "shelves",
+    "sidewalk",
+    "sign",
+    "sky",
+    "snow",
+    "sofa",
+    "table",
+    "track",
+    "train",
+    "tree",
+    "truck",
+    "monitor",
+    "wall",
+    "water",
+    "window",
     "wood",
 )
 
 COCO_OBJECT_CLASSES: tuple[str, ...] = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "background",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 assert len(VOC_CLASSES) == 21 and len(CONTEXT_CLASSES) == 60 and len(COCO_OBJECT_CLASSES) == 81
 
@@ -114,8 +272,10 @@ class SegDataset:
         image = load_image(img_path)
         label = read_label(lab_path, len(self.class_names), rgb_ok=self.rgb_labels_ok)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"{self.name} sample {sid!r}: label {lab_path} is {label.shape[1]}x{label.shape[0]} "
-                             f"but image {img_path} is {image.shape[1]}x{image.shape[0]}")
+            raise ValueError(
+                f"{self.name} sample {sid!r}: label {lab_path} is {label.shape[1]}x{label.shape[0]} "
+                f"but image {img_path} is {image.shape[1]}x{image.shape[0]}"
+            )
         return Sample(sid, image, label)
 
     def subset(self, n: int) -> "SegDataset":
@@ -146,12 +306,16 @@ def read_label(path: Path, num_classes: int, *, rgb_ok: bool = False) -> np.ndar
             raise ValueError(f"label {str(path)!r}: RGB colours {bad[:5]} are not VOC palette colours")
         arr = np.array([lut[int(k)] for k in keys], dtype=np.uint8)[inv].reshape(code.shape)
     elif arr.ndim != 2:
-        raise ValueError(f"label {str(path)!r}: expected a single-channel (palette or grey) PNG, got mode {mode} "
-                         f"with shape {arr.shape}")
+        raise ValueError(
+            f"label {str(path)!r}: expected a single-channel (palette or grey) PNG, got mode {mode} "
+            f"with shape {arr.shape}"
+        )
     bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
     if bad.any():
-        raise ValueError(f"label {str(path)!r}: values {np.unique(arr[bad])[:5].tolist()} outside 0..{num_classes - 1} "
-                         f"(and not the ignore index {IGNORE_INDEX})")
+        raise ValueError(
+            f"label {str(path)!r}: values {np.unique(arr[bad])[:5].tolist()} outside 0..{num_classes - 1} "
+            f"(and not the ignore index {IGNORE_INDEX})"
+        )
     return arr.astype(np.uint8)
 
 
@@ -161,13 +325,27 @@ def _need(path: Path, what: str, layout: str) -> Path:
     return path
 
 
-def _from_split(name: str, root: Path, classes: tuple[str, ...], bg: float, img_dir: str, ann_dir: str,
-                split_file: str, layout: str, rgb_ok: bool = False) -> SegDataset:
+def _from_split(
+    name: str,
+    root: Path,
+    classes: tuple[str, ...],
+    bg: float,
+    img_dir: str,
+    ann_dir: str,
+    split_file: str,
+    layout: str,
+    rgb_ok: bool = False,
+) -> SegDataset:
     ids = [ln.strip() for ln in _need(root / split_file, "split file", layout).read_text().splitlines() if ln.strip()]
     items = []
     for sid in ids:
-        items.append((sid, _need(root / img_dir / f"{sid}.jpg", "image", layout),
-                      _need(root / ann_dir / f"{sid}.png", "label", layout)))
+        items.append(
+            (
+                sid,
+                _need(root / img_dir / f"{sid}.jpg", "image", layout),
+                _need(root / ann_dir / f"{sid}.png", "label", layout),
+            )
+        )
     return SegDataset(name, classes, bg, items, rgb_ok)
 
 
@@ -176,10 +354,21 @@ def pascal_voc(root: str | Path, split: str = "val") -> SegDataset:
     root = Path(root)
     if not (root / "JPEGImages").is_dir() and (root / "VOC2012").is_dir():
         root = root / "VOC2012"
-    layout = ("  <root>/JPEGImages/<id>.jpg\n  <root>/SegmentationClass/<id>.png\n"
-              f"  <root>/ImageSets/Segmentation/{split}.txt")
-    return _from_split("voc", root, VOC_CLASSES, 0.95, "JPEGImages", "SegmentationClass",
-                       f"ImageSets/Segmentation/{split}.txt", layout, rgb_ok=True)
+    layout = (
+        "  <root>/JPEGImages/<id>.jpg\n  <root>/SegmentationClass/<id>.png\n"
+        f"  <root>/ImageSets/Segmentation/{split}.txt"
+    )
+    return _from_split(
+        "voc",
+        root,
+        VOC_CLASSES,
+        0.95,
+        "JPEGImages",
+        "SegmentationClass",
+        f"ImageSets/Segmentation/{split}.txt",
+        layout,
+        rgb_ok=True,
+    )
 
 
 def pascal_context(root: str | Path, split: str = "val") -> SegDataset:
@@ -187,10 +376,20 @@ def pascal_context(root: str | Path, split: str = "val") -> SegDataset:
     root = Path(root)
     if not (root / "JPEGImages").is_dir() and (root / "VOC2010").is_dir():
         root = root / "VOC2010"
-    layout = ("  <root>/JPEGImages/<id>.jpg\n  <root>/SegmentationClassContext/<id>.png (indices 0..59)\n"
-              f"  <root>/ImageSets/SegmentationContext/{split}.txt")
-    return _from_split("context", root, CONTEXT_CLASSES, 0.35, "JPEGImages", "SegmentationClassContext",
-                       f"ImageSets/SegmentationContext/{split}.txt", layout)
+    layout = (
+        "  <root>/JPEGImages/<id>.jpg\n  <root>/SegmentationClassContext/<id>.png (indices 0..59)\n"
+        f"  <root>/ImageSets/SegmentationContext/{split}.txt"
+    )
+    return _from_split(
+        "context",
+        root,
+        CONTEXT_CLASSES,
+        0.35,
+        "JPEGImages",
+        "SegmentationClassContext",
+        f"ImageSets/SegmentationContext/{split}.txt",
+        layout,
+    )
 
 
 def coco_object(root: str | Path, split: str = "val2017") -> SegDataset:
@@ -201,8 +400,7 @@ def coco_object(root: str | Path, split: str = "val2017") -> SegDataset:
     layout = f"  <root>/images/{split}/<id>.jpg\n  <root>/annotations/{split}/<id>{suffix}"
     img_dir = _need(root / "images" / split, "image folder", layout)
     ann_dir = _need(root / "annotations" / split, "annotation folder", layout)
-    items = [(p.stem, p, _need(ann_dir / f"{p.stem}{suffix}", "label", layout))
-             for p in sorted(img_dir.glob("*.jpg"))]
+    items = [(p.stem, p, _need(ann_dir / f"{p.stem}{suffix}", "label", layout)) for p in sorted(img_dir.glob("*.jpg"))]
     if not items:
         raise FileNotFoundError(f"no .jpg images in {img_dir}. Expected layout:\n{layout}")
     return SegDataset("coco", COCO_OBJECT_CLASSES, 0.95, items)
@@ -238,16 +436,20 @@ class IoUResult:
         fmt = lambda v: "   nan" if math.isnan(v) else f"{100 * v:6.2f}"  # noqa: E731
         lines = [f"{'class':<{w}}    IoU    Acc", "-" * (w + 15)]
         lines += [f"{n:<{w}} {fmt(i)} {fmt(a)}" for n, i, a in zip(self.class_names, self.iou, self.acc)]
-        lines += ["-" * (w + 15), f"{'mean':<{w}} {fmt(self.miou)} {fmt(self.macc)}",
-                  f"aAcc {fmt(self.aacc)}   images {self.n_images}"]
+        lines += [
+            "-" * (w + 15),
+            f"{'mean':<{w}} {fmt(self.miou)} {fmt(self.macc)}",
+            f"aAcc {fmt(self.aacc)}   images {self.n_images}",
+        ]
         return "\n".join(lines)
 
 
 class MeanIoU:
     """Accumulates the confusion matrix over a dataset (ground truth rows, prediction columns)."""
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
-                 class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None
+    ) -> None:
         if num_classes < 1:
             raise ValueError(f"MeanIoU: num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -268,8 +470,10 @@ class MeanIoU:
         c = self.num_classes
         for arr, what in ((p, "prediction"), (t, "ground truth")):
             if arr.size and (arr.min() < 0 or arr.max() >= c):
-                raise ValueError(f"MeanIoU.update: {what} values {np.unique(arr[(arr < 0) | (arr >= c)])[:5].tolist()} "
-                                 f"outside 0..{c - 1}")
+                raise ValueError(
+                    f"MeanIoU.update: {what} values {np.unique(arr[(arr < 0) | (arr >= c)])[:5].tolist()} "
+                    f"outside 0..{c - 1}"
+                )
         self.confusion += np.bincount(t * c + p, minlength=c * c).reshape(c, c)
         self.n_images += 1 if pred.ndim <= 2 else pred.shape[0]
 
@@ -282,8 +486,15 @@ class MeanIoU:
             iou = np.where(union > 0, inter / union, np.nan)
             acc = np.where(gt > 0, inter / gt, np.nan)
         total = cm.sum()
-        return IoUResult(self.class_names, iou, acc, _nanmean(iou), _nanmean(acc),
-                         float(inter.sum() / total) if total else math.nan, self.n_images)
+        return IoUResult(
+            self.class_names,
+            iou,
+            acc,
+            _nanmean(iou),
+            _nanmean(acc),
+            float(inter.sum() / total) if total else math.nan,
+            self.n_images,
+        )
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -308,12 +519,22 @@ class EvalResult:
 
     def summary(self) -> str:
         m = self.metrics
-        return (f"mIoU {100 * m.miou:.2f}  mAcc {100 * m.macc:.2f}  aAcc {100 * m.aacc:.2f}  "
-                f"({m.n_images} images, {self.seconds:.1f} s, {self.images_per_s:.2f} images/s)")
+        return (
+            f"mIoU {100 * m.miou:.2f}  mAcc {100 * m.macc:.2f}  aAcc {100 * m.aacc:.2f}  "
+            f"({m.n_images} images, {self.seconds:.1f} s, {self.images_per_s:.2f} images/s)"
+        )
 
 
-def evaluate(model, dataset: SegDataset, cfg: SegConfig | None = None, progress: bool = True, *,
-             images_per_step: int = 4, limit: int | None = None, keep_predictions: bool = False) -> EvalResult:
+def evaluate(
+    model,
+    dataset: SegDataset,
+    cfg: SegConfig | None = None,
+    progress: bool = True,
+    *,
+    images_per_step: int = 4,
+    limit: int | None = None,
+    keep_predictions: bool = False,
+) -> EvalResult:
     """Zero-shot mIoU of ``model`` on ``dataset`` (default protocol: :meth:`SegDataset.seg_config`).
 
     Images are processed ``images_per_step`` at a time so their windows share forward passes
@@ -358,18 +579,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings (the training demo's prompts, mode and size) replace the defaults, options replace both."""
     import traceback
 
-
     ap = argparse.ArgumentParser(prog="python -m groupvit.seg_datasets", description=main.__doc__)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     ap.add_argument("--root", required=True, help="dataset folder (see the module docstring for layouts)")
     ap.add_argument("--split", default=None, help="split name (default: val / val2017)")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint file, HF model folder, hf:ORG/NAME (any spec "
-                    "load_checkpoint reads) or 'demo'")
-    ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
-                    "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint file, HF model folder, hf:ORG/NAME (any spec load_checkpoint reads) or 'demo'",
+    )
+    ap.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle a checkpoint that holds objects "
+        "beyond tensors and an official config (UNSAFE: a crafted file runs code)",
+    )
     ap.add_argument("--preset", default=None, help="architecture preset; without --checkpoint: random weights")
     ap.add_argument("--mode", choices=("slide", "whole"), default=None, help="default: the checkpoint's, else slide")
-    ap.add_argument("--bg-thresh", type=float, default=None, help="default: the dataset's (VOC/COCO 0.95, Context 0.35)")
+    ap.add_argument(
+        "--bg-thresh", type=float, default=None, help="default: the dataset's (VOC/COCO 0.95, Context 0.35)"
+    )
     ap.add_argument("--short-side", type=int, default=None, help="default: the checkpoint's, else 448")
     ap.add_argument("--crop", type=int, default=None, help="default: the checkpoint's, else 448")
     ap.add_argument("--stride", type=int, default=None, help="default: the checkpoint's, else 224")
@@ -388,15 +617,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = build_dataset(args.dataset, args.root, args.split)
         model, settings = load_model(args.checkpoint, args.preset, args.trust_checkpoint)
         kw = {k: v for k, v in seg_settings(settings, model.cfg.vision.img_size).items() if k != "bg_thresh"}
-        kw.update({k: v for k, v in (("mode", args.mode), ("short_side", args.short_side), ("crop", args.crop),
-                                     ("stride", args.stride), ("bg_thresh", args.bg_thresh)) if v is not None})
+        kw.update(
+            {
+                k: v
+                for k, v in (
+                    ("mode", args.mode),
+                    ("short_side", args.short_side),
+                    ("crop", args.crop),
+                    ("stride", args.stride),
+                    ("bg_thresh", args.bg_thresh),
+                )
+                if v is not None
+            }
+        )
         if args.bg_thresh is not None and not 0 <= args.bg_thresh <= 1:  # NaN fails too
             raise CliError(f"--bg-thresh {args.bg_thresh}: give a number in [0, 1] (a score; VOC 0.95)")
         cfg = ds.seg_config(batch_size=args.batch_size, **kw)
         model = model.to(device)
         if args.checkpoint is None:
-            print("warning: no --checkpoint: random weights, the mIoU is meaningless (useful for timing)",
-                  file=sys.stderr)
+            print(
+                "warning: no --checkpoint: random weights, the mIoU is meaningless (useful for timing)", file=sys.stderr
+            )
         if args.backend:
             ops.set_backend(args.backend)
         res = evaluate(model, ds, cfg, progress=not args.no_progress, limit=args.limit)  # a bad file: ValueError

@@ -69,44 +69,89 @@ def parse_classes(text: str) -> list[str]:
     if dup:
         raise CliError(f"--classes lists {dup} more than once: name each class once")
     if any(n.lower() == "background" for n in names):
-        raise CliError("'background' is added automatically as label 0; remove it from --classes "
-                       "(or pass --background none)")
+        raise CliError(
+            "'background' is added automatically as label 0; remove it from --classes (or pass --background none)"
+        )
     if len(names) > 255:
         raise CliError(f"{len(names)} classes: at most 255 fit a palette mask; give fewer --classes")
     return names
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="groupvit-segment", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__[__doc__.index("For each image"):].replace("``", ""))
+    ap = argparse.ArgumentParser(
+        prog="groupvit-segment",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__[__doc__.index("For each image") :].replace("``", ""),
+    )
     ap.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint file (official, HF or ours; .pth/.pt/.bin/"
-                    ".safetensors), HuggingFace model folder, hf:ORG/NAME (needs huggingface_hub) or 'demo'")
-    ap.add_argument("--trust-checkpoint", action="store_true", help="unpickle a checkpoint that holds objects "
-                    "beyond tensors and an official config (UNSAFE: a crafted file runs code)")
-    ap.add_argument("--classes", default=None, help="class names, comma-separated (cat,dog,sofa) or, without "
-                    "commas, space-separated ('red green blue'); default: the checkpoint's classes (the demo's)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file (official, HF or ours; .pth/.pt/.bin/"
+        ".safetensors), HuggingFace model folder, hf:ORG/NAME (needs huggingface_hub) or 'demo'",
+    )
+    ap.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle a checkpoint that holds objects "
+        "beyond tensors and an official config (UNSAFE: a crafted file runs code)",
+    )
+    ap.add_argument(
+        "--classes",
+        default=None,
+        help="class names, comma-separated (cat,dog,sofa) or, without "
+        "commas, space-separated ('red green blue'); default: the checkpoint's classes (the demo's)",
+    )
     ap.add_argument("--out", required=True, help="output folder (created if missing)")
     ap.add_argument("--preset", default=None, help="check the checkpoint against this architecture preset")
-    ap.add_argument("--background", choices=BACKGROUNDS, default=None,
-                    help=f"how background is found (see below); default: others with fewer than {FEW_CLASSES} "
-                         f"classes, else threshold")
-    ap.add_argument("--bg-thresh", type=float, default=None,
-                    help="--background threshold: score below which a pixel is background, in [0, 1] "
-                         "(default: the checkpoint's, else 0.95)")
-    ap.add_argument("--bg-name", default=None, help="--background prompt: the background's name (default: the "
-                    "checkpoint's, e.g. the demo's 'grey background', else 'background')")
-    ap.add_argument("--no-background", dest="background", action="store_const", const="none",
-                    help="same as --background none: every pixel gets a class")
-    ap.add_argument("--mode", choices=("slide", "whole"), default=None,
-                    help="sliding windows or the whole image (default: the checkpoint's, else slide)")
-    ap.add_argument("--short-side", type=int, default=None,
-                    help="resize target (default: the checkpoint's, e.g. the demo's 2x training size, else 448)")
+    ap.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default=None,
+        help=f"how background is found (see below); default: others with fewer than {FEW_CLASSES} "
+        f"classes, else threshold",
+    )
+    ap.add_argument(
+        "--bg-thresh",
+        type=float,
+        default=None,
+        help="--background threshold: score below which a pixel is background, in [0, 1] "
+        "(default: the checkpoint's, else 0.95)",
+    )
+    ap.add_argument(
+        "--bg-name",
+        default=None,
+        help="--background prompt: the background's name (default: the "
+        "checkpoint's, e.g. the demo's 'grey background', else 'background')",
+    )
+    ap.add_argument(
+        "--no-background",
+        dest="background",
+        action="store_const",
+        const="none",
+        help="same as --background none: every pixel gets a class",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=("slide", "whole"),
+        default=None,
+        help="sliding windows or the whole image (default: the checkpoint's, else slide)",
+    )
+    ap.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        help="resize target (default: the checkpoint's, e.g. the demo's 2x training size, else 448)",
+    )
     ap.add_argument("--crop", type=int, default=None, help="sliding-window size (default: as --short-side, 448)")
     ap.add_argument("--stride", type=int, default=None, help="sliding-window step (default 224, or the crop)")
-    ap.add_argument("--template", action="append", default=None,
-                    help="prompt template with {} (repeatable; default: the checkpoint's, else 'a photo of a {}.')")
+    ap.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help="prompt template with {} (repeatable; default: the checkpoint's, else 'a photo of a {}.')",
+    )
     ap.add_argument("--backend", choices=("eager", "triton"), default=None)
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     ap.add_argument("--debug", action="store_true", help="print tracebacks of errors")
@@ -125,8 +170,9 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     return path
 
 
-def _config(args: argparse.Namespace, settings: Mapping[str, Any], img_size: int, n_classes: int
-            ) -> tuple[SegConfig, str]:
+def _config(
+    args: argparse.Namespace, settings: Mapping[str, Any], img_size: int, n_classes: int
+) -> tuple[SegConfig, str]:
     """The SegConfig and background mode: command line, else the checkpoint's settings, else the defaults."""
     kw = seg_settings(settings, img_size)
     background = args.background or ("others" if n_classes < FEW_CLASSES else "threshold")
@@ -156,8 +202,15 @@ class Segmenter:
     else the class templates) in front of the classes. ``others``: the classes are followed by the other classes
     (the checkpoint's ``classes``, else PASCAL Context's), whose pixels are mapped to the background."""
 
-    def __init__(self, model: Any, names: list[str], cfg: SegConfig, background: str, bg_name: str | None = None,
-                 settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        names: list[str],
+        cfg: SegConfig,
+        background: str,
+        bg_name: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         settings = settings or {}
         self.labels = (["background"] if background != "none" else []) + names
         self.others: list[str] = []
@@ -165,7 +218,9 @@ class Segmenter:
         if background == "prompt":
             name = bg_name or settings.get("background_name") or "background"
             templates = tuple(settings.get("background_templates") or cfg.templates)
-            text = torch.cat([class_embeddings(model, [name], templates), class_embeddings(model, names, cfg.templates)])
+            text = torch.cat(
+                [class_embeddings(model, [name], templates), class_embeddings(model, names, cfg.templates)]
+            )
             names = ["background", *names]
         elif background == "others":
             given = {n.lower() for n in names}
@@ -182,8 +237,7 @@ class Segmenter:
         return labels
 
 
-def _segment_one(seg: Segmenter, src: str, out: Path, name: str, background: bool,
-                 colors: np.ndarray) -> str:
+def _segment_one(seg: Segmenter, src: str, out: Path, name: str, background: bool, colors: np.ndarray) -> str:
     """Segment ``src``, write its mask and overlay, return the summary line."""
     rgb = load_image(src)
     labels = seg.predict(rgb)
@@ -191,8 +245,11 @@ def _segment_one(seg: Segmenter, src: str, out: Path, name: str, background: boo
     drawing.mask_image(labels, colors).save(mask)
     drawing.overlay_with_legend(rgb, labels, seg.labels, colors, background).save(overlay)
     counts = np.bincount(labels.reshape(-1), minlength=len(seg.labels))
-    found = ", ".join(f"{seg.labels[i]} ({100 * counts[i] / labels.size:.1f}%)"
-                      for i in np.argsort(-counts, kind="stable") if counts[i] > 0)
+    found = ", ".join(
+        f"{seg.labels[i]} ({100 * counts[i] / labels.size:.1f}%)"
+        for i in np.argsort(-counts, kind="stable")
+        if counts[i] > 0
+    )
     return f"{src}: {found}  -> {mask}, {overlay}"
 
 

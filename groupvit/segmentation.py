@@ -39,8 +39,18 @@ from groupvit.tokenizer import tokenize as clip_tokenize
 from kernels.reference import clamped_scale
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "ImageLike", "SegConfig", "ZeroShotSegmenter", "class_embeddings", "crop_scores",
-    "group_class_probs", "load_image", "pixel_group_map", "rescale_size", "slide_windows",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageLike",
+    "SegConfig",
+    "ZeroShotSegmenter",
+    "class_embeddings",
+    "crop_scores",
+    "group_class_probs",
+    "load_image",
+    "pixel_group_map",
+    "rescale_size",
+    "slide_windows",
 ]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, x255 units (docs/groupvit.md §10.2 step 1)
@@ -94,16 +104,21 @@ class SegConfig:
             raise ValueError(f"SegConfig.bg_thresh must be a number in [0, 1] (a probability; VOC 0.95), got {b!r}")
         for name in ("topk", "crop", "stride", "max_long_side", "batch_size", "short_side"):
             v = getattr(self, name)
-            if not (v is None and name == "short_side") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            if not (v is None and name == "short_side") and (
+                isinstance(v, bool) or not isinstance(v, numbers.Integral)
+            ):
                 raise ValueError(f"SegConfig.{name} must be a whole number, got {v!r}")
         if self.topk < 1:
             raise ValueError(f"SegConfig.topk must be >= 1, got {self.topk}")
         if self.crop < 1 or not 1 <= self.stride <= self.crop:
-            raise ValueError(f"SegConfig needs crop >= 1 and 1 <= stride <= crop (else pixels stay uncovered), "
-                             f"got crop={self.crop}, stride={self.stride}")
+            raise ValueError(
+                f"SegConfig needs crop >= 1 and 1 <= stride <= crop (else pixels stay uncovered), "
+                f"got crop={self.crop}, stride={self.stride}"
+            )
         if self.short_side is not None and (self.short_side < 1 or self.max_long_side < 1):
-            raise ValueError(f"SegConfig.short_side and max_long_side must be >= 1, got {self.short_side}, "
-                             f"{self.max_long_side}")
+            raise ValueError(
+                f"SegConfig.short_side and max_long_side must be >= 1, got {self.short_side}, {self.max_long_side}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"SegConfig.batch_size must be >= 1, got {self.batch_size}")
 
@@ -131,8 +146,14 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def class_embeddings(model: nn.Module, class_names: Sequence[str], templates: Sequence[str] = SIMPLE_TEMPLATES, *,
-                     tokenize: Tokenize | None = None, batch_size: int = 256) -> Tensor:
+def class_embeddings(
+    model: nn.Module,
+    class_names: Sequence[str],
+    templates: Sequence[str] = SIMPLE_TEMPLATES,
+    *,
+    tokenize: Tokenize | None = None,
+    batch_size: int = 256,
+) -> Tensor:
     """Text embeddings ``[N, D]`` of the classes (docs/groupvit.md §10.1): every template filled with the class name is
     tokenized, encoded and **projected**; the projections are averaged over templates and only then L2-normalised
     (GroupViT's order; CLIP normalises first)."""
@@ -143,7 +164,7 @@ def class_embeddings(model: nn.Module, class_names: Sequence[str], templates: Se
     prompts = [t.format(n) for n in names for t in templates]  # class-major: row i*T + j
     tokens = tokenize(prompts, context_length=model.cfg.text.context_length).to(_device(model))  # [N*T, L]
     with _eval_mode(model):
-        emb = torch.cat([model.encode_text(tokens[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+        emb = torch.cat([model.encode_text(tokens[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
     emb = emb.float().reshape(len(names), len(templates), -1).mean(dim=1)  # [N, D]
     return F.normalize(emb, dim=-1)
 
@@ -172,8 +193,9 @@ def pixel_group_map(soft_maps: Sequence[Tensor], grid: tuple[int, int], size: tu
     return m.max(dim=1).indices  # [B, H, W] (max().indices: first maximum, faster than argmax on CPU)
 
 
-def group_class_probs(group_emb: Tensor, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
-                      topk: int = 5) -> Tensor:
+def group_class_probs(
+    group_emb: Tensor, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float, topk: int = 5
+) -> Tensor:
     """Group-to-class probabilities ``Pi'' [B, G, N]`` (docs/groupvit.md §10.2 steps 4-6).
 
     Args:
@@ -186,10 +208,17 @@ def group_class_probs(group_emb: Tensor, image_emb: Tensor, text_emb: Tensor, lo
     ``Pi = softmax_c(s e_g.t_c)``; ``Pi'`` is the same softmax restricted to the k classes with the highest
     image-level ``softmax_c(s e.t_c)``; ``Pi'' = Pi' * Pi`` (zero outside the kept classes).
     """
-    if group_emb.dim() != 3 or image_emb.dim() != 2 or text_emb.dim() != 2 or \
-            not group_emb.shape[0] == image_emb.shape[0] or not group_emb.shape[2] == image_emb.shape[1] == text_emb.shape[1]:
-        raise ValueError(f"group_class_probs: expected group [B,G,D], image [B,D], text [N,D]; got "
-                         f"{tuple(group_emb.shape)}, {tuple(image_emb.shape)}, {tuple(text_emb.shape)}")
+    if (
+        group_emb.dim() != 3
+        or image_emb.dim() != 2
+        or text_emb.dim() != 2
+        or not group_emb.shape[0] == image_emb.shape[0]
+        or not group_emb.shape[2] == image_emb.shape[1] == text_emb.shape[1]
+    ):
+        raise ValueError(
+            f"group_class_probs: expected group [B,G,D], image [B,D], text [N,D]; got "
+            f"{tuple(group_emb.shape)}, {tuple(image_emb.shape)}, {tuple(text_emb.shape)}"
+        )
     t = F.normalize(text_emb.float(), dim=-1)  # [N, D]
     logits = logit_scale * F.normalize(group_emb.float(), dim=-1) @ t.t()  # [B, G, N]
     image_probs = torch.softmax(logit_scale * F.normalize(image_emb.float(), dim=-1) @ t.t(), dim=-1)  # [B, N]
@@ -211,8 +240,10 @@ def crop_scores(group_index: Tensor, probs: Tensor, bg_thresh: float | None) -> 
     ``P = O Pi''`` is computed as a gather (row ``group_index`` of ``Pi''``), which equals the one-hot product.
     """
     if group_index.dim() != 3 or probs.dim() != 3 or group_index.shape[0] != probs.shape[0]:
-        raise ValueError(f"crop_scores: expected group_index [B,H,W] and probs [B,G,N]; got "
-                         f"{tuple(group_index.shape)}, {tuple(probs.shape)}")
+        raise ValueError(
+            f"crop_scores: expected group_index [B,H,W] and probs [B,G,N]; got "
+            f"{tuple(group_index.shape)}, {tuple(probs.shape)}"
+        )
     b, hgt, wid = group_index.shape
     n = probs.shape[2]
     idx = group_index.reshape(b, 1, hgt * wid).expand(b, n, hgt * wid)
@@ -301,8 +332,15 @@ class ZeroShotSegmenter:
         tokenize: tokenizer override (default: the CLIP BPE tokenizer).
     """
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str], cfg: SegConfig | None = None, *,
-                 text_embeddings: Tensor | None = None, tokenize: Tokenize | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str],
+        cfg: SegConfig | None = None,
+        *,
+        text_embeddings: Tensor | None = None,
+        tokenize: Tokenize | None = None,
+    ) -> None:
         if isinstance(class_names, str):
             raise TypeError("class_names must be a list of names, not one string")
         names = [str(n).strip() for n in class_names]
@@ -313,8 +351,10 @@ class ZeroShotSegmenter:
             raise ValueError(f"class names listed more than once: {dup}")
         self.cfg = cfg or SegConfig()
         if self.cfg.background and "background" in (n.lower() for n in names):
-            raise ValueError("'background' is added automatically (label 0); remove it from class_names or use "
-                             "SegConfig(background=False)")
+            raise ValueError(
+                "'background' is added automatically (label 0); remove it from class_names or use "
+                "SegConfig(background=False)"
+            )
         self.model = model.eval()
         self.class_names = names
         self.device = _device(model)
@@ -360,8 +400,9 @@ class ZeroShotSegmenter:
         h, w = crops.shape[-2:]
         hp, wp = h // self.patch * self.patch, w // self.patch * self.patch
         if hp == 0 or wp == 0:
-            raise ValueError(f"window {h}x{w} is smaller than one {self.patch}x{self.patch} patch; "
-                             f"use a larger short_side/crop")
+            raise ValueError(
+                f"window {h}x{w} is smaller than one {self.patch}x{self.patch} patch; use a larger short_side/crop"
+            )
         out = self.model.encode_image_groups(crops[:, :, :hp, :wp].to(self.dtype), return_maps=True)
         gidx = pixel_group_map([m.soft for m in out.maps], out.grid, (h, w))  # [B, h, w]
         scale = clamped_scale(self.model.logit_scale.detach().float())
@@ -379,7 +420,7 @@ class ZeroShotSegmenter:
         bs = self.cfg.batch_size
         for items in jobs.values():
             for i in range(0, len(items), bs):
-                chunk = items[i:i + bs]
+                chunk = items[i : i + bs]
                 crops = torch.stack([p.image[:, y1:y2, x1:x2] for p, (y1, y2, x1, x2) in chunk])
                 scores = self.window_scores(crops)  # [b, K, h, w]
                 for (p, (y1, y2, x1, x2)), s in zip(chunk, scores):

@@ -28,8 +28,17 @@ import ftfy
 import regex
 import torch
 
-__all__ = ["SOT_TOKEN", "EOT_TOKEN", "VOCAB_SIZE", "CONTEXT_LENGTH", "DEFAULT_VOCAB", "ClipTokenizer",
-           "clean_text", "get_tokenizer", "tokenize"]
+__all__ = [
+    "SOT_TOKEN",
+    "EOT_TOKEN",
+    "VOCAB_SIZE",
+    "CONTEXT_LENGTH",
+    "DEFAULT_VOCAB",
+    "ClipTokenizer",
+    "clean_text",
+    "get_tokenizer",
+    "tokenize",
+]
 
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
@@ -89,7 +98,7 @@ class ClipTokenizer:
     def __init__(self, vocab_path: str | Path = DEFAULT_VOCAB):
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(ln.split()) for ln in lines[1:_N_MERGES + 1]]  # line 0 is a "#version" header
+        merges = [tuple(ln.split()) for ln in lines[1 : _N_MERGES + 1]]  # line 0 is a "#version" header
         if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
             raise ValueError(f"ClipTokenizer: {vocab_path} is not a CLIP merges file ({len(merges)} merges read)")
         byte_syms = _byte_symbol_order()
@@ -168,8 +177,9 @@ class ClipTokenizer:
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"tokenize: expected str or list[str], got {type(texts).__name__}")
         if not isinstance(context_length, int) or context_length < 2:
-            raise ValueError(f"tokenize: context_length must be an int >= 2 (room for SOT and EOT), "
-                             f"got {context_length!r}")
+            raise ValueError(
+                f"tokenize: context_length must be an int >= 2 (room for SOT and EOT), got {context_length!r}"
+            )
         out = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
         for row, text in enumerate(texts):
             ids = [SOT_TOKEN] + self.encode(text) + [EOT_TOKEN]

@@ -94,8 +94,9 @@ def _noise_tile(seed, ctr_base, g0, offs_n, N, BLOCK_N: tl.constexpr, BLOCK_G: t
     4 groups: element ``(g, n)`` is word ``g % 4`` of counter ``ctr_base + (g // 4) * N + n``."""
     g4 = g0 // 4 + tl.arange(0, BLOCK_G // 4)
     r0, r1, r2, r3 = tl.randint4x(seed, ctr_base + g4[None, :] * N + offs_n[:, None])  # [BN, BG/4] each
-    z = tl.join(tl.join(_uniform_to_gumbel(r0), _uniform_to_gumbel(r2)),
-                tl.join(_uniform_to_gumbel(r1), _uniform_to_gumbel(r3)))  # [BN, BG/4, 2, 2]: [.., i, j] = word 2i+j
+    z = tl.join(
+        tl.join(_uniform_to_gumbel(r0), _uniform_to_gumbel(r2)), tl.join(_uniform_to_gumbel(r1), _uniform_to_gumbel(r3))
+    )  # [BN, BG/4, 2, 2]: [.., i, j] = word 2i+j
     return tl.reshape(z, (BLOCK_N, BLOCK_G))
 
 
@@ -103,28 +104,47 @@ def _noise_tile(seed, ctr_base, g0, offs_n, N, BLOCK_N: tl.constexpr, BLOCK_G: t
 def _chunk(base, rows, row_mask, c0, C, BLOCK_C: tl.constexpr, T: tl.constexpr):
     """``[rows, c0 : c0 + BLOCK_C]`` of a row-major ``[*, C]`` matrix as ``T``, zero outside."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    return tl.load(base + rows[:, None] * C + offs_c[None, :], mask=row_mask[:, None] & (offs_c < C)[None, :],
-                   other=0.0).to(T)
+    return tl.load(
+        base + rows[:, None] * C + offs_c[None, :], mask=row_mask[:, None] & (offs_c < C)[None, :], other=0.0
+    ).to(T)
 
 
 @triton.jit
 def _store_t(base, acc_t, offs_g, g_mask, c0, C, BLOCK_C: tl.constexpr):
     """Store a transposed chunk ``acc_t [BLOCK_C, BLOCK_G]`` into a row-major ``[G, C]`` matrix at columns c0.."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    tl.store(base + offs_g[None, :] * C + offs_c[:, None], acc_t.to(base.dtype.element_ty),
-             mask=g_mask[None, :] & (offs_c < C)[:, None])
+    tl.store(
+        base + offs_g[None, :] * C + offs_c[:, None],
+        acc_t.to(base.dtype.element_ty),
+        mask=g_mask[None, :] & (offs_c < C)[:, None],
+    )
 
 
 @triton.jit
-def _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N,
-            NOISE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, CD: tl.constexpr):
+def _logits(
+    s,
+    scale,
+    noise_base,
+    seed,
+    ctr_base,
+    offs_n,
+    n_mask,
+    offs_g,
+    g_mask,
+    N,
+    NOISE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    CD: tl.constexpr,
+):
     """``x = scale * s + noise`` for a token tile ``[BLOCK_N, BLOCK_G]`` in ``CD``; padded groups are -inf."""
     x = s * scale
     if NOISE == _PHILOX:  # in-kernel Philox Gumbel noise, logical counters (see _noise_tile)
         x += _noise_tile(seed, ctr_base, 0, offs_n, N, BLOCK_N, BLOCK_G).to(CD)
     elif NOISE == _TENSOR:  # explicit noise tensor [B, G, N]
-        x += tl.load(noise_base + offs_g[None, :] * N + offs_n[:, None], mask=g_mask[None, :] & n_mask[:, None],
-                     other=0.0).to(CD)
+        x += tl.load(
+            noise_base + offs_g[None, :] * N + offs_n[:, None], mask=g_mask[None, :] & n_mask[:, None], other=0.0
+        ).to(CD)
     return tl.where(g_mask[None, :], x, float("-inf"))
 
 
@@ -149,11 +169,32 @@ def _one_hot_argmax(x, offs_g, g_mask, n_mask, CD: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "offset"])  # a new seed per call must not recompile
 def _assign_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr,  # q [B,G,C]; k, v [B,N,C]; noise [B,G,N]; see PARTIAL for out, d
-    seed, offset, G, N, C, n_split, scale, inv_tau, eps,
-    NOISE: tl.constexpr, HARD: tl.constexpr, PARTIAL: tl.constexpr, CTR64: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NC: tl.constexpr,
-    DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    noise_ptr,
+    out_ptr,
+    d_ptr,  # q [B,G,C]; k, v [B,N,C]; noise [B,G,N]; see PARTIAL for out, d
+    seed,
+    offset,
+    G,
+    N,
+    C,
+    n_split,
+    scale,
+    inv_tau,
+    eps,
+    NOISE: tl.constexpr,
+    HARD: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    CTR64: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NC: tl.constexpr,
+    DOT_T: tl.constexpr,
+    CD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Program ``(split, b)``: image b, tokens ``[split * n_split, ..)``, all groups and all ``NC`` channel chunks.
     PARTIAL: out = unnormalised ``acc [S,B,G,C]``, d = ``[S,B,G]`` (the launcher reduces); else ``out [B,G,C]``,
@@ -184,35 +225,68 @@ def _assign_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_hi
         # logits, transposed: s [BN, BG] = k q^T over all channels, once per logit
-        s = tl.dot(_chunk(k_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(q0), input_precision=PREC,
-                   out_dtype=CD)
+        s = tl.dot(
+            _chunk(k_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(q0), input_precision=PREC, out_dtype=CD
+        )
         if NC > 1:
-            s = tl.dot(_chunk(k_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q1), s,
-                       input_precision=PREC, out_dtype=CD)
+            s = tl.dot(
+                _chunk(k_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(q1),
+                s,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 2:
-            s = tl.dot(_chunk(k_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q2), s,
-                       input_precision=PREC, out_dtype=CD)
+            s = tl.dot(
+                _chunk(k_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(q2),
+                s,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 3:
-            s = tl.dot(_chunk(k_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(q3), s,
-                       input_precision=PREC, out_dtype=CD)
-        x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N,
-                    BLOCK_G, CD)
+            s = tl.dot(
+                _chunk(k_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(q3),
+                s,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
+        x = _logits(
+            s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD
+        )
         if HARD:  # argmax of the softmax = argmax of its input: no exponentials in the hard forward
             a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
         else:
             a = _group_softmax(x, inv_tau, n_mask)
         at = a.to(DOT_T)
-        acc0 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T)), at, acc0,
-                      input_precision=PREC, out_dtype=CD)
+        acc0 = tl.dot(
+            tl.trans(_chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T)), at, acc0, input_precision=PREC, out_dtype=CD
+        )
         if NC > 1:
-            acc1 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T)), at, acc1,
-                          input_precision=PREC, out_dtype=CD)
+            acc1 = tl.dot(
+                tl.trans(_chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T)),
+                at,
+                acc1,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 2:
-            acc2 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)), at, acc2,
-                          input_precision=PREC, out_dtype=CD)
+            acc2 = tl.dot(
+                tl.trans(_chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)),
+                at,
+                acc2,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 3:
-            acc3 = tl.dot(tl.trans(_chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)), at, acc3,
-                          input_precision=PREC, out_dtype=CD)
+            acc3 = tl.dot(
+                tl.trans(_chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)),
+                at,
+                acc3,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         dsum += tl.sum(a, axis=0)
 
     if PARTIAL:  # unnormalised partial sums of this token split
@@ -234,8 +308,24 @@ def _assign_fwd_kernel(
 
 
 @triton.jit
-def _bwd_chunk(ds, wt, k_c, q_c, do_c, dq_c, dk_base, dv_base, offs_n, n_mask, c0, C,
-               BLOCK_C: tl.constexpr, DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr):
+def _bwd_chunk(
+    ds,
+    wt,
+    k_c,
+    q_c,
+    do_c,
+    dq_c,
+    dk_base,
+    dv_base,
+    offs_n,
+    n_mask,
+    c0,
+    C,
+    BLOCK_C: tl.constexpr,
+    DOT_T: tl.constexpr,
+    CD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """One channel chunk of a token tile's backward: stores dk, dv ``[BN, BC]`` and returns the updated
     ``dq_c^T [BC, BG]``."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -250,11 +340,36 @@ def _bwd_chunk(ds, wt, k_c, q_c, do_c, dq_c, dk_base, dv_base, offs_n, n_mask, c
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _assign_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, noise_ptr, out_ptr, d_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
-    seed, offset, G, N, C, n_split, scale, inv_tau, eps,
-    NOISE: tl.constexpr, HARD: tl.constexpr, PARTIAL: tl.constexpr, CTR64: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, NC: tl.constexpr,
-    DOT_T: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    noise_ptr,
+    out_ptr,
+    d_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    seed,
+    offset,
+    G,
+    N,
+    C,
+    n_split,
+    scale,
+    inv_tau,
+    eps,
+    NOISE: tl.constexpr,
+    HARD: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    CTR64: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NC: tl.constexpr,
+    DOT_T: tl.constexpr,
+    CD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Program ``(split, b)`` as in the forward; q and dO resident, logits / noise / softmax / dO v^T once per
     logit. PARTIAL: dq is an fp32 ``[S,B,G,C]`` buffer of per-split sums (the launcher reduces)."""
@@ -297,25 +412,42 @@ def _assign_bwd_kernel(
         n_mask = offs_n < n_hi
         k0 = _chunk(k_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T)  # [BN, BC]
         s = tl.dot(k0, tl.trans(q0), input_precision=PREC, out_dtype=CD)  # [BN, BG]
-        dw = tl.dot(_chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(do0), input_precision=PREC,
-                    out_dtype=CD)  # dWt^T = v dO^T  [BN, BG]
+        dw = tl.dot(
+            _chunk(v_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T), tl.trans(do0), input_precision=PREC, out_dtype=CD
+        )  # dWt^T = v dO^T  [BN, BG]
         if NC > 1:
             k1 = _chunk(k_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T)
             s = tl.dot(k1, tl.trans(q1), s, input_precision=PREC, out_dtype=CD)
-            dw = tl.dot(_chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do1), dw,
-                        input_precision=PREC, out_dtype=CD)
+            dw = tl.dot(
+                _chunk(v_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(do1),
+                dw,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 2:
             k2 = _chunk(k_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T)
             s = tl.dot(k2, tl.trans(q2), s, input_precision=PREC, out_dtype=CD)
-            dw = tl.dot(_chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do2), dw,
-                        input_precision=PREC, out_dtype=CD)
+            dw = tl.dot(
+                _chunk(v_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(do2),
+                dw,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
         if NC > 3:
             k3 = _chunk(k_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T)
             s = tl.dot(k3, tl.trans(q3), s, input_precision=PREC, out_dtype=CD)
-            dw = tl.dot(_chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T), tl.trans(do3), dw,
-                        input_precision=PREC, out_dtype=CD)
-        x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N,
-                    BLOCK_G, CD)
+            dw = tl.dot(
+                _chunk(v_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T),
+                tl.trans(do3),
+                dw,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
+        x = _logits(
+            s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD
+        )
         y = _group_softmax(x, inv_tau, n_mask)  # [BN, BG]
         if HARD:
             a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
@@ -327,14 +459,17 @@ def _assign_bwd_kernel(
         wt = (a * rinv[None, :]).to(DOT_T)  # normalised assignment [BN, BG]
         dq0 = _bwd_chunk(ds, wt, k0, q0, do0, dq0, dk_base, dv_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T, CD, PREC)
         if NC > 1:
-            dq1 = _bwd_chunk(ds, wt, k1, q1, do1, dq1, dk_base, dv_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C,
-                             DOT_T, CD, PREC)
+            dq1 = _bwd_chunk(
+                ds, wt, k1, q1, do1, dq1, dk_base, dv_base, offs_n, n_mask, BLOCK_C, C, BLOCK_C, DOT_T, CD, PREC
+            )
         if NC > 2:
-            dq2 = _bwd_chunk(ds, wt, k2, q2, do2, dq2, dk_base, dv_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C,
-                             DOT_T, CD, PREC)
+            dq2 = _bwd_chunk(
+                ds, wt, k2, q2, do2, dq2, dk_base, dv_base, offs_n, n_mask, 2 * BLOCK_C, C, BLOCK_C, DOT_T, CD, PREC
+            )
         if NC > 3:
-            dq3 = _bwd_chunk(ds, wt, k3, q3, do3, dq3, dk_base, dv_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C,
-                             DOT_T, CD, PREC)
+            dq3 = _bwd_chunk(
+                ds, wt, k3, q3, do3, dq3, dk_base, dv_base, offs_n, n_mask, 3 * BLOCK_C, C, BLOCK_C, DOT_T, CD, PREC
+            )
 
     if PARTIAL:
         dq_base = dq_ptr + (sid * tl.num_programs(1) + b) * G * C
@@ -350,16 +485,18 @@ def _assign_bwd_kernel(
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _gumbel_kernel(out_ptr, seed, offset, G, N, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                   CTR64: tl.constexpr):
+def _gumbel_kernel(out_ptr, seed, offset, G, N, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, CTR64: tl.constexpr):
     """Materialise the kernel's noise into a contiguous ``[B,G,N]`` tensor; program (token block, group block, b)."""
     b = tl.program_id(2)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g0 = tl.program_id(1) * BLOCK_G
     offs_g = g0 + tl.arange(0, BLOCK_G)
     z = _noise_tile(seed, _ctr_base(offset, b, G, N, CTR64), g0, offs_n, N, BLOCK_N, BLOCK_G)  # [BN, BG]
-    tl.store(out_ptr + b.to(tl.int64) * G * N + offs_g[None, :] * N + offs_n[:, None], z,
-             mask=(offs_g < G)[None, :] & (offs_n < N)[:, None])
+    tl.store(
+        out_ptr + b.to(tl.int64) * G * N + offs_g[None, :] * N + offs_n[:, None],
+        z,
+        mask=(offs_g < G)[None, :] & (offs_n < N)[:, None],
+    )
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -378,8 +515,12 @@ def _philox_bits_kernel(out_ptr, seed, offset, numel, BLOCK: tl.constexpr):
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
+_TL_DTYPE = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 MAX_CHUNKS, MAX_BLOCK_C = 4, 128  # channels per program: up to 4 unrolled chunks of up to 128
 ACC_BUDGET = 64 * 512  # BLOCK_G * NC * BLOCK_C: fp32 accumulators of 128 registers per thread at 8 warps
 _SMS = 132  # H100/H200 SXM SMs: the token split's target when no CUDA device says otherwise
@@ -426,8 +567,17 @@ def _fits_smem(g: int, c: int, dtype: torch.dtype, backward: bool = True) -> boo
     return INTERPRET or 4 * bg * nc * bc * es <= RESIDENT_BUDGET
 
 
-def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, num_sms: int = _SMS,
-            noise: int = 0, arch: int = 90) -> dict:
+def _config(
+    b: int,
+    g: int,
+    n: int,
+    c: int,
+    dtype: torch.dtype,
+    backward: bool,
+    num_sms: int = _SMS,
+    noise: int = 0,
+    arch: int = 90,
+) -> dict:
     """Launch config: tiles, warps, stages and the token split ``SPLITS`` (programs per image).
 
     GPU choices, from sm_90a builds (``python -m bench.kernel_report``; no GPU timing yet): the transposed
@@ -443,8 +593,15 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
     bg, bc, nc = _channel_blocks(g, c, backward)
     if INTERPRET:
         bc = max(16, triton.next_power_of_2(c))
-        return dict(BLOCK_G=bg, BLOCK_N=max(16, min(triton.next_power_of_2(max(n, 1)), 1024)), BLOCK_C=bc,
-                    NC=1, SPLITS=1, num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_G=bg,
+            BLOCK_N=max(16, min(triton.next_power_of_2(max(n, 1)), 1024)),
+            BLOCK_C=bc,
+            NC=1,
+            SPLITS=1,
+            num_warps=4,
+            num_stages=1,
+        )
     wide = 4 if dtype == torch.float32 or dtype == torch.float64 else 2
     bn = 64 if bg <= 16 else 32
     if wide == 4 or (backward and (bg > 16 or noise == NOISE_TENSOR)) or (arch < 90 and bg > 16):
@@ -452,7 +609,19 @@ def _config(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, 
     warps = 8 if backward or wide == 4 or bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=(1 if noise == NOISE_TENSOR else 2) if backward else 3 if wide == 2 and bg > 16 and arch >= 90 else 2)
+    return dict(
+        BLOCK_G=bg,
+        BLOCK_N=bn,
+        BLOCK_C=bc,
+        NC=nc,
+        SPLITS=splits,
+        num_warps=warps,
+        num_stages=(1 if noise == NOISE_TENSOR else 2)
+        if backward
+        else 3
+        if wide == 2 and bg > 16 and arch >= 90
+        else 2,
+    )
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
@@ -466,23 +635,58 @@ def _ctr64(offset: int, b: int, g: int, n: int) -> bool:
     return offset + b * triton.cdiv(g, 4) * max(n, 1) >= 2**31
 
 
-def _launch(kernel, b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, args: tuple,
-            seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float,
-            partial: bool) -> None:
+def _launch(
+    kernel,
+    b: int,
+    g: int,
+    n: int,
+    c: int,
+    dtype: torch.dtype,
+    backward: bool,
+    blocks,
+    args: tuple,
+    seed: int,
+    offset: int,
+    tau: float,
+    hard: bool,
+    noise_mode: int,
+    eps: float,
+    scale: float,
+    partial: bool,
+) -> None:
     cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode, _arch()), **(blocks or {})}
     cfg["NC"] = triton.cdiv(c, cfg["BLOCK_C"])
     splits, per = _split(n, cfg)
     del cfg["SPLITS"]
     dot_t, cd, prec = _types(dtype)
     try:
-        kernel[(splits, b)](*args, seed, offset, g, n, c, per, scale, 1.0 / tau, eps,
-                            NOISE=noise_mode, HARD=hard, PARTIAL=partial, CTR64=_ctr64(offset, b, g, n),
-                            DOT_T=dot_t, CD=cd, PREC=prec, **cfg)
+        kernel[(splits, b)](
+            *args,
+            seed,
+            offset,
+            g,
+            n,
+            c,
+            per,
+            scale,
+            1.0 / tau,
+            eps,
+            NOISE=noise_mode,
+            HARD=hard,
+            PARTIAL=partial,
+            CTR64=_ctr64(offset, b, g, n),
+            DOT_T=dot_t,
+            CD=cd,
+            PREC=prec,
+            **cfg,
+        )
     except OutOfResources as e:  # e.g. the stage-1 backward's ~224 KB of shared memory on an A100 (163 KB)
-        raise RuntimeError(f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
-                           f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel is "
-                           f"built for sm_90 (H100/H200, 227 KB shared memory per block). Select "
-                           f"the eager backend on this GPU") from e
+        raise RuntimeError(
+            f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
+            f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel is "
+            f"built for sm_90 (H100/H200, 227 KB shared memory per block). Select "
+            f"the eager backend on this GPU"
+        ) from e
 
 
 def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
@@ -504,9 +708,23 @@ def _arch() -> int:
     return 10 * major + minor
 
 
-def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: int, offset: int, tau: float,
-                hard: bool, noise_mode: int, eps: float, scale: float, *, out: Optional[Tensor] = None,
-                d: Optional[Tensor] = None, blocks: Optional[dict[str, int]] = None) -> tuple[Tensor, Tensor]:
+def _launch_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    tau: float,
+    hard: bool,
+    noise_mode: int,
+    eps: float,
+    scale: float,
+    *,
+    out: Optional[Tensor] = None,
+    d: Optional[Tensor] = None,
+    blocks: Optional[dict[str, int]] = None,
+) -> tuple[Tensor, Tensor]:
     """Forward: returns ``out [B,G,C]`` (q's dtype) and ``d [B,G]`` (sum_n A, compute dtype). ``out``/``d`` may be
     given (tests pass guard-filled views); ``blocks`` overrides entries of the launch config (:func:`_config`)."""
     b, g, c = q.shape
@@ -530,10 +748,25 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: 
     return out, d
 
 
-def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: Tensor, noise: Optional[Tensor],
-                seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float, scale: float, *,
-                grads: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-                blocks: Optional[dict[str, int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _launch_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    d: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    tau: float,
+    hard: bool,
+    noise_mode: int,
+    eps: float,
+    scale: float,
+    *,
+    grads: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    blocks: Optional[dict[str, int]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: ``dq, dk, dv`` in the input dtype. Recomputes logits, noise, softmax and argmax once per logit."""
     b, g, c = q.shape
     n = k.shape[1]
@@ -545,12 +778,24 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: T
     common = (seed, offset, tau, hard, noise_mode, eps, scale)
     nz = noise if noise is not None else q
     if splits == 1:
-        _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, dq, dk, dv),
-                *common, False)
+        _launch(
+            _assign_bwd_kernel,
+            b,
+            g,
+            n,
+            c,
+            q.dtype,
+            True,
+            blocks,
+            (q, k, v, nz, out, d, dout, dq, dk, dv),
+            *common,
+            False,
+        )
         return dq, dk, dv
     part = torch.empty((splits, b, g, c), dtype=compute_dtype(q.dtype), device=q.device)
-    _launch(_assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, part, dk, dv),
-            *common, True)
+    _launch(
+        _assign_bwd_kernel, b, g, n, c, q.dtype, True, blocks, (q, k, v, nz, out, d, dout, part, dk, dv), *common, True
+    )
     dq.copy_(part.sum(0))
     return dq, dk, dv
 
@@ -559,8 +804,10 @@ def _check_launchable(device: torch.device, what: str) -> None:
     if triton_can_launch(device, INTERPRET):
         return
     if device.type == "cpu":
-        raise ValueError(f"{what}: CPU tensors need the Triton interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 "
-                         f"before importing kernels.assign_attention, or select the eager backend.")
+        raise ValueError(
+            f"{what}: CPU tensors need the Triton interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 "
+            f"before importing kernels.assign_attention, or select the eager backend."
+        )
     raise ValueError(f"{what}: unsupported device {device}; use CUDA (or CPU under TRITON_INTERPRET=1)")
 
 
@@ -590,8 +837,9 @@ def gumbel_noise(seed: int, offset: int, shape: tuple[int, int, int], device: to
     if out.numel():
         bg = min(max(4, triton.next_power_of_2(g)), 64)
         bn = max(16, min(triton.next_power_of_2(n), _STREAM_BLOCK // bg))
-        _gumbel_kernel[(triton.cdiv(n, bn), triton.cdiv(g, bg), b)](out, seed, offset, g, n, BLOCK_N=bn,
-                                                                    BLOCK_G=bg, CTR64=_ctr64(offset, b, g, n))
+        _gumbel_kernel[(triton.cdiv(n, bn), triton.cdiv(g, bg), b)](
+            out, seed, offset, g, n, BLOCK_N=bn, BLOCK_G=bg, CTR64=_ctr64(offset, b, g, n)
+        )
     return out
 
 
@@ -612,8 +860,19 @@ def philox_bits(seed: int, offset: int, numel: int, device: torch.device | str) 
 
 
 @torch.library.custom_op("groupvit_kernels::assign_attention_fwd", mutates_args=())
-def _fwd_op(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], seed: int, offset: int, tau: float,
-            hard: bool, noise_mode: int, eps: float, scale: float) -> tuple[Tensor, Tensor]:
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    tau: float,
+    hard: bool,
+    noise_mode: int,
+    eps: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
     return _launch_fwd(q, k, v, noise, seed, offset, tau, hard, noise_mode, eps, scale)
 
 
@@ -623,9 +882,22 @@ def _fwd_fake(q, k, v, noise, seed, offset, tau, hard, noise_mode, eps, scale):
 
 
 @torch.library.custom_op("groupvit_kernels::assign_attention_bwd", mutates_args=())
-def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, d: Tensor, noise: Optional[Tensor],
-            seed: int, offset: int, tau: float, hard: bool, noise_mode: int, eps: float,
-            scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    d: Tensor,
+    noise: Optional[Tensor],
+    seed: int,
+    offset: int,
+    tau: float,
+    hard: bool,
+    noise_mode: int,
+    eps: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     return _launch_bwd(dout, q, k, v, out, d, noise, seed, offset, tau, hard, noise_mode, eps, scale)
 
 
@@ -667,32 +939,45 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in _TL_DTYPE:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] \
-            or q.shape[2] != k.shape[2]:
+    if (
+        q.dim() != 3
+        or k.dim() != 3
+        or v.dim() != 3
+        or k.shape != v.shape
+        or q.shape[0] != k.shape[0]
+        or q.shape[2] != k.shape[2]
+    ):
         raise ValueError(f"{op}: expected q [B,G,C], k [B,N,C], v [B,N,C]; got {_shapes(q, k, v)}")
     b, g, c = q.shape
     if g < 1 or c < 1:
         raise ValueError(f"{op}: G and C must be >= 1; got {_shapes(q, k, v)}")
     if g > MAX_GROUPS:
-        raise ValueError(f"{op}: G = {g} groups exceeds the kernel's maximum of {MAX_GROUPS} "
-                         f"({_shapes(q, k, v)}); select the eager backend for larger G")
+        raise ValueError(
+            f"{op}: G = {g} groups exceeds the kernel's maximum of {MAX_GROUPS} "
+            f"({_shapes(q, k, v)}); select the eager backend for larger G"
+        )
     if not _fits(g, c):
-        raise ValueError(f"{op}: G = {g} groups x C = {c} channels exceed what one program holds (C <= "
-                         f"{MAX_CHUNKS * MAX_BLOCK_C}, padded G x C <= {ACC_BUDGET}; {_shapes(q, k, v)}); use "
-                         f"the eager backend for this shape")
+        raise ValueError(
+            f"{op}: G = {g} groups x C = {c} channels exceed what one program holds (C <= "
+            f"{MAX_CHUNKS * MAX_BLOCK_C}, padded G x C <= {ACC_BUDGET}; {_shapes(q, k, v)}); use "
+            f"the eager backend for this shape"
+        )
     common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not _fits_smem(g, c, common, backward=needs_grad):
-        raise ValueError(f"{op}: the {'backward' if needs_grad else 'forward'} of {common} inputs at G = {g}, C = {c} "
-                         f"needs more shared memory than a GPU block has (q and dO stay resident; "
-                         f"{_shapes(q, k, v)}); train with bf16/fp16 projections (torch.autocast), or select the "
-                         f"eager backend")
+        raise ValueError(
+            f"{op}: the {'backward' if needs_grad else 'forward'} of {common} inputs at G = {g}, C = {c} "
+            f"needs more shared memory than a GPU block has (q and dO stay resident; "
+            f"{_shapes(q, k, v)}); train with bf16/fp16 projections (torch.autocast), or select the "
+            f"eager backend"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"{op}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} {tuple(t.shape)} with strides {t.stride()} is not contiguous; "
-                             f"pass {name}.contiguous()")
+            raise ValueError(
+                f"{op}: {name} {tuple(t.shape)} with strides {t.stride()} is not contiguous; pass {name}.contiguous()"
+            )
     if not tau > 0:
         raise ValueError(f"{op}: tau must be > 0, got {tau}")
     if noise is not None:
@@ -705,9 +990,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], gumbel: 
         if noise.device != q.device:
             raise ValueError(f"{op}: noise on {noise.device}, q on {q.device}")
     if q.device.type == "cpu" and not INTERPRET:
-        raise ValueError(f"{op}: got CPU tensors ({_shapes(q, k, v)}) but the Triton kernels were not built for the "
-                         f"interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 before importing kernels, or select "
-                         f"the eager backend.")
+        raise ValueError(
+            f"{op}: got CPU tensors ({_shapes(q, k, v)}) but the Triton kernels were not built for the "
+            f"interpreter. Use CUDA tensors, set TRITON_INTERPRET=1 before importing kernels, or select "
+            f"the eager backend."
+        )
     _check_launchable(q.device, f"{op}({_shapes(q, k, v)})")
 
 
@@ -751,8 +1038,12 @@ def assign_attention(
 # variants(): keep in sync with the launchers (compiled-code report, kernels/variants.py; python -m bench.kernel_report)
 # ----------------------------------------------------------------------------------------------------------------
 
-_MODES = {"train": (NOISE_PHILOX, True), "eval": (NOISE_OFF, True), "soft": (NOISE_PHILOX, False),
-          "noise": (NOISE_TENSOR, True)}  # name -> (NOISE, HARD)
+_MODES = {
+    "train": (NOISE_PHILOX, True),
+    "eval": (NOISE_OFF, True),
+    "soft": (NOISE_PHILOX, False),
+    "noise": (NOISE_TENSOR, True),
+}  # name -> (NOISE, HARD)
 
 
 def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> list:
@@ -778,21 +1069,58 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             del cfg["SPLITS"]
             partial = splits > 1
-            ptrs = dict(q_ptr=dtype, k_ptr=dtype, v_ptr=dtype,
-                        noise_ptr=torch.float32 if noise == NOISE_TENSOR else dtype,
-                        out_ptr=cd if partial and not bwd else dtype, d_ptr=cd, do_ptr=dtype,
-                        dq_ptr=cd if partial else dtype, dk_ptr=dtype, dv_ptr=dtype)
+            ptrs = dict(
+                q_ptr=dtype,
+                k_ptr=dtype,
+                v_ptr=dtype,
+                noise_ptr=torch.float32 if noise == NOISE_TENSOR else dtype,
+                out_ptr=cd if partial and not bwd else dtype,
+                d_ptr=cd,
+                do_ptr=dtype,
+                dq_ptr=cd if partial else dtype,
+                dk_ptr=dtype,
+                dv_ptr=dtype,
+            )
             fn = _assign_bwd_kernel if bwd else _assign_fwd_kernel
             args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
-            args.update(seed=12345, offset=0, G=g, N=n, C=c, n_split=per, scale=c ** -0.5, inv_tau=1.0, eps=1.0,
-                        NOISE=noise, HARD=hard, PARTIAL=partial, CTR64=_ctr64(0, b, g, n),
-                        DOT_T=_TL_DTYPE[dtype], CD=_TL_DTYPE[cd], PREC=prec, **cfg)
-            out.append(Variant(
-                op="assign_attention", kernel=kname, case=f"B{b}-G{g}-N{n}-C{c}", dtype=label, fn=fn,
-                args=args, num_warps=warps, num_stages=stages, grid=(splits, b),
-                flops=spec.flops(shape, kname), bytes=spec.bytes(shape, kname, es),
-                logits_per_iter=g * cfg["BLOCK_N"], inner_trips=1, floor_dtype=floor,
-                meta=dict(mode=mode),
-                config=" ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
-                + f" S={splits} w{warps} s{stages}"))
+            args.update(
+                seed=12345,
+                offset=0,
+                G=g,
+                N=n,
+                C=c,
+                n_split=per,
+                scale=c**-0.5,
+                inv_tau=1.0,
+                eps=1.0,
+                NOISE=noise,
+                HARD=hard,
+                PARTIAL=partial,
+                CTR64=_ctr64(0, b, g, n),
+                DOT_T=_TL_DTYPE[dtype],
+                CD=_TL_DTYPE[cd],
+                PREC=prec,
+                **cfg,
+            )
+            out.append(
+                Variant(
+                    op="assign_attention",
+                    kernel=kname,
+                    case=f"B{b}-G{g}-N{n}-C{c}",
+                    dtype=label,
+                    fn=fn,
+                    args=args,
+                    num_warps=warps,
+                    num_stages=stages,
+                    grid=(splits, b),
+                    flops=spec.flops(shape, kname),
+                    bytes=spec.bytes(shape, kname, es),
+                    logits_per_iter=g * cfg["BLOCK_N"],
+                    inner_trips=1,
+                    floor_dtype=floor,
+                    meta=dict(mode=mode),
+                    config=" ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
+                    + f" S={splits} w{warps} s{stages}",
+                )
+            )
     return out

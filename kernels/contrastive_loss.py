@@ -108,8 +108,7 @@ def _log2(x, FAST: tl.constexpr):
     """``log2``; ``FAST``: one MUFU.LG2 (``lg2.approx``, absolute error ~2^-22; GPU fp32 only) instead of libdevice's
     ~15-instruction polynomial, which the report showed costing ~3 instructions per logit for the column LSEs."""
     if FAST:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.log2(x)
 
@@ -147,10 +146,28 @@ def _fwd_stats(r, m_i, l_i, s2, col_ok, MASKED: tl.constexpr, FAST_LOG: tl.const
 
 
 @triton.jit
-def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
-                B, M, D, stride_i, stride_t, n_col_tiles, tiles_per_split,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, FAST_LOG: tl.constexpr):
+def _fwd_kernel(
+    img_ptr,
+    txt_ptr,
+    scale2_ptr,
+    row_part_ptr,
+    col_part_ptr,
+    B,
+    M,
+    D,
+    stride_i,
+    stride_t,
+    n_col_tiles,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
     """Program (row tile, column split): base-2 row LSE over the split -> ``row_part[split, rows]``; base-2
     column LSE over the row tile of every visited column tile -> ``col_part[row_tile, cols]``. The image tile
     stays resident; full tiles of a full row tile run without masks, the ragged ones after them."""
@@ -160,8 +177,14 @@ def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D) < D
     row_ok = rows < B
-    a = _load(img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D), row_ok,
-              d_ok, True, EVEN_D, UPCAST)
+    a = _load(
+        img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D),
+        row_ok,
+        d_ok,
+        True,
+        EVEN_D,
+        UPCAST,
+    )
     s2 = tl.load(scale2_ptr)  # s * log2(e) > 0
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -172,16 +195,24 @@ def _fwd_kernel(img_ptr, txt_ptr, scale2_ptr, row_part_ptr, col_part_ptr,
     b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
     c_base = col_part_ptr + pid_m.to(tl.int64) * M + t0 * BLOCK_N
     for _ in range(t0, t_fast):  # full tiles: no masks
-        r = tl.dot(a, tl.trans(_load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)),
-                   input_precision=PRECISION, out_dtype=ACC)  # [BM, BN] cosines
+        r = tl.dot(
+            a,
+            tl.trans(_load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)),
+            input_precision=PRECISION,
+            out_dtype=ACC,
+        )  # [BM, BN] cosines
         m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, offs_n >= 0, False, FAST_LOG)
         tl.store(c_base + offs_n, cpart)
         b_base += BLOCK_N * stride_t
         c_base += BLOCK_N
     for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
         col_ok = t * BLOCK_N + offs_n < M
-        r = tl.dot(a, tl.trans(_load(b_base + b_offs, col_ok, d_ok, True, EVEN_D, UPCAST)),
-                   input_precision=PRECISION, out_dtype=ACC)
+        r = tl.dot(
+            a,
+            tl.trans(_load(b_base + b_offs, col_ok, d_ok, True, EVEN_D, UPCAST)),
+            input_precision=PRECISION,
+            out_dtype=ACC,
+        )
         r = tl.where(row_ok[:, None] & col_ok[None, :], r, float("-inf"))
         m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, col_ok, True, FAST_LOG)
         tl.store(c_base + offs_n, cpart, mask=col_ok)
@@ -207,9 +238,32 @@ def _grad_tile(x, fixed, loop_lse, loop_w, roww, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, t_start, t_end, M, stride_t, col0, K,
-               d_ok, SLOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _rows_loop(
+    a,
+    acc,
+    rs,
+    r2,
+    rows,
+    roww,
+    s2,
+    txt_ptr,
+    c2_ptr,
+    colw_ptr,
+    t_start,
+    t_end,
+    M,
+    stride_t,
+    col0,
+    K,
+    d_ok,
+    SLOW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Column tiles ``[t_start, t_end)`` of the row-block backward; ``SLOW``: masked loads and the positive
     pairs (only the tiles holding them, and the ragged last tile, take this path)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -239,10 +293,32 @@ def _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, t_star
 
 
 @triton.jit
-def _bwd_rows_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, colw_ptr, out_scale_ptr,
-                     di_ptr, rowsum_ptr, B, M, D, stride_i, stride_t, col0, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _bwd_rows_kernel(
+    img_ptr,
+    txt_ptr,
+    scale2_ptr,
+    r2_ptr,
+    c2_ptr,
+    roww_ptr,
+    colw_ptr,
+    out_scale_ptr,
+    di_ptr,
+    rowsum_ptr,
+    B,
+    M,
+    D,
+    stride_i,
+    stride_t,
+    col0,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program per row tile, loop over all column tiles:
     ``dI = out_scale * Gx T`` [BM, D] in di's dtype and ``rowsum_i = sum_j (P_row - t_row)_ij R_ij``, where
     ``Gx = roww (P_row - t/K) + colw_j (P_col - t)`` and ``t`` marks the positives (local row i, column
@@ -252,8 +328,14 @@ def _bwd_rows_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
     rows = r0 + tl.arange(0, BLOCK_M)
     d_ok = tl.arange(0, BLOCK_D) < D
     row_ok = rows < B
-    a = _load(img_ptr + r0.to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D), row_ok, d_ok, True,
-              EVEN_D, UPCAST)
+    a = _load(
+        img_ptr + r0.to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D),
+        row_ok,
+        d_ok,
+        True,
+        EVEN_D,
+        UPCAST,
+    )
     s2 = tl.load(scale2_ptr)
     roww = tl.load(roww_ptr)
     r2 = tl.load(r2_ptr + rows, mask=row_ok, other=0.0)
@@ -263,24 +345,146 @@ def _bwd_rows_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
     p0 = (col0 + r0 * K) // BLOCK_N  # column tiles [p0, p1) hold this row tile's positives
     p1 = (col0 + tl.minimum(r0 + BLOCK_M, B) * K - 1) // BLOCK_N + 1
     # column tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
-    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, 0, tl.minimum(p0, n_full), M,
-                         stride_t, col0, K, d_ok, False, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, p0, p1, M,
-                         stride_t, col0, K, d_ok, True, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, p1, n_full, M,
-                         stride_t, col0, K, d_ok, False, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, rs = _rows_loop(a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, tl.maximum(p1, n_full), n_tiles,
-                         M, stride_t, col0, K, d_ok, True, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, rs = _rows_loop(
+        a,
+        acc,
+        rs,
+        r2,
+        rows,
+        roww,
+        s2,
+        txt_ptr,
+        c2_ptr,
+        colw_ptr,
+        0,
+        tl.minimum(p0, n_full),
+        M,
+        stride_t,
+        col0,
+        K,
+        d_ok,
+        False,
+        BLOCK_N,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, rs = _rows_loop(
+        a,
+        acc,
+        rs,
+        r2,
+        rows,
+        roww,
+        s2,
+        txt_ptr,
+        c2_ptr,
+        colw_ptr,
+        p0,
+        p1,
+        M,
+        stride_t,
+        col0,
+        K,
+        d_ok,
+        True,
+        BLOCK_N,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, rs = _rows_loop(
+        a,
+        acc,
+        rs,
+        r2,
+        rows,
+        roww,
+        s2,
+        txt_ptr,
+        c2_ptr,
+        colw_ptr,
+        p1,
+        n_full,
+        M,
+        stride_t,
+        col0,
+        K,
+        d_ok,
+        False,
+        BLOCK_N,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, rs = _rows_loop(
+        a,
+        acc,
+        rs,
+        r2,
+        rows,
+        roww,
+        s2,
+        txt_ptr,
+        c2_ptr,
+        colw_ptr,
+        tl.maximum(p1, n_full),
+        n_tiles,
+        M,
+        stride_t,
+        col0,
+        K,
+        d_ok,
+        True,
+        BLOCK_N,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
     acc = acc * tl.load(out_scale_ptr)
-    tl.store(di_ptr + r0.to(tl.int64) * D + _tile_offs(D, BLOCK_M, BLOCK_D), acc.to(di_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        di_ptr + r0.to(tl.int64) * D + _tile_offs(D, BLOCK_M, BLOCK_D),
+        acc.to(di_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(rowsum_ptr + rows, rs, mask=row_ok)
 
 
 @triton.jit
-def _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, t_start, t_end, B, stride_i, col0, K,
-               d_ok, SLOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _cols_loop(
+    bt,
+    acc,
+    cs,
+    c2,
+    cw,
+    cols,
+    roww,
+    s2,
+    img_ptr,
+    r2_ptr,
+    t_start,
+    t_end,
+    B,
+    stride_i,
+    col0,
+    K,
+    d_ok,
+    SLOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Row tiles ``[t_start, t_end)`` of the column-block backward (tiles held transposed, ``[BN, BM]``)."""
     offs_m = tl.arange(0, BLOCK_M)
     a_offs = _tile_offs(stride_i, BLOCK_M, BLOCK_D)
@@ -307,10 +511,32 @@ def _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, t_start, t_
 
 
 @triton.jit
-def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, colw_ptr, out_scale_ptr,
-                     dt_ptr, colsum_ptr, B, M, D, stride_i, stride_t, col0, K,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _bwd_cols_kernel(
+    img_ptr,
+    txt_ptr,
+    scale2_ptr,
+    r2_ptr,
+    c2_ptr,
+    roww_ptr,
+    colw_ptr,
+    out_scale_ptr,
+    dt_ptr,
+    colsum_ptr,
+    B,
+    M,
+    D,
+    stride_i,
+    stride_t,
+    col0,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program per column tile, loop over all row tiles: ``dT = out_scale * Gx^T I`` [BN, D] in dt's dtype and
     ``colsum_j = sum_i (P_col - t)_ij R_ij``."""
     pid = tl.program_id(0)
@@ -318,8 +544,14 @@ def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
     cols = c0 + tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D) < D
     col_ok = cols < M
-    bt = _load(txt_ptr + c0.to(tl.int64) * stride_t + _tile_offs(stride_t, BLOCK_N, BLOCK_D), col_ok, d_ok, True,
-               EVEN_D, UPCAST)
+    bt = _load(
+        txt_ptr + c0.to(tl.int64) * stride_t + _tile_offs(stride_t, BLOCK_N, BLOCK_D),
+        col_ok,
+        d_ok,
+        True,
+        EVEN_D,
+        UPCAST,
+    )
     s2 = tl.load(scale2_ptr)
     roww = tl.load(roww_ptr)
     c2 = tl.load(c2_ptr + cols, mask=col_ok, other=0.0)
@@ -334,17 +566,116 @@ def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
     p0 = tl.where(has, ((j_lo - col0) // K) // BLOCK_M, 0)
     p1 = tl.where(has, ((tl.maximum(j_hi, j_lo + 1) - 1 - col0) // K) // BLOCK_M + 1, 0)
     # row tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
-    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, 0, tl.minimum(p0, n_full), B,
-                         stride_i, col0, K, d_ok, False, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, p0, p1, B,
-                         stride_i, col0, K, d_ok, True, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, tl.maximum(p1, p0), n_full, B,
-                         stride_i, col0, K, d_ok, False, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
-    acc, cs = _cols_loop(bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, tl.maximum(tl.maximum(p1, p0), n_full),
-                         n_tiles, B, stride_i, col0, K, d_ok, True, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC)
+    acc, cs = _cols_loop(
+        bt,
+        acc,
+        cs,
+        c2,
+        cw,
+        cols,
+        roww,
+        s2,
+        img_ptr,
+        r2_ptr,
+        0,
+        tl.minimum(p0, n_full),
+        B,
+        stride_i,
+        col0,
+        K,
+        d_ok,
+        False,
+        BLOCK_M,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, cs = _cols_loop(
+        bt,
+        acc,
+        cs,
+        c2,
+        cw,
+        cols,
+        roww,
+        s2,
+        img_ptr,
+        r2_ptr,
+        p0,
+        p1,
+        B,
+        stride_i,
+        col0,
+        K,
+        d_ok,
+        True,
+        BLOCK_M,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, cs = _cols_loop(
+        bt,
+        acc,
+        cs,
+        c2,
+        cw,
+        cols,
+        roww,
+        s2,
+        img_ptr,
+        r2_ptr,
+        tl.maximum(p1, p0),
+        n_full,
+        B,
+        stride_i,
+        col0,
+        K,
+        d_ok,
+        False,
+        BLOCK_M,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
+    acc, cs = _cols_loop(
+        bt,
+        acc,
+        cs,
+        c2,
+        cw,
+        cols,
+        roww,
+        s2,
+        img_ptr,
+        r2_ptr,
+        tl.maximum(tl.maximum(p1, p0), n_full),
+        n_tiles,
+        B,
+        stride_i,
+        col0,
+        K,
+        d_ok,
+        True,
+        BLOCK_M,
+        BLOCK_D,
+        EVEN_D,
+        UPCAST,
+        PRECISION,
+        ACC,
+    )
     acc = acc * tl.load(out_scale_ptr)
-    tl.store(dt_ptr + c0.to(tl.int64) * D + _tile_offs(D, BLOCK_N, BLOCK_D), acc.to(dt_ptr.dtype.element_ty),
-             mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(
+        dt_ptr + c0.to(tl.int64) * D + _tile_offs(D, BLOCK_N, BLOCK_D),
+        acc.to(dt_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & d_ok[None, :],
+    )
     tl.store(colsum_ptr + cols, cs, mask=col_ok)
 
 
@@ -354,10 +685,18 @@ def _bwd_cols_kernel(img_ptr, txt_ptr, scale2_ptr, r2_ptr, c2_ptr, roww_ptr, col
 # tile plus one tile per pipeline stage; _fits() prunes by that estimate against the device's per-block limit.
 _SMEM_SLACK = 8 * 1024  # reduction scratch and barriers beside the operand tiles
 # backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by (Hopper or later, element size); fp32 runs as tf32
-_BWD_ROWS = {(True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)), (False, 2): ((64, 32, 8, 2),),
-             (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)), (False, 4): ((32, 32, 4, 1),)}
-_BWD_COLS = {(True, 2): ((32, 128, 8, 2), (32, 128, 8, 3)), (False, 2): ((32, 64, 8, 2),),
-             (True, 4): ((32, 32, 4, 1),), (False, 4): ((32, 32, 4, 1),)}  # (32, 32, 8, 1) spilled 8 B (K = 1)
+_BWD_ROWS = {
+    (True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)),
+    (False, 2): ((64, 32, 8, 2),),
+    (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)),
+    (False, 4): ((32, 32, 4, 1),),
+}
+_BWD_COLS = {
+    (True, 2): ((32, 128, 8, 2), (32, 128, 8, 3)),
+    (False, 2): ((32, 64, 8, 2),),
+    (True, 4): ((32, 32, 4, 1),),
+    (False, 4): ((32, 32, 4, 1),),
+}  # (32, 32, 8, 1) spilled 8 B (K = 1)
 
 
 def _smem_limit(device: torch.device) -> int:
@@ -387,12 +726,18 @@ def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
     return [(warps, st) for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
 
 
-def _bwd_configs(rows: bool, block_d: int, elsize: int, smem: int, hopper: bool = True
-                 ) -> list[tuple[int, int, int, int]]:
+def _bwd_configs(
+    rows: bool, block_d: int, elsize: int, smem: int, hopper: bool = True
+) -> list[tuple[int, int, int, int]]:
     """Backward ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` that fit ``smem`` (the smallest if none does)."""
     table = (_BWD_ROWS if rows else _BWD_COLS)[(hopper, elsize)]
-    fits = [c for c in table if _fits(c[0] if rows else c[1], c[1] if rows else c[0], c[3], block_d,
-                                      elsize * (1 if elsize == 2 else 2), smem)]  # tf32 / fp64: a transposed copy
+    fits = [
+        c
+        for c in table
+        if _fits(
+            c[0] if rows else c[1], c[1] if rows else c[0], c[3], block_d, elsize * (1 if elsize == 2 else 2), smem
+        )
+    ]  # tf32 / fp64: a transposed copy
     return fits or [min(table, key=lambda c: c[0] * c[1])]
 
 
@@ -411,8 +756,10 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _configs(table: dict[tuple[bool, int], tuple]) -> list:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in sorted({c for cs in table.values() for c in cs})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in sorted({c for cs in table.values() for c in cs})
+    ]
 
 
 if INTERPRET:  # autotune with >= 2 configs cannot run under the interpreter
@@ -420,11 +767,15 @@ if INTERPRET:  # autotune with >= 2 configs cannot run under the interpreter
 else:
     _fwd_launch = triton.autotune(  # tiles fixed by _fwd_tiles (the partial buffers depend on them)
         configs=[triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2)],
-        key=["B", "M", "D"], prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
-    _rows_launch = triton.autotune(configs=_configs(_BWD_ROWS), key=["B", "M", "D"],
-                                   prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_rows_kernel)
-    _cols_launch = triton.autotune(configs=_configs(_BWD_COLS), key=["B", "M", "D"],
-                                   prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_cols_kernel)
+        key=["B", "M", "D"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(_fwd_kernel)
+    _rows_launch = triton.autotune(
+        configs=_configs(_BWD_ROWS), key=["B", "M", "D"], prune_configs_by={"early_config_prune": _prune_bwd}
+    )(_bwd_rows_kernel)
+    _cols_launch = triton.autotune(
+        configs=_configs(_BWD_COLS), key=["B", "M", "D"], prune_configs_by={"early_config_prune": _prune_bwd}
+    )(_bwd_cols_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,8 +791,13 @@ def _kernel_consts(x: Tensor) -> dict:
     cd = compute_dtype(x.dtype)
     precision = "tf32" if x.dtype == torch.float32 else "ieee"  # ignored for fp16/bf16; fp64 must be ieee
     block_d = max(16, triton.next_power_of_2(x.shape[1]))
-    return dict(BLOCK_D=block_d, EVEN_D=x.shape[1] == block_d, UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-                PRECISION=precision, ACC=tl.float64 if cd == torch.float64 else tl.float32)
+    return dict(
+        BLOCK_D=block_d,
+        EVEN_D=x.shape[1] == block_d,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+        PRECISION=precision,
+        ACC=tl.float64 if cd == torch.float64 else tl.float32,
+    )
 
 
 @functools.cache
@@ -459,8 +815,12 @@ def _lse2(parts: Tensor) -> Tensor:
 def _positive_cosines(image: Tensor, text: Tensor, k: int, cd: torch.dtype, chunk: int = 4096) -> Tensor:
     """``[B, K]`` cosines ``image_i . text_{i*K+k}`` in ``cd``, a chunk of rows at a time (no [B*K, D] fp32 copy)."""
     b, d = image.shape
-    return torch.cat([(image[a : a + chunk].to(cd).unsqueeze(1)
-                       * text[a * k : (a + chunk) * k].to(cd).view(-1, k, d)).sum(-1) for a in range(0, b, chunk)])
+    return torch.cat(
+        [
+            (image[a : a + chunk].to(cd).unsqueeze(1) * text[a * k : (a + chunk) * k].to(cd).view(-1, k, d)).sum(-1)
+            for a in range(0, b, chunk)
+        ]
+    )
 
 
 @torch.library.custom_op("groupvit_kernels::contrastive_lse", mutates_args=())
@@ -487,8 +847,23 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     row_part = torch.empty(n_split, b, device=image.device, dtype=cd)  # [S, B]
     col_part = torch.empty(n_row, m, device=image.device, dtype=cd)  # [B/BM, M]
     _fwd_launch[(n_row, n_split)](
-        image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split,
-        BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=not INTERPRET and cd == torch.float32, **consts)
+        image,
+        text,
+        scale2,
+        row_part,
+        col_part,
+        b,
+        m,
+        d,
+        image.stride(0),
+        text.stride(0),
+        n_col,
+        per_split,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        FAST_LOG=not INTERPRET and cd == torch.float32,
+        **consts,
+    )
     return _lse2(row_part), _lse2(col_part)
 
 
@@ -499,9 +874,20 @@ def _(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> tuple[
 
 
 @torch.library.custom_op("groupvit_kernels::contrastive_grads", mutates_args=())
-def _grads_op(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tensor, roww: Tensor, colw: Tensor,
-              di_scale: Tensor, dt_scale: Tensor, col0: int, k: int, dt_full: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _grads_op(
+    image: Tensor,
+    text: Tensor,
+    scale2: Tensor,
+    r2: Tensor,
+    c2: Tensor,
+    roww: Tensor,
+    colw: Tensor,
+    di_scale: Tensor,
+    dt_scale: Tensor,
+    col0: int,
+    k: int,
+    dt_full: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dI [B,D]``, ``dT [M,D]``, ``rowsum [B]``, ``colsum [M]`` with ``Gx = roww (P_row - t/K) + colw_j (P_col - t)``
     (positives ``t`` at local row i, column ``col0 + i*K + k``); ``dI``/``dT`` are scaled by ``di_scale``/``dt_scale``
     and come in the input dtype, except ``dT`` in the compute dtype when ``dt_full`` (to be summed over ranks)."""
@@ -524,20 +910,38 @@ def _grads_op(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tenso
 
 
 @_grads_op.register_fake
-def _(image: Tensor, text: Tensor, scale2: Tensor, r2: Tensor, c2: Tensor, roww: Tensor, colw: Tensor,
-      di_scale: Tensor, dt_scale: Tensor, col0: int, k: int, dt_full: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(
+    image: Tensor,
+    text: Tensor,
+    scale2: Tensor,
+    r2: Tensor,
+    c2: Tensor,
+    roww: Tensor,
+    colw: Tensor,
+    di_scale: Tensor,
+    dt_scale: Tensor,
+    col0: int,
+    k: int,
+    dt_full: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = compute_dtype(image.dtype)
     b, m, d = image.shape[0], text.shape[0], image.shape[1]
-    return (image.new_empty(b, d), image.new_empty(m, d, dtype=cd if dt_full else image.dtype),
-            image.new_empty(b, dtype=cd), image.new_empty(m, dtype=cd))
+    return (
+        image.new_empty(b, d),
+        image.new_empty(m, d, dtype=cd if dt_full else image.dtype),
+        image.new_empty(b, dtype=cd),
+        image.new_empty(m, dtype=cd),
+    )
 
 
 def _raise_if_nonfinite(image: Tensor, text: Tensor, scale: Tensor) -> None:
     ok = torch.isfinite(image).all() & torch.isfinite(text).all() & torch.isfinite(scale).all()
     if not bool(ok):
         bad = [n for n, t in (("image", image), ("text", text), ("logit scale", scale)) if not torch.isfinite(t).all()]
-        raise ValueError(f"contrastive_loss: non-finite values (NaN/Inf) in {', '.join(bad)} "
-                         f"(image {tuple(image.shape)}, text {tuple(text.shape)}); on other ranks if none listed")
+        raise ValueError(
+            f"contrastive_loss: non-finite values (NaN/Inf) in {', '.join(bad)} "
+            f"(image {tuple(image.shape)}, text {tuple(text.shape)}); on other ranks if none listed"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -555,8 +959,9 @@ class _ContrastiveLoss(torch.autograd.Function):
     """``(image [B,D], text [B*K,D], scale [1]) -> loss`` of this rank; ``scale`` is the clamped ``s``."""
 
     @staticmethod
-    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, k: int, group, world: int, rank: int,
-                check: bool) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, image: Tensor, text: Tensor, scale: Tensor, k: int, group, world: int, rank: int, check: bool
+    ) -> Tensor:  # type: ignore[override]
         b, d = image.shape
         cd = scale.dtype
         scale2 = scale * LOG2E  # [1]
@@ -566,8 +971,10 @@ class _ContrastiveLoss(torch.autograd.Function):
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
                 if not bool(flag):
                     _raise_if_nonfinite(image, text, scale)
-                    raise ValueError(f"contrastive_loss: non-finite values (NaN/Inf) on another rank "
-                                     f"(local image {tuple(image.shape)}, text {tuple(text.shape)})")
+                    raise ValueError(
+                        f"contrastive_loss: non-finite values (NaN/Inf) on another rank "
+                        f"(local image {tuple(image.shape)}, text {tuple(text.shape)})"
+                    )
             txt_all = _all_gather(text, group, world)  # [W*B*K, D]
             r2, c2p = torch.ops.groupvit_kernels.contrastive_lse(image, txt_all, scale2, False)
             c2 = _lse2(_all_gather(c2p, group, world).view(world, -1))  # [W*B*K] global column LSEs
@@ -600,8 +1007,19 @@ class _ContrastiveLoss(torch.autograd.Function):
         colw = (g_all * beta).repeat_interleave(b * k)  # [W*B*K]
         out_scale = (norm * scale).reshape(1)  # dI = s * Gx T
         d_image, dt, rowsum, colsum = torch.ops.groupvit_kernels.contrastive_grads(
-            image, txt_all, scale * LOG2E, r2, c2, roww / norm, colw / norm, out_scale,
-            torch.ones_like(out_scale) if world > 1 else out_scale, rank * b * k, k, world > 1)
+            image,
+            txt_all,
+            scale * LOG2E,
+            r2,
+            c2,
+            roww / norm,
+            colw / norm,
+            out_scale,
+            torch.ones_like(out_scale) if world > 1 else out_scale,
+            rank * b * k,
+            k,
+            world > 1,
+        )
         colsum_rank = colsum.view(world, b * k).sum(dim=1)  # [W] column sums of (P_col - t) * R per owning rank
         if world > 1:
             dist.all_reduce(dt, group=group)  # sum the local-row contributions of all ranks, then keep ours
@@ -618,9 +1036,7 @@ class _ContrastiveLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def contrastive_loss(
-    image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None
-) -> Tensor:
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None) -> Tensor:
     """GroupViT's contrastive loss for this rank, fused; spec: :func:`kernels.reference.contrastive_loss`.
 
     Args:
@@ -641,21 +1057,28 @@ def contrastive_loss(
     if dt not in DTYPES:
         raise TypeError(f"contrastive_loss (triton): unsupported dtype {dt}; use one of {DTYPES}")
     if not triton_can_launch(image.device, INTERPRET):
-        raise ValueError(f"contrastive_loss (triton): got {image.device} tensors (image {tuple(image.shape)}, text "
-                         f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or select the eager "
-                         f"backend (or set TRITON_INTERPRET=1 before importing the kernels)")
+        raise ValueError(
+            f"contrastive_loss (triton): got {image.device} tensors (image {tuple(image.shape)}, text "
+            f"{tuple(text.shape)}); the Triton kernels need a GPU: use CUDA tensors or select the eager "
+            f"backend (or set TRITON_INTERPRET=1 before importing the kernels)"
+        )
     if dt == torch.float64 and image.device.type == "cuda":
-        raise ValueError(f"contrastive_loss (triton): fp64 features (image {tuple(image.shape)}) run under the Triton "
-                         f"interpreter only (gradcheck); on the GPU use fp32/bf16/fp16 or select the eager backend")
+        raise ValueError(
+            f"contrastive_loss (triton): fp64 features (image {tuple(image.shape)}) run under the Triton "
+            f"interpreter only (gradcheck); on the GPU use fp32/bf16/fp16 or select the eager backend"
+        )
     if image.shape[1] > MAX_D:
-        raise ValueError(f"contrastive_loss (triton): embedding dim {image.shape[1]} > {MAX_D} is not supported "
-                         f"(image {tuple(image.shape)}); select the eager backend")
+        raise ValueError(
+            f"contrastive_loss (triton): embedding dim {image.shape[1]} > {MAX_D} is not supported "
+            f"(image {tuple(image.shape)}); select the eager backend"
+        )
     cd = compute_dtype(dt)
     world = dist.get_world_size(group) if (dist.is_available() and dist.is_initialized()) else 1
     rank = dist.get_rank(group) if world > 1 else 0
     scale = reference.clamped_scale(logit_scale.to(device=image.device, dtype=cd)).reshape(1)  # [1], autograd
-    return _ContrastiveLoss.apply(image.to(dt).contiguous(), text.to(dt).contiguous(), scale, num_prompts, group,
-                                  world, rank, _check_finite)
+    return _ContrastiveLoss.apply(
+        image.to(dt).contiguous(), text.to(dt).contiguous(), scale, num_prompts, group, world, rank, _check_finite
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,36 +1102,77 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
     if dtype == torch.float64:  # refused on the GPU (interpreter-only gradcheck path)
         return []
     hopper = smem > 200 * 1024  # sm_90 (227 KB per block) vs sm_80 (163 KB)
-    for prec in (("tf32",) if dtype == torch.float32 else ("ieee",)):
+    for prec in ("tf32",) if dtype == torch.float32 else ("ieee",):
         label = f"{name}-{prec}" if dtype == torch.float32 else name
         fl = {"bf16": "bf16", "fp16": "fp16", "fp64": "fp64"}.get(name, "tf32")
         consts = dict(BLOCK_D=block_d, EVEN_D=d == block_d, UPCAST=False, PRECISION=prec, ACC=acc)
-        case = dict(op="contrastive_loss", case=f"B{b}-D{d}-K{k}", dtype=label, floor_dtype=fl, hot_loop=0,
-                    meta=dict(mode=f"K={k}"))
+        case = dict(
+            op="contrastive_loss",
+            case=f"B{b}-D{d}-K{k}",
+            dtype=label,
+            floor_dtype=fl,
+            hot_loop=0,
+            meta=dict(mode=f"K={k}"),
+        )
         # forward: tiles fixed by _fwd_tiles, autotuned warps x stages; grid as in _lse_op
         bm, bn = _fwd_tiles(block_d, es, smem)
         n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
         per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_row))))
         n_split = triton.cdiv(n_col, per_split)
         for w, st in _fwd_configs(block_d, es, smem):
-            out.append(Variant(
-                kernel="fwd", fn=_fwd_kernel, num_warps=w, num_stages=st, grid=(n_row, n_split),
-                args=dict(img_ptr=dtype, txt_ptr=dtype, scale2_ptr=torch.float32, row_part_ptr=torch.float32,
-                          col_part_ptr=torch.float32, B=b, M=m, D=d, stride_i=d, stride_t=d, n_col_tiles=n_col,
-                          tiles_per_split=per_split, BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=acc == tl.float32, **consts),
-                flops=2.0 * b * m * d, bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
-                logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
+            out.append(
+                Variant(
+                    kernel="fwd",
+                    fn=_fwd_kernel,
+                    num_warps=w,
+                    num_stages=st,
+                    grid=(n_row, n_split),
+                    args=dict(
+                        img_ptr=dtype,
+                        txt_ptr=dtype,
+                        scale2_ptr=torch.float32,
+                        row_part_ptr=torch.float32,
+                        col_part_ptr=torch.float32,
+                        B=b,
+                        M=m,
+                        D=d,
+                        stride_i=d,
+                        stride_t=d,
+                        n_col_tiles=n_col,
+                        tiles_per_split=per_split,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        FAST_LOG=acc == tl.float32,
+                        **consts,
+                    ),
+                    flops=2.0 * b * m * d,
+                    bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                    logits_per_iter=bm * bn,
+                    config=f"BM={bm} BN={bn} w{w} s{st}",
+                    **case,
+                )
+            )
         # backward: the autotuned configs that survive _prune_bwd
         for kname, fn in (("bwd_rows", _bwd_rows_kernel), ("bwd_cols", _bwd_cols_kernel)):
             rows = kname == "bwd_rows"
             for bm, bn, w, st in _bwd_configs(rows, block_d, es, smem, hopper):
                 ptrs = dict(img_ptr=dtype, txt_ptr=dtype, di_ptr=dtype, dt_ptr=dtype)
                 args = {p.name: ptrs.get(p.name, torch.float32) for p in fn.params if p.name.endswith("_ptr")}
-                out.append(Variant(
-                    kernel=kname, fn=fn, num_warps=w, num_stages=st,
-                    grid=(triton.cdiv(b, bm) if rows else triton.cdiv(m, bn),),
-                    args=dict(args, B=b, M=m, D=d, stride_i=d, stride_t=d, col0=0, K=k, BLOCK_M=bm, BLOCK_N=bn,
-                              **consts),
-                    flops=4.0 * b * m * d, bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
-                    logits_per_iter=bm * bn, config=f"BM={bm} BN={bn} w{w} s{st}", **case))
+                out.append(
+                    Variant(
+                        kernel=kname,
+                        fn=fn,
+                        num_warps=w,
+                        num_stages=st,
+                        grid=(triton.cdiv(b, bm) if rows else triton.cdiv(m, bn),),
+                        args=dict(
+                            args, B=b, M=m, D=d, stride_i=d, stride_t=d, col0=0, K=k, BLOCK_M=bm, BLOCK_N=bn, **consts
+                        ),
+                        flops=4.0 * b * m * d,
+                        bytes=((2 * b + m) if rows else (b + 2 * m)) * d * es,
+                        logits_per_iter=bm * bn,
+                        config=f"BM={bm} BN={bn} w{w} s{st}",
+                        **case,
+                    )
+                )
     return out

@@ -95,7 +95,7 @@ def assignment_maps(
     segmentation) and the assignment ``A`` before normalisation (straight-through one-hot when ``hard``).
     Both ``[B, G, N]`` in the compute dtype."""
     cd = compute_dtype(q.dtype, k.dtype)
-    s = (scale if scale is not None else q.shape[-1] ** -0.5)
+    s = scale if scale is not None else q.shape[-1] ** -0.5
     soft = torch.softmax(torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * s, dim=-2)
     a = _assignment(q, k, tau=tau, hard=hard, gumbel=gumbel, noise=noise, scale=scale)
     return soft, a
@@ -180,9 +180,7 @@ def clamped_scale(logit_scale: Tensor) -> Tensor:
     return torch.clamp(logit_scale.exp(), max=LOGIT_SCALE_MAX)
 
 
-def contrastive_loss(
-    image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None
-) -> Tensor:
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, *, num_prompts: int = 1, group=None) -> Tensor:
     """GroupViT's contrastive loss for this rank: local rows against all-gathered columns.
 
     ``num_prompts == 1``: the image-text InfoNCE. ``num_prompts == K > 1``: the multi-label loss, where image i's
@@ -218,8 +216,9 @@ def contrastive_loss(
     return 0.5 * (img_loss + txt_loss)
 
 
-def contrastive_loss_chunked(image: Tensor, text: Tensor, logit_scale: Tensor, num_prompts: int,
-                             cd: torch.dtype, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def contrastive_loss_chunked(
+    image: Tensor, text: Tensor, logit_scale: Tensor, num_prompts: int, cd: torch.dtype, chunk: int = 2048
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Single-process :func:`contrastive_loss` and its gradients (image, text, logit scale), all in ``cd``, from
     the closed form of docs/kernels.md §3, ``chunk`` rows at a time: the oracle where the reference's B x B*K
     matrices do not fit (~26 GB each at B = 32768, K = 3, fp64). Checked against the reference in the tests."""
@@ -250,8 +249,9 @@ def contrastive_loss_chunked(image: Tensor, text: Tensor, logit_scale: Tensor, n
 
 def _check_contrastive(image: Tensor, text: Tensor, logit_scale: Tensor, num_prompts: int) -> None:
     if image.dim() != 2 or text.dim() != 2:
-        raise ValueError(f"contrastive_loss: expected image [B,D] and text [B*K,D], got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+        raise ValueError(
+            f"contrastive_loss: expected image [B,D] and text [B*K,D], got {tuple(image.shape)} and {tuple(text.shape)}"
+        )
     if image.shape[0] == 0:
         raise ValueError("contrastive_loss: empty batch")
     if image.shape[1] != text.shape[1]:

@@ -1,7 +1,8 @@
 """One registry of fused ops and their shapes, shared by :mod:`groupvit.ops`, ``tests/`` and ``bench/``.
 
 Each :class:`OpSpec` names the eager reference (the spec), the Triton implementation (a dotted path, imported
-lazily so that this module needs torch only; ``None`` for an op without a kernel of ours), an input factory, named shape cases taken from the real GroupViT
+lazily so that this module needs torch only; ``None`` for an op without a kernel of ours), an input factory,
+named shape cases taken from the real GroupViT
 dimensions, and the FLOP / byte model used to report % of the physical floor (docs/kernels.md §4).
 
 Case tags: ``smoke`` (tiny odd shapes, run under the Triton interpreter in CI), ``model`` (real GroupViT shapes;
@@ -159,8 +160,11 @@ CONTRASTIVE_LOSS = OpSpec(
         _cl("b67-d16-clamp", 67, 16, 1, _SMOKE, theta=4.7),  # exp(4.7) > 100: clamp active
         _cl("gpu256", 256, 256, 1, frozenset({"model"})),
     )
-    + tuple(_cl(f"b{b}-k{k}", b, 256, k, _HEADLINE if b == 32768 else _MODEL)
-            for b in (256, 4096, 8192, 16384, 32768, 65536) for k in (1, 3)),
+    + tuple(
+        _cl(f"b{b}-k{k}", b, 256, k, _HEADLINE if b == 32768 else _MODEL)
+        for b in (256, 4096, 8192, 16384, 32768, 65536)
+        for k in (1, 3)
+    ),
     flops=_contrastive_flops,
     bytes=_contrastive_bytes,
 )

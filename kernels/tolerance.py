@@ -38,13 +38,14 @@ def describe_mismatch(out: Tensor, ref: Tensor, tol: float) -> str:
     finite_err = torch.nan_to_num(err, nan=float("inf"))
     worst = int(finite_err.argmax()) if err.numel() else 0
     idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape)) if err.numel() else ()
-    return (f"{int(bad.sum())}/{err.numel()} elements off by more than {tol:.3g}; worst at {idx}: "
-            f"out={out64.flatten()[worst].item():.8g} ref={ref64.flatten()[worst].item():.8g}; "
-            f"NaN disagreements {nan_disagree}, Inf disagreements {inf_disagree}")
+    return (
+        f"{int(bad.sum())}/{err.numel()} elements off by more than {tol:.3g}; worst at {idx}: "
+        f"out={out64.flatten()[worst].item():.8g} ref={ref64.flatten()[worst].item():.8g}; "
+        f"NaN disagreements {nan_disagree}, Inf disagreements {inf_disagree}"
+    )
 
 
-def parity(out: Tensor, out_lp: Tensor, ref_hp: Tensor, *, factor: float = 2.0, atol: float | None = None
-           ) -> Parity:
+def parity(out: Tensor, out_lp: Tensor, ref_hp: Tensor, *, factor: float = 2.0, atol: float | None = None) -> Parity:
     """``out`` vs ``ref_hp`` under the rule, the baseline being the same-dtype eager ``out_lp``."""
     if out.shape != ref_hp.shape:
         return Parity(False, math.nan, math.nan, f"shape {tuple(out.shape)} != {tuple(ref_hp.shape)}")

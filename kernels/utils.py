@@ -22,8 +22,12 @@ def interpreter_on() -> bool:
 INTERPRET: bool = interpreter_on()  # at import: the @triton.jit kernels imported with this module share the mode
 
 DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # kernel inputs
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                                       torch.float64: "fp64"}
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -28,10 +28,26 @@ import triton
 # Per-target limits and floors. sm_90: H100 SXM figures of docs/kernels.md §4 (achieved bf16 matmul and HBM copy);
 # sm_80: A100-SXM4-80GB datasheet figures (dense tensor-core peaks), marked as such in the report.
 TARGETS: dict[int, dict[str, Any]] = {
-    90: dict(name="sm_90a", sms=132, smem_block=227 * 1024, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64,
-             tflops={"bf16": 790.0, "fp16": 790.0, "tf32": 395.0, "fp32": 67.0, "fp64": 67.0}, hbm_gbps=3000.0),
-    80: dict(name="sm_80", sms=108, smem_block=163 * 1024, smem_sm=164 * 1024, regs_sm=65536, warps_sm=64,
-             tflops={"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5, "fp64": 19.5}, hbm_gbps=2039.0),
+    90: dict(
+        name="sm_90a",
+        sms=132,
+        smem_block=227 * 1024,
+        smem_sm=228 * 1024,
+        regs_sm=65536,
+        warps_sm=64,
+        tflops={"bf16": 790.0, "fp16": 790.0, "tf32": 395.0, "fp32": 67.0, "fp64": 67.0},
+        hbm_gbps=3000.0,
+    ),
+    80: dict(
+        name="sm_80",
+        sms=108,
+        smem_block=163 * 1024,
+        smem_sm=164 * 1024,
+        regs_sm=65536,
+        warps_sm=64,
+        tflops={"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5, "fp64": 19.5},
+        hbm_gbps=2039.0,
+    ),
 }
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -73,8 +89,10 @@ class Variant:
         from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
 
         if not isinstance(self.fn, JITFunction):
-            raise TypeError(f"{self.name}: {type(self.fn).__name__} cannot be compiled; import the kernels with "
-                            f"TRITON_INTERPRET unset or 0 (compile in a process of its own)")
+            raise TypeError(
+                f"{self.name}: {type(self.fn).__name__} cannot be compiled; import the kernels with "
+                f"TRITON_INTERPRET unset or 0 (compile in a process of its own)"
+            )
         backend = make_backend(_gpu_target(target))
         binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
         vals = {k: MockTensor(v) if isinstance(v, torch.dtype) else v for k, v in self.args.items()}
@@ -106,8 +124,11 @@ def compile_variant(v: Variant, arch: int):
 
     _, (options, signature, constexprs, attrs) = v._bind(arch)
     t0 = time.perf_counter()
-    k = triton.compile(ASTSource(v.fn, signature, constexprs, attrs), target=_gpu_target(arch),
-                       options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+    k = triton.compile(
+        ASTSource(v.fn, signature, constexprs, attrs),
+        target=_gpu_target(arch),
+        options=dict(num_warps=v.num_warps, num_stages=v.num_stages),
+    )
     return k, time.perf_counter() - t0
 
 
@@ -119,13 +140,28 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        log = subprocess.run([str(_BIN / "ptxas"), "-v", f"--gpu-name={TARGETS[arch]['name']}", str(src), "-o",
-                              str(Path(d) / "k.cubin")], capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [
+                str(_BIN / "ptxas"),
+                "-v",
+                f"--gpu-name={TARGETS[arch]['name']}",
+                str(src),
+                "-o",
+                str(Path(d) / "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = re.search(r"Used (\d+) registers", log)
     st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
-    return dict(regs=int(regs.group(1)) if regs else 0, spill_stores=int(st.group(1)) if st else 0,
-                spill_loads=int(st.group(2)) if st else 0, stack=int(stack.group(1)) if stack else 0)
+    return dict(
+        regs=int(regs.group(1)) if regs else 0,
+        spill_stores=int(st.group(1)) if st else 0,
+        spill_loads=int(st.group(2)) if st else 0,
+        stack=int(stack.group(1)) if stack else 0,
+    )
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -136,8 +172,9 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str, str, bool]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return [(int(m.group(1), 16), m.group(3), m.group(4), bool(m.group(2))) for m in _SASS_LINE.finditer(out)]
 
 
@@ -180,34 +217,42 @@ def _shortest_path(ins, first: int, last: int) -> int:
     return dist[first]
 
 
-def sass_summary(ins: list[tuple[int, str, str, bool]], inner_trips: int = 1, hot_loop: int | None = None
-                 ) -> dict[str, int]:
+def sass_summary(
+    ins: list[tuple[int, str, str, bool]], inner_trips: int = 1, hot_loop: int | None = None
+) -> dict[str, int]:
     """Whole-kernel counts and the main loop: the ``hot_loop``-th outermost loop holding tensor-core instructions
     in address order (``None``: the largest such loop; else the largest loop). ``loop_instr`` counts the
     instructions one main-loop iteration issues on its fast path (:func:`_shortest_path`) plus ``inner_trips - 1``
     more passes of each loop nested in it (their trip count is a runtime value); ``loop_static`` is its whole body
     (all branches); the per-opcode counts are over the whole body."""
     loops = _loops(ins)
-    mma_loops = [lp for lp in loops if _count(ins[lp[0]: lp[1] + 1], _MMA)]
+    mma_loops = [lp for lp in loops if _count(ins[lp[0] : lp[1] + 1], _MMA)]
     pool = mma_loops or loops
     top = sorted(lp for lp in pool if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in pool))
     if hot_loop is not None and hot_loop < len(top):
         main = top[hot_loop]
     else:
         main = max(pool, key=lambda lp: lp[1] - lp[0], default=None)
-    body = ins[main[0]: main[1] + 1] if main else []
+    body = ins[main[0] : main[1] + 1] if main else []
     nested = [lp for lp in loops if main and lp != main and main[0] <= lp[0] and lp[1] <= main[1]]
     outer = [lp for lp in nested if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in nested)]
-    extra = [ins[a: b + 1] for a, b in outer] * (inner_trips - 1)
+    extra = [ins[a : b + 1] for a, b in outer] * (inner_trips - 1)
     dyn = [i for part in [body, *extra] for i in part]
-    return dict(sass=len(ins), sass_mma=_count(ins, _MMA), sass_ffma=_count(ins, ("FFMA",)),
-                loops=len(loops), loop_static=len(body),
-                loop_instr=(_shortest_path(ins, *main) + len(dyn) - len(body)) if main else 0,
-                loop_mma=_count(dyn, _MMA),
-                loop_ffma=_count(dyn, ("FFMA", "DFMA")), loop_mufu=_count(dyn, ("MUFU",)),
-                loop_i64=sum(1 for x in dyn if x[1].startswith(("IADD.64", "IMAD.WIDE", "LEA.HI.X", "IADD3.X"))),
-                inner_loop_instr=sum(b - a + 1 for a, b in outer),
-                ldgsts=_count(ins, ("LDGSTS",)), tma=_count(ins, ("UTMALDG", "UBLKCP")))
+    return dict(
+        sass=len(ins),
+        sass_mma=_count(ins, _MMA),
+        sass_ffma=_count(ins, ("FFMA",)),
+        loops=len(loops),
+        loop_static=len(body),
+        loop_instr=(_shortest_path(ins, *main) + len(dyn) - len(body)) if main else 0,
+        loop_mma=_count(dyn, _MMA),
+        loop_ffma=_count(dyn, ("FFMA", "DFMA")),
+        loop_mufu=_count(dyn, ("MUFU",)),
+        loop_i64=sum(1 for x in dyn if x[1].startswith(("IADD.64", "IMAD.WIDE", "LEA.HI.X", "IADD3.X"))),
+        inner_loop_instr=sum(b - a + 1 for a, b in outer),
+        ldgsts=_count(ins, ("LDGSTS",)),
+        tma=_count(ins, ("UTMALDG", "UBLKCP")),
+    )
 
 
 _PRECISIONS = {"0": "tf32", "1": "tf32x3", "2": "ieee", "3": "bf16x3", "4": "bf16x6"}  # triton's InputPrecision
@@ -248,16 +293,29 @@ _cache: dict[tuple, dict] = {}  # per process: one compile per distinct speciali
 def analyze(v: Variant, arch: int) -> dict[str, Any]:
     """Compile ``v`` for ``arch`` (90 or 80) and return one report row (see the module docstring)."""
     _, (options, signature, constexprs, attrs) = v._bind(arch)
-    key = (arch, v.fn.fn.__qualname__, v.fn.fn.__module__, str(signature), str(constexprs), str(attrs),
-           v.num_warps, v.num_stages, v.inner_trips, v.hot_loop)
+    key = (
+        arch,
+        v.fn.fn.__qualname__,
+        v.fn.fn.__module__,
+        str(signature),
+        str(constexprs),
+        str(attrs),
+        v.num_warps,
+        v.num_stages,
+        v.inner_trips,
+        v.hot_loop,
+    )
     if key not in _cache:
         k, secs = compile_variant(v, arch)
         use = ptxas_usage(k.asm["ptx"], arch)
         ptx = k.asm["ptx"]
         dots = ttgir_dots(k.asm["ttgir"])
         _cache[key] = dict(
-            **use, shared=k.metadata.shared, compile_s=round(secs, 2),
-            ptx_wgmma=ptx.count("wgmma.mma_async."), ptx_mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
+            **use,
+            shared=k.metadata.shared,
+            compile_s=round(secs, 2),
+            ptx_wgmma=ptx.count("wgmma.mma_async."),
+            ptx_mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
             ptx_cp_async=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.", ptx)),
             ptx_tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
             dots=" ".join(f"{d['unit']}:{d['dtype']}{'/' + d['precision'] if d['precision'] else ''}" for d in dots),
@@ -275,14 +333,26 @@ def analyze(v: Variant, arch: int) -> dict[str, Any]:
     peak = t["tflops"][v.floor_dtype] * 1e12
     floor_us = max(v.flops / peak, v.bytes / (t["hbm_gbps"] * 1e9)) * 1e6
     return dict(
-        op=v.op, kernel=v.kernel, case=v.case, dtype=v.dtype, config=v.config, target=t["name"],
-        num_warps=v.num_warps, num_stages=v.num_stages, **r,
-        smem_limit=t["smem_block"], smem_ok=r["shared"] <= t["smem_block"],
+        op=v.op,
+        kernel=v.kernel,
+        case=v.case,
+        dtype=v.dtype,
+        config=v.config,
+        target=t["name"],
+        num_warps=v.num_warps,
+        num_stages=v.num_stages,
+        **r,
+        smem_limit=t["smem_block"],
+        smem_ok=r["shared"] <= t["smem_block"],
         instr_per_logit=round(r["loop_instr"] * threads / v.logits_per_iter, 2) if v.logits_per_iter else None,
-        grid="x".join(map(str, v.grid)), programs=programs, blocks_per_sm=occ,
+        grid="x".join(map(str, v.grid)),
+        programs=programs,
+        blocks_per_sm=occ,
         waves=round(programs / (t["sms"] * occ), 2) if occ else None,
-        gflop=round(v.flops / 1e9, 3), mbytes=round(v.bytes / 1e6, 3),
-        flop_per_byte=round(v.flops / v.bytes, 1) if v.bytes else None, floor_us=round(floor_us, 2),
+        gflop=round(v.flops / 1e9, 3),
+        mbytes=round(v.bytes / 1e6, 3),
+        flop_per_byte=round(v.flops / v.bytes, 1) if v.bytes else None,
+        floor_us=round(floor_us, 2),
         **v.meta,
     )
 

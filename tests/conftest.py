@@ -31,12 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA with the Triton interpreter off (skipped otherwise)")
-    config.addinivalue_line("markers", "interpreter: runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1 "
-                                       "(skipped where the interpreter is off, e.g. on a GPU machine)")
+    config.addinivalue_line(
+        "markers",
+        "interpreter: runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1 "
+        "(skipped where the interpreter is off, e.g. on a GPU machine)",
+    )
     config.addinivalue_line("markers", "slow: slower CPU test (still run in CI)")
     if SIMULATE and SIMULATE != ("cuda" if torch.cuda.is_available() else "cpu") and not config.option.collectonly:
-        raise pytest.UsageError(f"GROUPVIT_TEST_DEVICE={SIMULATE} simulates another machine's test selection: "
-                                "use it with --collect-only, or unset it to run the tests here")
+        raise pytest.UsageError(
+            f"GROUPVIT_TEST_DEVICE={SIMULATE} simulates another machine's test selection: "
+            "use it with --collect-only, or unset it to run the tests here"
+        )
 
 
 def skip_reason(item: pytest.Item) -> str | None:
@@ -44,8 +49,10 @@ def skip_reason(item: pytest.Item) -> str | None:
     if item.get_closest_marker("gpu") and not (HAS_CUDA and not INTERPRET):
         return "needs a CUDA GPU with the Triton interpreter off (real kernel compilation)"
     if item.get_closest_marker("interpreter") and not INTERPRET:
-        return ("CPU-interpreter test (TRITON_INTERPRET=1); the interpreter is off here, "
-                "the GPU tests (-m gpu) cover the compiled kernels")
+        return (
+            "CPU-interpreter test (TRITON_INTERPRET=1); the interpreter is off here, "
+            "the GPU tests (-m gpu) cover the compiled kernels"
+        )
     return None
 
 
@@ -64,8 +71,10 @@ def pytest_report_collectionfinish(config, start_path, items):
         reason = skip_reason(item)
         where = "device" if "device" in getattr(item, "fixturenames", ()) else "-"
         marks = ",".join(m for m in ("gpu", "interpreter") if item.get_closest_marker(m)) or "-"
-        lines.append(f"selection: {'skip' if reason else 'run'} {where} {marks} {item.nodeid}"
-                     + (f" :: {reason}" if reason else ""))
+        lines.append(
+            f"selection: {'skip' if reason else 'run'} {where} {marks} {item.nodeid}"
+            + (f" :: {reason}" if reason else "")
+        )
     return lines
 
 

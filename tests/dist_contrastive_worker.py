@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def global_inputs(b: int, d: int, k: int, world: int, theta: float, dtype: torch.dtype, seed: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def global_inputs(
+    b: int, d: int, k: int, world: int, theta: float, dtype: torch.dtype, seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The global batch ``image [W*B, D]``, ``text [W*B*K, D]`` (rank-major) and ``theta`` (0-dim)."""
     g = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(world * b, d, generator=g, dtype=torch.float64), dim=-1)

@@ -31,8 +31,13 @@ def ddp_step_case(rank: int, world: int, local_batch: int, micro_batches: list[i
         m = deterministic_towers(model.module)
         opt = build_optimizer(m, lr=1e-3)
         losses = [train_step(model, groupvit.GroupViTLoss(), opt, batch, micro_batch=micro)["loss"] for _ in range(2)]
-        out.append({"loss": losses, "grads": {n: p.grad.clone() for n, p in m.named_parameters()},
-                    "params": {n: p.detach().clone() for n, p in m.named_parameters()},
-                    "buffers": {n: b.clone() for n, b in m.named_buffers()},
-                    "opt": [{k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()]})
+        out.append(
+            {
+                "loss": losses,
+                "grads": {n: p.grad.clone() for n, p in m.named_parameters()},
+                "params": {n: p.detach().clone() for n, p in m.named_parameters()},
+                "buffers": {n: b.clone() for n, b in m.named_buffers()},
+                "opt": [{k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()],
+            }
+        )
     return out

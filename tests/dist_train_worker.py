@@ -28,11 +28,17 @@ def sync_bn_case(rank: int, world: int) -> dict:
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
         bn.bias.copy_(torch.linspace(-1, 1, 5))
-    xs = x[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+    xs = x[rank * n : (rank + 1) * n].clone().requires_grad_(True)
     y = bn(xs)
-    (y * w[rank * n:(rank + 1) * n]).sum().backward()
-    return {"y": y.detach(), "gx": xs.grad, "gw": bn.weight.grad, "gb": bn.bias.grad,
-            "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
+    (y * w[rank * n : (rank + 1) * n]).sum().backward()
+    return {
+        "y": y.detach(),
+        "gx": xs.grad,
+        "gw": bn.weight.grad,
+        "gb": bn.bias.grad,
+        "running_mean": bn.running_mean.clone(),
+        "running_var": bn.running_var.clone(),
+    }
 
 
 def main() -> None:
@@ -46,10 +52,15 @@ def main() -> None:
     cfg = load_config(cfg_path)
     summary = train(cfg)
     rank = int(os.environ["RANK"])
-    torch.save({"history": summary["history"], "world_size": summary["world_size"],
-                "params": {k: v.detach().clone() for k, v in summary["model"].state_dict().items()},
-                "bn_type": type(summary["model"].img_projector.linear_hidden[1]).__name__},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "history": summary["history"],
+            "world_size": summary["world_size"],
+            "params": {k: v.detach().clone() for k, v in summary["model"].state_dict().items()},
+            "bn_type": type(summary["model"].img_projector.linear_hidden[1]).__name__,
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     assert dataclasses.is_dataclass(cfg)
 
 

@@ -37,8 +37,9 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
     """``fn(rank, world, *args)`` on ``world`` gloo processes; returns the per-rank results (must be picklable
     module-level functions and torch-serialisable results)."""
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            _worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=False, start_method="spawn"
+        )
         try:
             while not ctx.join(timeout=timeout):
                 pass

@@ -16,8 +16,9 @@ from kernels.tolerance import ATOL, describe_mismatch, parity
 __all__ = ["ATOL", "assert_close", "assert_parity", "describe_mismatch", "deterministic_towers", "make_batch"]
 
 
-def assert_parity(out: Tensor, out_lp: Tensor, ref_hp: Tensor, *, factor: float = 2.0, atol: float | None = None,
-                  name: str = "output") -> None:
+def assert_parity(
+    out: Tensor, out_lp: Tensor, ref_hp: Tensor, *, factor: float = 2.0, atol: float | None = None, name: str = "output"
+) -> None:
     """Kernel ``out`` vs high-precision ``ref_hp``, allowed ``factor`` x the same-dtype eager error + atol."""
     assert out.shape == ref_hp.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_hp.shape)}"
     res = parity(out, out_lp, ref_hp, factor=factor, atol=atol)
@@ -40,8 +41,10 @@ def make_batch(b: int, seed: int = 0, ctx: int = 16) -> dict[str, torch.Tensor]:
     words = ["red", "green", "blue", "circle", "square", "triangle", "dog", "sky"]
     texts = [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(4 * b)]
     g = torch.Generator().manual_seed(seed)
-    return {"images": torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64),
-            "texts": tokenize(texts, ctx).reshape(b, 4, ctx)}
+    return {
+        "images": torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64),
+        "texts": tokenize(texts, ctx).reshape(b, 4, ctx),
+    }
 
 
 def deterministic_towers(model: groupvit.GroupViT) -> groupvit.GroupViT:

@@ -191,8 +191,9 @@ def test_nan_propagates_like_the_reference(where, mode, device):
     out_e, g_e = _run(R.assign_attention, q, k, v, dout, **kw)
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out_k, *g_k), (out_e, *g_e)):
         assert bool(e.isnan().any()), f"{name}: the reference should produce NaN here"
-        assert torch.equal(a.isnan(), e.isnan()), f"{name}: NaN at {int(a.isnan().sum())} places, reference " \
-                                                   f"{int(e.isnan().sum())}"
+        assert torch.equal(a.isnan(), e.isnan()), (
+            f"{name}: NaN at {int(a.isnan().sum())} places, reference {int(e.isnan().sum())}"
+        )
         ok = ~e.isnan()
         assert_close(a[ok], e[ok], atol=1e-4, rtol=1e-4, name=name)
 
@@ -200,19 +201,28 @@ def test_nan_propagates_like_the_reference(where, mode, device):
 # ---- gradients --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("b, kw", [(1, dict()), (2, dict(gumbel=True, tau=0.7, eps=0.5, scale=0.4))],
-                         ids=["plain", "noise"])
+@pytest.mark.parametrize(
+    "b, kw", [(1, dict()), (2, dict(gumbel=True, tau=0.7, eps=0.5, scale=0.4))], ids=["plain", "noise"]
+)
 def test_soft_gradcheck_fp64(b, kw, device):
     """Soft mode is smooth: finite differences in fp64 through the (interpreted) kernel. Full Jacobian at B = 1,
     gradcheck's fast mode (random projections) at B = 2 to keep the interpreter time down."""
     gen = torch.Generator(device="cpu").manual_seed(2)
     g, n, c = 3, 5, 4
-    q, k, v = (torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-               for s in ((b, g, c), (b, n, c), (b, n, c)))
+    q, k, v = (
+        torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+        for s in ((b, g, c), (b, n, c), (b, n, c))
+    )
     if kw.get("gumbel"):
         kw = dict(kw, noise=aa.gumbel_noise(7, 0, (b, g, n), device))
-    assert torch.autograd.gradcheck(lambda q, k, v: aa.assign_attention(q, k, v, hard=False, **kw), (q, k, v),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=b > 1)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: aa.assign_attention(q, k, v, hard=False, **kw),
+        (q, k, v),
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-4,
+        fast_mode=b > 1,
+    )
 
 
 # ---- determinism, guards, block sizes ---------------------------------------------------------------------------
@@ -231,7 +241,7 @@ def _guarded(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, p
     """A NaN-filled buffer and a contiguous view into its middle: the kernel must fill the view and nothing else."""
     numel = math.prod(shape)
     buf = torch.full((pad + numel + pad,), float("nan"), dtype=dtype, device=device)
-    return buf, buf[pad:pad + numel].view(shape)
+    return buf, buf[pad : pad + numel].view(shape)
 
 
 def _assert_guarded(buf: Tensor, view: Tensor, name: str, pad: int = 257) -> None:
@@ -239,9 +249,15 @@ def _assert_guarded(buf: Tensor, view: Tensor, name: str, pad: int = 257) -> Non
     assert bool(view.isfinite().all()), f"{name}: {int((~view.isfinite()).sum())} elements not written"
 
 
-@pytest.mark.parametrize("c, blocks", [(40, None), (40, dict(BLOCK_G=16, BLOCK_N=16, BLOCK_C=16, SPLITS=2)),
-                                      (61, dict(BLOCK_N=16, BLOCK_C=16, SPLITS=3))],
-                         ids=["default", "3-chunks-2-splits", "4-chunks-3-splits"])
+@pytest.mark.parametrize(
+    "c, blocks",
+    [
+        (40, None),
+        (40, dict(BLOCK_G=16, BLOCK_N=16, BLOCK_C=16, SPLITS=2)),
+        (61, dict(BLOCK_N=16, BLOCK_C=16, SPLITS=3)),
+    ],
+    ids=["default", "3-chunks-2-splits", "4-chunks-3-splits"],
+)
 def test_poisoned_outputs_and_block_invariance(c, blocks, device):
     """Guard-filled outputs (forward and backward launchers, training mode with in-kernel noise); several token
     tiles, 3 or 4 unrolled channel chunks, partial tiles and token splits (partial sums reduced by the launcher)
@@ -264,8 +280,24 @@ def test_poisoned_outputs_and_block_invariance(c, blocks, device):
     ref_out, ref_g = _run(R.assign_attention, q, k, v, dout, gumbel=True, noise=noise, tau=tau)
     assert_close(out, ref_out, atol=1e-5, name="out")
     bufs = [_guarded(t.shape, torch.float32, device) for t in (q, k, v)]
-    aa._launch_bwd(dout, q, k, v, out, d, None, seed, 0, tau, True, aa.NOISE_PHILOX, eps, scale,
-                   grads=tuple(view for _, view in bufs), blocks=blocks)
+    aa._launch_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        d,
+        None,
+        seed,
+        0,
+        tau,
+        True,
+        aa.NOISE_PHILOX,
+        eps,
+        scale,
+        grads=tuple(view for _, view in bufs),
+        blocks=blocks,
+    )
     for name, (buf, view), r in zip(("dq", "dk", "dv"), bufs, ref_g):
         _assert_guarded(buf, view, name)
         assert_close(view, r, atol=1e-5, rtol=1e-5, name=name)
@@ -284,17 +316,33 @@ BAD_INPUTS = {
     "channels": (lambda: (_t(2, 4, 8), _t(2, 5, 9), _t(2, 5, 9)), {}, ValueError, r"\(2, 5, 9\)"),
     "k-v": (lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 6, 8)), {}, ValueError, r"v \(2, 6, 8\)"),
     "too-many-groups": (lambda: (_t(1, 257, 8), _t(1, 5, 8), _t(1, 5, 8)), {}, ValueError, r"257.*maximum of 256"),
-    "non-contiguous": (lambda: (_t(2, 4, 8), _t(2, 8, 5).transpose(1, 2), _t(2, 5, 8)), {}, ValueError,
-                       r"k \(2, 5, 8\).*not contiguous.*contiguous\(\)"),
+    "non-contiguous": (
+        lambda: (_t(2, 4, 8), _t(2, 8, 5).transpose(1, 2), _t(2, 5, 8)),
+        {},
+        ValueError,
+        r"k \(2, 5, 8\).*not contiguous.*contiguous\(\)",
+    ),
     "int-dtype": (lambda: (_t(2, 4, 8).long(), _t(2, 5, 8), _t(2, 5, 8)), {}, TypeError, r"int64"),
-    "noise-without-gumbel": (lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8)), dict(noise=_t(2, 4, 5)),
-                             ValueError, r"gumbel=False"),
-    "noise-shape": (lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8)), dict(gumbel=True, noise=_t(2, 5, 4)),
-                    ValueError, r"noise shape \(2, 5, 4\)"),
+    "noise-without-gumbel": (
+        lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8)),
+        dict(noise=_t(2, 4, 5)),
+        ValueError,
+        r"gumbel=False",
+    ),
+    "noise-shape": (
+        lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8)),
+        dict(gumbel=True, noise=_t(2, 5, 4)),
+        ValueError,
+        r"noise shape \(2, 5, 4\)",
+    ),
     "tau": (lambda: (_t(2, 4, 8), _t(2, 5, 8), _t(2, 5, 8)), dict(tau=0.0), ValueError, r"tau"),
     "devices": (lambda: (_t(2, 4, 8), _t(2, 5, 8, device="meta"), _t(2, 5, 8)), {}, ValueError, r"one device"),
-    "meta-device": (lambda: (_t(2, 4, 8, device="meta"), _t(2, 5, 8, device="meta"), _t(2, 5, 8, device="meta")),
-                    {}, ValueError, r"unsupported device meta"),
+    "meta-device": (
+        lambda: (_t(2, 4, 8, device="meta"), _t(2, 5, 8, device="meta"), _t(2, 5, 8, device="meta")),
+        {},
+        ValueError,
+        r"unsupported device meta",
+    ),
 }
 
 
@@ -323,8 +371,7 @@ def test_fp32_backward_too_large_for_shared_memory_says_how_to_fix(monkeypatch):
     with pytest.raises(ValueError) as info:
         aa.assign_attention(q, _t(1, 9, 384), _t(1, 9, 384))
     msg = str(info.value)
-    for part in ("assign_attention", "backward", "shared memory", "G = 64, C = 384", "autocast",
-                 "eager backend"):
+    for part in ("assign_attention", "backward", "shared memory", "G = 64, C = 384", "autocast", "eager backend"):
         assert part in msg, f"{part!r} missing from: {msg}"
     with torch.no_grad(), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):  # past the check: no GPU here
         aa.assign_attention(q, _t(1, 9, 384), _t(1, 9, 384))
@@ -402,8 +449,9 @@ def test_gpu_build_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", _SM90_BUILD], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _SM90_BUILD], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 

@@ -40,8 +40,20 @@ def _quick() -> bench_ops.Settings:
 
 
 def _row(**kw) -> dict[str, str]:
-    base = dict(op="contrastive_loss", case="c1", provider="eager", mode="fwd", metric="ms", unit="ms", p50=1.0,
-                p20=0.9, p80=1.1, dtype="bf16", dims=dict(B=4, D=8), correct="pass")
+    base = dict(
+        op="contrastive_loss",
+        case="c1",
+        provider="eager",
+        mode="fwd",
+        metric="ms",
+        unit="ms",
+        p50=1.0,
+        p20=0.9,
+        p80=1.1,
+        dtype="bf16",
+        dims=dict(B=4, D=8),
+        correct="pass",
+    )
     base.update(kw)
     return common.make_row(ENV, **base)
 
@@ -60,7 +72,11 @@ def test_csv_store_overwrites_by_unique_key(tmp_path):
     assert tuple(header) == common.COLUMNS
     rows = common.read_rows(path)
     assert [(r["mode"], r["metric"], r["dtype"]) for r in rows] == [
-        ("fwd", "ms", "bf16"), ("bwd", "ms", "bf16"), ("fwd", "peak_mb", "bf16"), ("fwd", "ms", "fp32")]
+        ("fwd", "ms", "bf16"),
+        ("bwd", "ms", "bf16"),
+        ("fwd", "peak_mb", "bf16"),
+        ("fwd", "ms", "fp32"),
+    ]
     assert rows[0]["p50"] == "2" and rows[0]["correct"] == "fail: x"
     assert json.loads(rows[0]["dims_json"]) == {"B": 4, "D": 8}
     assert rows[0]["gpu"] == "TestGPU 80GB" and rows[0]["git_sha"] == "abc1234"
@@ -130,8 +146,9 @@ def test_is_oom():
 # ---- bench_ops --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("op,case", [("assign_attention", "g8-n37-c40"), ("contrastive_loss", "b67-d40-k3"),
-                                     ("attention", "causal-odd")])
+@pytest.mark.parametrize(
+    "op,case", [("assign_attention", "g8-n37-c40"), ("contrastive_loss", "b67-d40-k3"), ("attention", "causal-odd")]
+)
 def test_correctness_check_passes_reference_and_catches_wrong_output(op, case):
     spec, c = OPS[op], OPS[op].case(case)
     ref = bench_ops.reference_for(spec, c, torch.float32, CPU)
@@ -139,8 +156,9 @@ def test_correctness_check_passes_reference_and_catches_wrong_output(op, case):
 
     def run(fn):
         args, kw, leaves = bench_ops._inputs(spec, c, torch.float32, CPU)
-        return bench_ops.check(spec, bench_ops._forward_backward(fn, args, kw, leaves, like=torch.float32), ref,
-                               torch.float32)
+        return bench_ops.check(
+            spec, bench_ops._forward_backward(fn, args, kw, leaves, like=torch.float32), ref, torch.float32
+        )
 
     assert run(spec.reference).startswith("pass")
     assert run(lambda *a, **kw: spec.reference(*a, **kw) * 1.01).startswith("fail: out")
@@ -200,8 +218,11 @@ def test_failing_providers_give_rows_not_crashes():
     def oom(*a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    for fn, word in ((boom, "error: RuntimeError: kernel launch failed"), (oom, "oom"),
-                     ("unavailable: no module", "unavailable: no module")):
+    for fn, word in (
+        (boom, "error: RuntimeError: kernel launch failed"),
+        (oom, "oom"),
+        ("unavailable: no module", "unavailable: no module"),
+    ):
         rows = bench_ops.bench_provider(spec, case, torch.float32, "triton", fn, None, _quick(), ENV)
         assert [r["mode"] for r in rows] == list(bench_ops.MODES)
         assert all(r["correct"] == word and r["p50"] == "" and r["metric"] == "ms" for r in rows)
@@ -262,9 +283,18 @@ def test_run_writes_csv_reruns_overwrite_and_max_batch_is_capped(tmp_path, monke
     specs = dict(OPS)
     specs["contrastive_loss"] = dataclasses.replace(OPS["contrastive_loss"], triton="kernels.nope:fn")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kw = dict(out=tmp_path, ops=["contrastive_loss"], tags=["smoke"], dtypes=[torch.float32],
-              providers=["eager", "triton"], cases=["b5-d16"], st=_quick(), max_batch_start=5, max_batch_cap=12,
-              specs=specs)
+    kw = dict(
+        out=tmp_path,
+        ops=["contrastive_loss"],
+        tags=["smoke"],
+        dtypes=[torch.float32],
+        providers=["eager", "triton"],
+        cases=["b5-d16"],
+        st=_quick(),
+        max_batch_start=5,
+        max_batch_cap=12,
+        specs=specs,
+    )
     path = bench_ops.run(**kw)
     rows = common.read_rows(path)
     eager = [r for r in rows if r["provider"] == "eager" and r["case"] == "b5-d16"]
@@ -273,8 +303,10 @@ def test_run_writes_csv_reruns_overwrite_and_max_batch_is_capped(tmp_path, monke
     triton = [r for r in rows if r["provider"] == "triton"]
     assert triton and all(r["correct"].startswith("unavailable") for r in triton)
     mb = [r for r in rows if r["metric"] == "max_batch"]
-    assert {r["provider"]: (r["p50"], r["case"]) for r in mb} == {"eager": ("10", "max-batch-d16"),
-                                                                  "triton": ("", "max-batch-d16")}
+    assert {r["provider"]: (r["p50"], r["case"]) for r in mb} == {
+        "eager": ("10", "max-batch-d16"),
+        "triton": ("", "max-batch-d16"),
+    }
     assert "stop: cap 12" in next(r["correct"] for r in mb if r["provider"] == "eager")
     n = len(rows)
     bench_ops.run(**kw)
@@ -284,11 +316,32 @@ def test_run_writes_csv_reruns_overwrite_and_max_batch_is_capped(tmp_path, monke
 
 
 def test_bench_ops_cli_smoke(tmp_path, capsys):
-    assert bench_ops.main(["--out", str(tmp_path), "--ops", "attention", "--tags", "smoke", "--cases", "cross-odd",
-                           "--dtypes", "fp32", "--providers", "eager,sdpa", "--modes", "fwd", "--quick"]) == 0
+    assert (
+        bench_ops.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--ops",
+                "attention",
+                "--tags",
+                "smoke",
+                "--cases",
+                "cross-odd",
+                "--dtypes",
+                "fp32",
+                "--providers",
+                "eager,sdpa",
+                "--modes",
+                "fwd",
+                "--quick",
+            ]
+        )
+        == 0
+    )
     rows = common.read_rows(tmp_path / "bench.csv")
-    assert {(r["provider"], r["metric"]) for r in rows} == {(p, m) for p in ("eager", "sdpa")
-                                                           for m in ("ms", "tflops", "pct_floor")}
+    assert {(r["provider"], r["metric"]) for r in rows} == {
+        (p, m) for p in ("eager", "sdpa") for m in ("ms", "tflops", "pct_floor")
+    }
     assert all(r["correct"] == "pass" for r in rows)
     assert "cross-odd" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -326,8 +379,19 @@ def test_make_batch_frames_captions_with_sot_and_eot():
 
 def test_bench_model_real_train_step_tiny(tmp_path):
     pytest.importorskip("train.loop")
-    path = bench_model.run(out=tmp_path, preset="groupvit-tiny", batch=2, configs=["eager"], device=CPU, steps=2,
-                           warmup=1, autocast="none", max_batch=True, max_batch_cap=4, max_batch_budget_s=60)
+    path = bench_model.run(
+        out=tmp_path,
+        preset="groupvit-tiny",
+        batch=2,
+        configs=["eager"],
+        device=CPU,
+        steps=2,
+        warmup=1,
+        autocast="none",
+        max_batch=True,
+        max_batch_cap=4,
+        max_batch_budget_s=60,
+    )
     rows = {(r["case"], r["metric"]): r for r in common.read_rows(path)}
     ips = rows[("groupvit-tiny-b2", "images_per_s")]
     ms = rows[("groupvit-tiny-b2", "ms")]
@@ -338,8 +402,18 @@ def test_bench_model_real_train_step_tiny(tmp_path):
 
 def test_bench_model_loss_check_and_unavailable_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_model, "triton_unavailable", lambda device: None)  # the fake step needs no kernels
-    kw = dict(out=tmp_path, preset="groupvit-tiny", batch=2, device=CPU, steps=1, warmup=1, autocast="none",
-              max_batch=False, max_batch_cap=2, max_batch_budget_s=1)
+    kw = dict(
+        out=tmp_path,
+        preset="groupvit-tiny",
+        batch=2,
+        device=CPU,
+        steps=1,
+        warmup=1,
+        autocast="none",
+        max_batch=False,
+        max_batch_cap=2,
+        max_batch_budget_s=1,
+    )
     bench_model.run(configs=["triton", "eager"], step_fn=_fake_step({"eager": 2.0, "triton": 2.5}), **kw)
     rows = {(r["provider"], r["metric"]): r for r in common.read_rows(tmp_path / "bench.csv")}
     assert rows[("eager", "ms")]["correct"].startswith("pass")
@@ -352,8 +426,9 @@ def test_bench_model_loss_check_and_unavailable_paths(tmp_path, monkeypatch):
     bench_model.run(configs=["triton"], step_fn=_fake_step({}), **{**kw, "out": tmp_path / "b"})
     (r,) = common.read_rows(tmp_path / "b" / "bench.csv")
     assert r["correct"].startswith("unavailable") and r["p50"] == ""
-    bench_model.run(configs=["eager"], step_fn="unavailable: no train.loop", **{**kw, "out": tmp_path / "c",
-                                                                                 "max_batch": True})
+    bench_model.run(
+        configs=["eager"], step_fn="unavailable: no train.loop", **{**kw, "out": tmp_path / "c", "max_batch": True}
+    )
     thr, mb = common.read_rows(tmp_path / "c" / "bench.csv")
     assert thr["correct"] == "unavailable: no train.loop" and thr["metric"] == "images_per_s"
     assert mb["metric"] == "max_batch" and mb["p50"] == ""
@@ -372,15 +447,43 @@ def _report_rows() -> list[dict[str, str]]:
         _row(**a, provider="eager", p50=0.5, p20=0.45, p80=0.55),
         _row(**a, provider="eager", metric="pct_floor", unit="% of 3000 GB/s", p50=20.0, p20=None, p80=None),
         _row(**a, provider="triton", p50=0.125, p20=0.12, p80=0.13, correct="fail: out 3/10"),
-        _row(**a, provider="triton", metric="pct_floor", unit="% of 3000 GB/s", p50=80.0, p20=None, p80=None,
-             correct="fail: out 3/10"),
+        _row(
+            **a,
+            provider="triton",
+            metric="pct_floor",
+            unit="% of 3000 GB/s",
+            p50=80.0,
+            p20=None,
+            p80=None,
+            correct="fail: out 3/10",
+        ),
         _row(**a, provider="compile", p50=None, p20=None, p80=None, correct="unavailable: no compiler"),
         _row(**a, provider="eager", metric="peak_mb", unit="MiB", p50=1234.0, p20=None, p80=None),
-        _row(op="contrastive_loss", case="max-batch-k1", provider="triton", mode="fwd_bwd", metric="max_batch",
-             unit="rows", p50=1048576, p20=None, p80=None, correct="unchecked; stop: oom at B=2097152"),
-        _row(op="train_step", case="groupvit-s-b256", provider="triton+compile", mode="step",
-             metric="images_per_s", unit="images/s", p50=2500.0, p20=2400.0, p80=2600.0,
-             dims=dict(B=256), correct="pass (loss 0.1% from eager)"),
+        _row(
+            op="contrastive_loss",
+            case="max-batch-k1",
+            provider="triton",
+            mode="fwd_bwd",
+            metric="max_batch",
+            unit="rows",
+            p50=1048576,
+            p20=None,
+            p80=None,
+            correct="unchecked; stop: oom at B=2097152",
+        ),
+        _row(
+            op="train_step",
+            case="groupvit-s-b256",
+            provider="triton+compile",
+            mode="step",
+            metric="images_per_s",
+            unit="images/s",
+            p50=2500.0,
+            p20=2400.0,
+            p80=2600.0,
+            dims=dict(B=256),
+            correct="pass (loss 0.1% from eager)",
+        ),
     ]
     return rows
 
@@ -441,10 +544,22 @@ def test_gpu_run_dry_run_on_cpu(tmp_path):
     verdict (--dry-run), the gpu-marked tests (collect only), the training step, both op sweeps, the max-batch
     search (time is left) and the report, plus the export of the result files."""
     out, export = tmp_path / "out", tmp_path / "export"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_EXPORT": str(export), "GIT_SHA": "drysha",
-           "GPU_TESTS": "tests/test_contrastive_loss.py", "GPU_RUN_PLOTS": "0"}  # PNGs are covered in-process above
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=400)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPU_RUN_EXPORT": str(export),
+        "GIT_SHA": "drysha",
+        "GPU_TESTS": "tests/test_contrastive_loss.py",
+        "GPU_RUN_PLOTS": "0",
+    }  # PNGs are covered in-process above
+    r = subprocess.run(
+        ["bash", "bench/gpu_run.sh", str(out), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     stages = ("install", "verdict", "tests", "model", "ops_bf16", "ops_fp32", "max_batch", "plot")
@@ -461,20 +576,38 @@ def test_gpu_run_dry_run_on_cpu(tmp_path):
     assert any(r["provider"] == "triton" and r["correct"].startswith("unavailable") for r in rows)
     assert "Would install" in (out / "logs" / "install.log").read_text()
     assert "drysha" in (out / "results.md").read_text()
-    assert sorted(p.name for p in export.iterdir()) == ["bench.csv", "bundle.tar.gz", "results.md", "summary.txt",
-                                                        "verdict.csv", "verdict.md"]
+    assert sorted(p.name for p in export.iterdir()) == [
+        "bench.csv",
+        "bundle.tar.gz",
+        "results.md",
+        "summary.txt",
+        "verdict.csv",
+        "verdict.md",
+    ]
 
 
 def test_gpu_run_without_python_or_time_exits_nonzero(tmp_path):
     """No usable Python: a message that says how to run it, exit 2. Every stage failing or skipped (here: no time
     left for any): exit 2, never 0."""
     env = {**os.environ, "PYTHON": str(tmp_path / "no-python")}
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "a"), "--dry-run"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", "bench/gpu_run.sh", str(tmp_path / "a"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "no Python with torch" in r.stderr and "PYTHON=" in r.stderr
     env = {**os.environ, "PYTHON": sys.executable, "T_TOTAL": "5"}
-    r = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "b"), "--dry-run"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["bash", "bench/gpu_run.sh", str(tmp_path / "b"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     summary = (tmp_path / "b" / "summary.txt").read_text()
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "verdict skipped (total budget" in summary and "stages ok 0" in summary

@@ -72,8 +72,31 @@ def test_bench_tokenizer(benchmark):
 
     tok = tok_mod.ClipTokenizer()
     rng = random.Random(0)
-    words = ["a", "photo", "of", "the", "cat", "dog", "sitting", "on", "red", "chair", "in", "kitchen", "two",
-             "people", "riding", "bicycles", "down", "street", "near", "large", "building", "&amp;", "café"]
+    words = [
+        "a",
+        "photo",
+        "of",
+        "the",
+        "cat",
+        "dog",
+        "sitting",
+        "on",
+        "red",
+        "chair",
+        "in",
+        "kitchen",
+        "two",
+        "people",
+        "riding",
+        "bicycles",
+        "down",
+        "street",
+        "near",
+        "large",
+        "building",
+        "&amp;",
+        "café",
+    ]
     captions = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 20))) for _ in range(256)]
     ids = benchmark(tok, captions)
     assert ids.shape == (256, 77) and bool((ids[:, 0] == 49406).all())
@@ -97,13 +120,20 @@ def test_bench_data_pipeline(benchmark, tmp_path):
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
-    samples = [(f"s{i:03d}", Image.fromarray(torch.randint(0, 256, (48, 64, 3), generator=g, dtype=torch.uint8)
-                                            .numpy()), f"a photo of thing number {i}") for i in range(32)]
+    samples = [
+        (
+            f"s{i:03d}",
+            Image.fromarray(torch.randint(0, 256, (48, 64, 3), generator=g, dtype=torch.uint8).numpy()),
+            f"a photo of thing number {i}",
+        )
+        for i in range(32)
+    ]
     shards = data.write_shards(samples, tmp_path, "bench", maxcount=16)
 
     def one_pass():
-        loader = data.build_train_loader(shards, batch_size=8, num_workers=0, img_size=32, augment=False,
-                                         shuffle_buffer=0, multi_label=0)
+        loader = data.build_train_loader(
+            shards, batch_size=8, num_workers=0, img_size=32, augment=False, shuffle_buffer=0, multi_label=0
+        )
         return [b for b in loader]
 
     batches = benchmark(one_pass)

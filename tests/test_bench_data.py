@@ -34,7 +34,7 @@ def _jpeg(side: int) -> bytes:
 @pytest.mark.parametrize("side", [500, 1024])
 def test_bench_cpu_path_sample(benchmark, side):
     data, t = _jpeg(side), TrainTransform(224)
-    seeds = iter(range(10 ** 9))
+    seeds = iter(range(10**9))
     x = benchmark(lambda: t(decode_image(data), random.Random(next(seeds))))
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
 
@@ -42,7 +42,7 @@ def test_bench_cpu_path_sample(benchmark, side):
 @pytest.mark.parametrize("side", [500, 1024])
 def test_bench_gpu_path_cpu_half(benchmark, side):
     data, aug = _jpeg(side), DeviceAugment(224)
-    seeds = iter(range(10 ** 9))
+    seeds = iter(range(10**9))
 
     def one():
         rng = random.Random(next(seeds))
@@ -68,9 +68,33 @@ def test_bench_data_cli_smoke(tmp_path, capsys):
     for i, side in enumerate((120, 90)):
         (src / f"im{i}.jpg").write_bytes(_jpeg(side))
     out = tmp_path / "r.json"
-    assert bench_data.main(["--samples", "16", "--batch-size", "8", "--images", str(src), "--workers", "1",
-                            "--repeats", "1", "--json", str(out), "--size", "32", "--large-side", "256",
-                            "--device", "cpu", "--device-batch", "4"]) == 0
+    assert (
+        bench_data.main(
+            [
+                "--samples",
+                "16",
+                "--batch-size",
+                "8",
+                "--images",
+                str(src),
+                "--workers",
+                "1",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+                "--size",
+                "32",
+                "--large-side",
+                "256",
+                "--device",
+                "cpu",
+                "--device-batch",
+                "4",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "cores per GPU needed at 8000 pairs/s" in text and "[256-px JPEGs]" in text and "[voc JPEGs]" in text
     assert "device augmentation on cpu:" in text and "per batch of 4" in text

@@ -71,8 +71,21 @@ def test_crafted_file_never_runs_through_any_entry_point(crafted, tmp_path, caps
 
 def test_crafted_file_never_runs_through_dataset_evaluation(crafted, shared_data, capsys):
     path, marker = crafted
-    rc = seg_datasets.main(["--dataset", "voc", "--root", str(shared_data / "vocmini"), "--checkpoint", str(path),
-                            "--limit", "1", "--no-progress", "--device", "cpu"])
+    rc = seg_datasets.main(
+        [
+            "--dataset",
+            "voc",
+            "--root",
+            str(shared_data / "vocmini"),
+            "--checkpoint",
+            str(path),
+            "--limit",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2 and "trust-checkpoint" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -81,8 +94,12 @@ def _install_fake_omegaconf(monkeypatch) -> dict[str, type]:
     """Classes named as OmegaConf's, with the state layout OmegaConf 2.1 pickles (``_metadata``, ``_parent``,
     ``_content`` / ``_val``), so a config pickled with them looks like one in a release file."""
     classes: dict[str, type] = {}
-    for mod, names in {"omegaconf.dictconfig": ["DictConfig"], "omegaconf.listconfig": ["ListConfig"],
-                       "omegaconf.nodes": ["AnyNode"], "omegaconf.base": ["Metadata", "ContainerMetadata"]}.items():
+    for mod, names in {
+        "omegaconf.dictconfig": ["DictConfig"],
+        "omegaconf.listconfig": ["ListConfig"],
+        "omegaconf.nodes": ["AnyNode"],
+        "omegaconf.base": ["Metadata", "ContainerMetadata"],
+    }.items():
         module = types.ModuleType(mod)
         for name in names:
             cls = type(name, (), {"__module__": mod})
@@ -96,10 +113,19 @@ def _install_fake_omegaconf(monkeypatch) -> dict[str, type]:
 def _omegaconf_like(value, c: dict[str, type], parent=None, key=None):
     def meta(kind: str):
         m = c[kind]()
-        m.__dict__.update(ref_type=typing.Any, object_type=dict if kind == "ContainerMetadata" else None,
-                          optional=True, key=key, flags={}, flags_root=False,
-                          resolver_cache=collections.defaultdict(dict), key_type=typing.Any, element_type=typing.Any)
+        m.__dict__.update(
+            ref_type=typing.Any,
+            object_type=dict if kind == "ContainerMetadata" else None,
+            optional=True,
+            key=key,
+            flags={},
+            flags_root=False,
+            resolver_cache=collections.defaultdict(dict),
+            key_type=typing.Any,
+            element_type=typing.Any,
+        )
         return m
+
     if isinstance(value, dict):
         node = c["DictConfig"]()
         node.__dict__.update(_metadata=meta("ContainerMetadata"), _parent=parent)
@@ -115,19 +141,48 @@ def _omegaconf_like(value, c: dict[str, type], parent=None, key=None):
 
 
 def test_official_release_layout_still_loads(tmp_path, monkeypatch):
-    official = {"model": {"type": "MultiLabelContrastive", "img_encoder": {
-        "type": "GroupViT", "img_size": 32, "patch_size": 4, "embed_dim": 64, "depths": [1, 1, 1], "num_heads": [2, 2, 2],
-        "num_group_tokens": [8, 4, 0], "num_output_groups": [8, 4], "drop_path_rate": 0.0, "embed_factors": [1, 1, 1]},
-        "text_encoder": {"type": "TextTransformer", "context_length": 16, "width": 64, "layers": 2, "heads": 2,
-                         "vocab_size": 49408},
-        "contrast_temperature": 0.07, "proj_num_layers": 2, "output_dim": 32,
-        "multi_label": "${data.text_aug.multi_label}"}, "data": {"text_aug": {"multi_label": 2}}, "tag": None}
+    official = {
+        "model": {
+            "type": "MultiLabelContrastive",
+            "img_encoder": {
+                "type": "GroupViT",
+                "img_size": 32,
+                "patch_size": 4,
+                "embed_dim": 64,
+                "depths": [1, 1, 1],
+                "num_heads": [2, 2, 2],
+                "num_group_tokens": [8, 4, 0],
+                "num_output_groups": [8, 4],
+                "drop_path_rate": 0.0,
+                "embed_factors": [1, 1, 1],
+            },
+            "text_encoder": {
+                "type": "TextTransformer",
+                "context_length": 16,
+                "width": 64,
+                "layers": 2,
+                "heads": 2,
+                "vocab_size": 49408,
+            },
+            "contrast_temperature": 0.07,
+            "proj_num_layers": 2,
+            "output_dim": 32,
+            "multi_label": "${data.text_aug.multi_label}",
+        },
+        "data": {"text_aug": {"multi_label": 2}},
+        "tag": None,
+    }
     src = groupvit.GroupViT(GroupViTConfig.from_official({**official["model"], "multi_label": 2}))
     with monkeypatch.context() as m:
         c = _install_fake_omegaconf(m)
-        payload = {"model": src.state_dict(), "config": _omegaconf_like(official, c), "epoch": 29,
-                   "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]}, "max_miou": 52.3,
-                   "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}
+        payload = {
+            "model": src.state_dict(),
+            "config": _omegaconf_like(official, c),
+            "epoch": 29,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+            "max_miou": 52.3,
+            "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}},
+        }
         torch.save(payload, tmp_path / "release.pth")
     assert "omegaconf.dictconfig" not in sys.modules  # loading must not need (or import) omegaconf
     with warnings.catch_warnings():
@@ -203,13 +258,15 @@ def test_safetensors_file_and_export_folder(tiny, tmp_path):
         sd = groupvit.export_hf(tiny, tmp_path / "export")
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
     back = load_checkpoint(tmp_path / "w.safetensors", groupvit.create_model("groupvit-tiny"))
-    assert all(torch.equal(v, back.state_dict()[k]) for k, v in tiny.state_dict().items()
-               if k != "multi_label_logit_scale")
+    assert all(
+        torch.equal(v, back.state_dict()[k]) for k, v in tiny.state_dict().items() if k != "multi_label_logit_scale"
+    )
     hf = transformers.GroupViTModel.from_pretrained(tmp_path / "export").eval()  # the folder is save_pretrained's
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(hf.get_image_features(pixel_values=images).pooler_output, tiny.encode_image(images),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            hf.get_image_features(pixel_values=images).pooler_output, tiny.encode_image(images), atol=1e-5, rtol=1e-5
+        )
     assert load_checkpoint(tmp_path / "export").cfg.vision == tiny.cfg.vision
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointReadError, match="config.json"):

@@ -194,8 +194,9 @@ def test_deterministic(device):
 
 def _good(device: torch.device | str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    return tuple(t.to(device) for t in (torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g),
-                                        torch.tensor(1.0)))
+    return tuple(
+        t.to(device) for t in (torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g), torch.tensor(1.0))
+    )
 
 
 def _nan_at(t: Tensor, value: float) -> Tensor:
@@ -215,8 +216,12 @@ BAD = {
     "Inf text": (lambda i, t, s: (i, _nan_at(t, float("inf")), s), {"num_prompts": 2}, ValueError, "in text"),
     "NaN theta": (lambda i, t, s: (i, t, torch.tensor(float("nan"))), {"num_prompts": 2}, ValueError, "logit scale"),
     "int features": (lambda i, t, s: (i.long(), t.long(), s), {"num_prompts": 2}, TypeError, "floating-point"),
-    "D too large": (lambda i, t, s: (i.new_ones(4, 600), t.new_ones(8, 600), s), {"num_prompts": 2}, ValueError,
-                    "embedding dim 600"),
+    "D too large": (
+        lambda i, t, s: (i.new_ones(4, 600), t.new_ones(8, 600), s),
+        {"num_prompts": 2},
+        ValueError,
+        "embedding dim 600",
+    ),
 }
 
 
@@ -276,8 +281,7 @@ def test_distributed_gloo_two_ranks(tmp_path):
     for c in DIST_CASES:
         img, txt, theta = global_inputs(c["B"], c["D"], c["K"], world, c["theta"], c["dtype"], c["seed"])
         b, bk = c["B"], c["B"] * c["K"]
-        single = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), g=1.0,
-                      num_prompts=c["K"])
+        single = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), g=1.0, num_prompts=c["K"])
         atol = 1e-10 if c["dtype"] == torch.float64 else 2e-5
         for impl in ("reference", "kernel"):
             ones = [res[r][(c["name"], impl, "ones")] for r in range(world)]

@@ -42,11 +42,14 @@ def _samples(prefix: str, n: int, offset: int = 0):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("shards")
-    a = write_shards(_samples("a", 21), root / "a", "seta", maxcount=7, image_format="png")   # 3 shards
+    a = write_shards(_samples("a", 21), root / "a", "seta", maxcount=7, image_format="png")  # 3 shards
     b = write_shards(_samples("b", 10, 100), root / "b", "setb", maxcount=5, image_format="png")  # 2 shards
     assert len(a) == 3 and len(b) == 2
-    return {"a": str(root / "a" / "seta-{000000..000002}.tar"), "b": str(root / "b" / "setb-{000000..000001}.tar"),
-            "root": str(root)}
+    return {
+        "a": str(root / "a" / "seta-{000000..000002}.tar"),
+        "b": str(root / "b" / "setb-{000000..000001}.tar"),
+        "root": str(root),
+    }
 
 
 def _keys(loader) -> list[str]:
@@ -164,14 +167,14 @@ def _batches(loader, epoch, start=0):
 
 
 def _same(x, y) -> bool:
-    return len(x) == len(y) and all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
-                                    for a, b in zip(x, y))
+    return len(x) == len(y) and all(
+        a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(x, y)
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_and_determinism_epoch_len(shards, num_workers):
-    kw = dict(batch_size=3, num_workers=num_workers, augment=True, img_size=12, shuffle_buffer=8, epoch_len=7,
-              seed=3)
+    kw = dict(batch_size=3, num_workers=num_workers, augment=True, img_size=12, shuffle_buffer=8, epoch_len=7, seed=3)
     urls = [shards["a"], shards["b"]]
     loader = build_train_loader(urls, **kw)
     assert len(loader) == 7
@@ -203,8 +206,7 @@ def test_write_shards_details(tmp_path):
     again = write_shards(_samples("w", 7), tmp_path / "y", "p", maxcount=3)
     assert all(Path(p).read_bytes() == Path(q).read_bytes() for p, q in zip(paths, again))  # reproducible bytes
     with tarfile.open(paths[0]) as tf:
-        assert tf.getnames() == ["w00000.jpg", "w00000.txt", "w00001.jpg", "w00001.txt", "w00002.jpg",
-                                 "w00002.txt"]
+        assert tf.getnames() == ["w00000.jpg", "w00000.txt", "w00001.jpg", "w00001.txt", "w00002.jpg", "w00002.txt"]
     with pytest.raises(ValueError, match="key"):
         write_shards([("a.b", None, "x")], tmp_path / "z", "p")
     with pytest.raises(TypeError, match="image"):
@@ -265,8 +267,10 @@ def test_corrupt_jpeg_logged_with_shard_and_key(bad_shards, caplog):
 def test_shard_globs(shards):
     root = shards["root"]
     assert expand_urls(f"{root}/a/*.tar") == [f"{root}/a/seta-00000{i}.tar" for i in range(3)]
-    assert expand_urls([f"{root}/{{a,b}}/set?-000000.tar"]) == [f"{root}/a/seta-000000.tar",
-                                                                f"{root}/b/setb-000000.tar"]
+    assert expand_urls([f"{root}/{{a,b}}/set?-000000.tar"]) == [
+        f"{root}/a/seta-000000.tar",
+        f"{root}/b/setb-000000.tar",
+    ]
     assert sorted(_keys(_loader(f"{root}/*/*.tar"))) == sorted(_keys(_loader([shards["a"], shards["b"]])))
     with pytest.raises(FileNotFoundError, match=r"globbed, e.g. 'dir/\*.tar'"):
         expand_urls(f"{root}/nothing-*.tar")

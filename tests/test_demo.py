@@ -22,8 +22,18 @@ def keep_threads():
 
 def test_demo_end_to_end_at_toy_size(tmp_path, capsys, keep_threads):
     out = tmp_path / "demo"
-    rc = demo.main(["--out", str(out), "--steps", "3", "data.synthetic_train=96", "data.synthetic_val=5",
-                    "data.batch_size=16", "data.num_workers=0"])
+    rc = demo.main(
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "data.synthetic_train=96",
+            "data.synthetic_val=5",
+            "data.batch_size=16",
+            "data.num_workers=0",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "demo_result.json").read_text())
     assert res["steps"] == 3 and res["val_images"] == 5 and res["eval_scale"] == demo.EVAL_SCALE

@@ -51,9 +51,9 @@ def test_overlay_scales_small_images_above_their_legend(size):
     k = drawing.display_scale(h, w)
     assert k == (1 if min(h, w) >= drawing.MIN_SIDE else -(-drawing.MIN_SIDE // min(h, w)))
     assert im.shape[0] == max(h * k, im.shape[0]) and im.shape[0] == h * k  # the legend fits beside the picture
-    left = im[:h * k, :w * k]
+    left = im[: h * k, : w * k]
     np.testing.assert_array_equal(left[::k, ::k], drawing.tint(rgb, lab, colors))  # nearest-neighbour upscale
-    legend = im[:, w * k:].reshape(-1, 3)
+    legend = im[:, w * k :].reshape(-1, 3)
     for c in colors:
         assert (legend == c).all(axis=1).sum() >= 25  # one box per label present
 
@@ -65,6 +65,6 @@ def test_panel_figure_has_one_legend_below():
     top, title, gap = 16, 14, 4
     rows_h = 2 * (32 * 3 + title)
     assert im.shape[1] == 4 * (32 * 3 + gap) - gap
-    body, legend = im[:top + rows_h].reshape(-1, 3), im[top + rows_h:].reshape(-1, 3)
+    body, legend = im[: top + rows_h].reshape(-1, 3), im[top + rows_h :].reshape(-1, 3)
     assert (legend == (215, 35, 35)).all(axis=1).sum() >= 25 and (body == (215, 35, 35)).all(axis=1).sum() == 0
-    assert (im[top + title:top + title + 96, :96] == 0).all()  # tile 0 scaled 3x
+    assert (im[top + title : top + title + 96, :96] == 0).all()  # tile 0 scaled 3x

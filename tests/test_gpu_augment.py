@@ -90,7 +90,7 @@ def test_sample_params_reproducible_and_distributed_as_the_recipe():
     on = erase[:, 0] > 0
     assert abs(on.mean() - 0.25) < 0.03
     top, left, h, w = erase[on, 1:].T
-    assert (top + h <= 224).all() and (left + w <= 224).all() and (h * w >= 0.015 * 224 ** 2).all()
+    assert (top + h <= 224).all() and (left + w <= 224).all() and (h * w >= 0.015 * 224**2).all()
     off = DeviceAugment(32, augment=False)
     assert not off.sample_params(random.Random(0)).any()
 
@@ -123,8 +123,9 @@ def test_decode_crop_uses_dct_scaling_for_large_jpegs(monkeypatch):
     # a PNG (no DCT scaling) gives exactly the full-decode crop
     buf = io.BytesIO()
     full.save(buf, format="PNG")
-    np.testing.assert_array_equal(decode_crop(buf.getvalue(), 64, random.Random(1)),
-                                  np.array(random_resized_crop(full, 64, random.Random(1))))
+    np.testing.assert_array_equal(
+        decode_crop(buf.getvalue(), 64, random.Random(1)), np.array(random_resized_crop(full, 64, random.Random(1)))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +190,26 @@ def test_training_killed_and_resumed_with_gpu_augmentation(jpeg_shards, tmp_path
     from train.loop import train
 
     def cfg(out, **kw):
-        ov = {"data.train_shards": [jpeg_shards], "data.batch_size": 4, "data.num_workers": 0, "data.img_size": 32,
-              "data.shuffle_buffer": 8, "data.augment_on": "gpu", "data.multi_label": 0,
-              "model.preset": "groupvit-tiny", "optim.steps_per_epoch": 1, "optim.epochs": 2,
-              "optim.warmup_epochs": 0.5, "optim.lr_ref_batch": 4, "output_dir": str(out), "log_interval": 1,
-              "ckpt_interval": 100, "progress": False, "seed": 5, **kw}
+        ov = {
+            "data.train_shards": [jpeg_shards],
+            "data.batch_size": 4,
+            "data.num_workers": 0,
+            "data.img_size": 32,
+            "data.shuffle_buffer": 8,
+            "data.augment_on": "gpu",
+            "data.multi_label": 0,
+            "model.preset": "groupvit-tiny",
+            "optim.steps_per_epoch": 1,
+            "optim.epochs": 2,
+            "optim.warmup_epochs": 0.5,
+            "optim.lr_ref_batch": 4,
+            "output_dir": str(out),
+            "log_interval": 1,
+            "ckpt_interval": 100,
+            "progress": False,
+            "seed": 5,
+            **kw,
+        }
         return load_config(overrides=ov)
 
     full = [h["loss"] for h in train(cfg(tmp_path / "full"))["history"]]

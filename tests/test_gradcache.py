@@ -36,9 +36,11 @@ def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 def _step_state(model: groupvit.GroupViT, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    st = {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-          "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-          "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+    st = {
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+    }
     st["opt"] = {f"{n}.{k}": v.clone() for n, p in model.named_parameters() for k, v in opt.state[p].items()}
     return st
 
@@ -274,11 +276,26 @@ def test_driver_with_micro_batches_resumes_exactly(tmp_path):
     shards = write_synthetic_shards(tmp_path / "data", n_train=8, n_val=0, seed=0, size=32, shard_size=4)
 
     def cfg(out: Path, **kw):
-        ov = {"data.train_shards": [shards.train_pattern], "data.batch_size": 4, "data.num_workers": 0,
-              "data.img_size": 32, "data.shuffle_buffer": 4, "data.augment": False, "data.multi_label": 0,
-              "model.preset": TINY, "optim.steps_per_epoch": 2, "optim.epochs": 1, "optim.warmup_epochs": 0,
-              "optim.lr_ref_batch": 4, "output_dir": str(out), "log_interval": 1, "progress": False, "seed": 2,
-              "micro_batch": 3, **kw}
+        ov = {
+            "data.train_shards": [shards.train_pattern],
+            "data.batch_size": 4,
+            "data.num_workers": 0,
+            "data.img_size": 32,
+            "data.shuffle_buffer": 4,
+            "data.augment": False,
+            "data.multi_label": 0,
+            "model.preset": TINY,
+            "optim.steps_per_epoch": 2,
+            "optim.epochs": 1,
+            "optim.warmup_epochs": 0,
+            "optim.lr_ref_batch": 4,
+            "output_dir": str(out),
+            "log_interval": 1,
+            "progress": False,
+            "seed": 2,
+            "micro_batch": 3,
+            **kw,
+        }
         return load_config(overrides=ov)
 
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):

@@ -29,8 +29,14 @@ def test_gate_ci_subset(tmp_path):
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "bench.kernel_report", "--subset", "ci", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_report", "--subset", "ci", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     rows = list(csv.DictReader(open(out.with_suffix(".csv")))) if out.with_suffix(".csv").exists() else []
     bad = [f"{r['op']}/{r['kernel']} {r['dtype']} {r['config']}: {r['gate']}" for r in rows if r["gate"] != "ok"]
     assert proc.returncode == 0 and not bad, "\n".join(bad) or proc.stderr[-3000:]
@@ -43,8 +49,15 @@ def test_gate_ci_subset(tmp_path):
 
 
 def _row(**kw):
-    row = dict(spill_stores=0, spill_loads=0, shared=1000, smem_limit=227 * 1024, smem_ok=True, fma_tc_dots=0,
-               dots="wgmma:bf16")
+    row = dict(
+        spill_stores=0,
+        spill_loads=0,
+        shared=1000,
+        smem_limit=227 * 1024,
+        smem_ok=True,
+        fma_tc_dots=0,
+        dots="wgmma:bf16",
+    )
     row.update(kw)
     return row
 
@@ -74,14 +87,31 @@ module {
 def test_ttgir_dots():
     dots = kv.ttgir_dots(TTGIR)
     assert [(d["unit"], d["dtype"], d["precision"]) for d in dots] == [
-        ("wgmma", "f32", "tf32"), ("mma", "bf16", ""), ("fma", "f32", "ieee"), ("fma", "f32", "tf32")]
+        ("wgmma", "f32", "tf32"),
+        ("mma", "bf16", ""),
+        ("fma", "f32", "ieee"),
+        ("fma", "f32", "tf32"),
+    ]
     assert [kv._tc_eligible(d) for d in dots] == [True, True, False, True]  # an fp32 ieee dot may use FMA
 
 
 def test_sass_loops_and_counts():
     # prologue; outer loop 0x20..0x90 holding an MMA and an inner loop 0x40..0x60; a second loop 0xa0..0xb0
-    ops = ["MOV", "S2R", "HGMMA.64x64x16", "FADD", "FFMA", "MUFU.EX2", "BRA 0x40", "FMNMX", "FADD", "BRA 0x20",
-           "HMMA.16816", "BRA 0xa0", "EXIT"]
+    ops = [
+        "MOV",
+        "S2R",
+        "HGMMA.64x64x16",
+        "FADD",
+        "FFMA",
+        "MUFU.EX2",
+        "BRA 0x40",
+        "FMNMX",
+        "FADD",
+        "BRA 0x20",
+        "HMMA.16816",
+        "BRA 0xa0",
+        "EXIT",
+    ]
     ins = [(16 * i, op.split()[0], " " + op.split()[1] if " " in op else "", False) for i, op in enumerate(ops)]
     s = kv.sass_summary(ins, inner_trips=3)
     assert s["loops"] == 3 and s["sass"] == 13 and s["sass_mma"] == 2
@@ -92,16 +122,25 @@ def test_sass_loops_and_counts():
 
 def test_fast_path_skips_fallback_blocks():
     # loop 0x00..0x70: a conditional branch over a 3-instruction block to an unconditional branch over 1 more
-    ops = [("HGMMA", "", False), ("BRA", " 0x50", True), ("MUFU", "", False), ("MUFU", "", False),
-           ("FADD", "", False), ("BRA", " 0x70", False), ("FMUL", "", False), ("BRA", " 0x0", True)]
+    ops = [
+        ("HGMMA", "", False),
+        ("BRA", " 0x50", True),
+        ("MUFU", "", False),
+        ("MUFU", "", False),
+        ("FADD", "", False),
+        ("BRA", " 0x70", False),
+        ("FMUL", "", False),
+        ("BRA", " 0x0", True),
+    ]
     ins = [(16 * i, op, rest, pred) for i, (op, rest, pred) in enumerate(ops)]
     s = kv.sass_summary(ins)
     assert s["loop_static"] == 8 and s["loop_instr"] == 4  # HGMMA, @P BRA 0x50, BRA 0x70, @P BRA 0x0
 
 
-
-@pytest.mark.parametrize("arch,regs,shared,warps,expect", [(90, 128, 100 * 1024, 4, 2), (90, 255, 0, 8, 1),
-                                                            (80, 64, 100 * 1024, 4, 1), (90, 32, 0, 4, 16)])
+@pytest.mark.parametrize(
+    "arch,regs,shared,warps,expect",
+    [(90, 128, 100 * 1024, 4, 2), (90, 255, 0, 8, 1), (80, 64, 100 * 1024, 4, 1), (90, 32, 0, 4, 16)],
+)
 def test_occupancy(arch, regs, shared, warps, expect):
     assert kv.occupancy(regs, shared, warps, arch) == expect
 
@@ -113,7 +152,18 @@ def test_interpreted_kernel_is_refused():
 
     if not cl.INTERPRET:
         pytest.skip("kernels built in compiled mode in this process")
-    v = kv.Variant(op="x", kernel="fwd", case="c", dtype="bf16", fn=cl._fwd_kernel, args=dict(ACC=tl.float32),
-                   num_warps=4, num_stages=1, grid=(1,), flops=1.0, bytes=1.0)
+    v = kv.Variant(
+        op="x",
+        kernel="fwd",
+        case="c",
+        dtype="bf16",
+        fn=cl._fwd_kernel,
+        args=dict(ACC=tl.float32),
+        num_warps=4,
+        num_stages=1,
+        grid=(1,),
+        flops=1.0,
+        bytes=1.0,
+    )
     with pytest.raises(TypeError, match="TRITON_INTERPRET unset or 0"):
         kv.analyze(v, 90)

@@ -41,8 +41,11 @@ def module_name(path: Path, root: Path) -> str:
 
 def scan(root: Path, packages: tuple[str, ...] = PACKAGES) -> tuple[dict[str, ast.Module], list[Import]]:
     """Parse every module of ``packages`` under ``root``: ``({module: tree}, [first-party imports])``."""
-    trees = {module_name(f, root): ast.parse(f.read_text(), str(f))
-             for p in packages for f in sorted((root / p).rglob("*.py"))}
+    trees = {
+        module_name(f, root): ast.parse(f.read_text(), str(f))
+        for p in packages
+        for f in sorted((root / p).rglob("*.py"))
+    }
 
     def resolve(name: str) -> str | None:  # longest module prefix of a dotted name
         while name and name not in trees:
@@ -140,27 +143,38 @@ TREES, IMPORTS = scan(ROOT)
 
 
 def test_import_graph_has_no_cycle():
-    assert not cycles(IMPORTS), ("first-party import cycles (imports inside functions count): "
-                                 f"{cycles(IMPORTS)}; move the shared code down into a module both can import")
+    assert not cycles(IMPORTS), (
+        "first-party import cycles (imports inside functions count): "
+        f"{cycles(IMPORTS)}; move the shared code down into a module both can import"
+    )
 
 
 def test_imports_point_down_the_layers():
     bad = upward(IMPORTS)
-    assert not bad, ("imports against the layers kernels -> groupvit -> train -> bench (a lower layer may not "
-                     f"know a higher one):\n{_show(bad)}")
+    assert not bad, (
+        "imports against the layers kernels -> groupvit -> train -> bench (a lower layer may not "
+        f"know a higher one):\n{_show(bad)}"
+    )
 
 
 def test_library_imports_sit_at_module_level():
     bad = hidden(TREES, IMPORTS)
-    assert not bad, ("first-party imports inside functions of kernels/ or groupvit/ (only modules that import triton "
-                     f"are loaded lazily); move them to the top of the module:\n{_show(bad)}")
+    assert not bad, (
+        "first-party imports inside functions of kernels/ or groupvit/ (only modules that import triton "
+        f"are loaded lazily); move them to the top of the module:\n{_show(bad)}"
+    )
 
 
 def _strings(tree: ast.Module) -> list[ast.Constant]:
     """String constants of a module except docstrings (f-string parts included)."""
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
 
 
@@ -168,8 +182,13 @@ def test_kernels_name_nothing_above_them():
     """Dotted paths and user advice in kernels/ (error messages) do not name groupvit, train or bench APIs: a kernel
     says what to do in its own terms ("select the eager backend")."""
     words = ("groupvit.", "train.", "bench.", "set_backend", "set_attention", "ops.")
-    bad = [f"  {m}:{s.lineno}: {s.value!r}" for m, t in TREES.items() if m.split(".")[0] == "kernels"
-           for s in _strings(t) if any(w in s.value for w in words)]
+    bad = [
+        f"  {m}:{s.lineno}: {s.value!r}"
+        for m, t in TREES.items()
+        if m.split(".")[0] == "kernels"
+        for s in _strings(t)
+        if any(w in s.value for w in words)
+    ]
     assert not bad, "kernels/ strings naming an upper layer:\n" + "\n".join(bad)
     assert all(spec.triton is None or spec.triton.startswith("kernels.") for spec in OPS.values())
 
@@ -204,5 +223,7 @@ def test_guards_find_planted_faults(tmp_path):
     trees, found = scan(tmp_path)
     assert cycles(found) == [["bench.x", "train.t"], ["groupvit.b", "kernels.a"]]
     assert {(i.source, i.target) for i in upward(found)} == {("kernels.a", "groupvit.b"), ("train.t", "bench.x")}
-    assert sorted((i.source, i.target, i.line) for i in hidden(trees, found)) == [("groupvit.b", "groupvit.c", 5),
-                                                                                    ("kernels.a", "groupvit.b", 2)]
+    assert sorted((i.source, i.target, i.line) for i in hidden(trees, found)) == [
+        ("groupvit.b", "groupvit.c", 5),
+        ("kernels.a", "groupvit.b", 2),
+    ]

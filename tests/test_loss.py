@@ -63,8 +63,12 @@ def test_model_loss_is_sum_of_both_terms():
     out = model(torch.randn(16, 3, 32, 32), texts)
     losses = groupvit.GroupViTLoss()(out)
     img, txt, prompts = out.image_embeds, out.text_embeds, out.prompt_embeds
-    assert losses["loss_itc"].item() == pytest.approx(_direct(img.detach().double(), txt.detach().double(), math.log(1 / 0.07), 1), rel=1e-5)
-    assert losses["loss_ml"].item() == pytest.approx(_direct(img.detach().double(), prompts.detach().double(), math.log(1 / 0.07), 3), rel=1e-5)
+    assert losses["loss_itc"].item() == pytest.approx(
+        _direct(img.detach().double(), txt.detach().double(), math.log(1 / 0.07), 1), rel=1e-5
+    )
+    assert losses["loss_ml"].item() == pytest.approx(
+        _direct(img.detach().double(), prompts.detach().double(), math.log(1 / 0.07), 3), rel=1e-5
+    )
     assert losses["loss"].item() == pytest.approx(losses["loss_itc"].item() + losses["loss_ml"].item(), rel=1e-6)
 
 

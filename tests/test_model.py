@@ -33,7 +33,10 @@ def _hf_model(cfg: GroupViTConfig):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # HF starts group tokens / pos-embed at zero and BN at identity: randomise everything
         for name, p in hf.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.dim() > 1 else 0.1) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * (0.02 if p.dim() > 1 else 0.1)
+                + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            )
         for name, b in hf.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
@@ -88,14 +91,35 @@ def test_hf_round_trip_is_bit_identical():
 
 def test_load_official_release_layout_and_own_checkpoint(tmp_path):
     src = groupvit.create_model("groupvit-tiny")
-    official_cfg = {"model": {
-        "type": "MultiLabelContrastive",
-        "img_encoder": {"type": "GroupViT", "img_size": 32, "patch_size": 4, "embed_dim": 64, "depths": [1, 1, 1],
-                        "num_heads": [2, 2, 2], "num_group_tokens": [8, 4, 0], "num_output_groups": [8, 4],
-                        "drop_path_rate": 0.0, "embed_factors": [1, 1, 1]},
-        "text_encoder": {"type": "TextTransformer", "context_length": 16, "width": 64, "layers": 2, "heads": 2,
-                         "vocab_size": 49408},
-        "contrast_temperature": 0.07, "proj_num_layers": 2, "output_dim": 32, "multi_label": 3}}
+    official_cfg = {
+        "model": {
+            "type": "MultiLabelContrastive",
+            "img_encoder": {
+                "type": "GroupViT",
+                "img_size": 32,
+                "patch_size": 4,
+                "embed_dim": 64,
+                "depths": [1, 1, 1],
+                "num_heads": [2, 2, 2],
+                "num_group_tokens": [8, 4, 0],
+                "num_output_groups": [8, 4],
+                "drop_path_rate": 0.0,
+                "embed_factors": [1, 1, 1],
+            },
+            "text_encoder": {
+                "type": "TextTransformer",
+                "context_length": 16,
+                "width": 64,
+                "layers": 2,
+                "heads": 2,
+                "vocab_size": 49408,
+            },
+            "contrast_temperature": 0.07,
+            "proj_num_layers": 2,
+            "output_dim": 32,
+            "multi_label": 3,
+        }
+    }
     cfg = GroupViTConfig.from_official(official_cfg["model"]).replace(proj_hidden_dim=128)
     assert cfg.vision == src.cfg.vision and cfg.text == src.cfg.text
     path = tmp_path / "release.pth"
@@ -126,7 +150,7 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(big, model)
     broken = tmp_path / "broken.pth"
     torch.save(model.state_dict(), broken)
-    broken.write_bytes(broken.read_bytes()[: 2000])
+    broken.write_bytes(broken.read_bytes()[:2000])
     with pytest.raises(ValueError, match="not a readable"):
         load_checkpoint(broken, model)
     with pytest.raises(FileNotFoundError):
@@ -226,8 +250,12 @@ def test_demo_preset_model_without_pre_assign_attention():
     assert not any("pre_assign_attn" in k for k in model.state_dict())
     inferred = load_checkpoint(model.state_dict())
     v, w = inferred.cfg.vision, model.cfg.vision
-    assert (v.pre_assign_attn, v.depths, v.num_group_tokens, v.embed_dim) == (False, w.depths, w.num_group_tokens,
-                                                                             w.embed_dim)
+    assert (v.pre_assign_attn, v.depths, v.num_group_tokens, v.embed_dim) == (
+        False,
+        w.depths,
+        w.num_group_tokens,
+        w.embed_dim,
+    )
     with pytest.raises(ValueError, match="pre-assign"):
         groupvit.export_hf(model)
     with pytest.raises(ValueError, match="pre-assign"):

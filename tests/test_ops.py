@@ -53,7 +53,9 @@ def test_attention_fast_paths_match_reference(case, impl):
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_attention_passes_scale_through(impl):
     """``scale`` reaches the implementation: 0.37 is neither the default Dh ** -0.5 (0.25) nor 1."""
-    (q, k, v), _ = OPS["attention"].make_inputs(OPS["attention"].case("cross-odd"), torch.float64, torch.device("cpu"), 0)
+    (q, k, v), _ = OPS["attention"].make_inputs(
+        OPS["attention"].case("cross-odd"), torch.float64, torch.device("cpu"), 0
+    )
     with ops.use_attention(impl):
         out = ops.attention(q, k, v, scale=0.37)
     want = torch.softmax(0.37 * q @ k.transpose(-1, -2), dim=-1) @ v
@@ -61,8 +63,9 @@ def test_attention_passes_scale_through(impl):
 
 
 def test_assign_attention_passes_scale_through():
-    (q, k, v), kw = OPS["assign_attention"].make_inputs(OPS["assign_attention"].case("g16-n37-c24-soft"),
-                                                         torch.float64, torch.device("cpu"), 0)
+    (q, k, v), kw = OPS["assign_attention"].make_inputs(
+        OPS["assign_attention"].case("g16-n37-c24-soft"), torch.float64, torch.device("cpu"), 0
+    )
     out = ops.assign_attention(q, k, v, scale=0.37, **kw)
     torch.testing.assert_close(out, reference.assign_attention(q, k, v, scale=0.37, **kw), rtol=0, atol=0)
     assert not torch.allclose(out, reference.assign_attention(q, k, v, **kw))

@@ -31,9 +31,12 @@ def philox_ref(seed: int, offsets: np.ndarray, n_rounds: int = 10) -> np.ndarray
     k1 = np.full_like(c0, np.uint32(s >> np.uint64(32)))
     for _ in range(n_rounds):
         p0, p2 = ra * c0.astype(np.uint64), rb * c2.astype(np.uint64)
-        c0, c2, c1, c3 = ((p2 >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0,
-                          (p0 >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1,
-                          (p2 & lo).astype(np.uint32), (p0 & lo).astype(np.uint32))
+        c0, c2, c1, c3 = (
+            (p2 >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0,
+            (p0 >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1,
+            (p2 & lo).astype(np.uint32),
+            (p0 & lo).astype(np.uint32),
+        )
         k0, k1 = k0 + ka, k1 + kb
     return np.stack([c0, c1, c2, c3], axis=1)
 
@@ -96,8 +99,9 @@ def test_gumbel_noise_independent_of_block_size(device):
     ref = aa.gumbel_noise(77, 0, (b, g, n), device)
     for bn, bg in ((16, 4), (32, 8), (64, 16)):
         out = torch.full((b, g, n), float("nan"), device=device)
-        aa._gumbel_kernel[(math.ceil(n / bn), math.ceil(g / bg), b)](out, 77, 0, g, n, BLOCK_N=bn, BLOCK_G=bg,
-                                                                     CTR64=False)
+        aa._gumbel_kernel[(math.ceil(n / bn), math.ceil(g / bg), b)](
+            out, 77, 0, g, n, BLOCK_N=bn, BLOCK_G=bg, CTR64=False
+        )
         assert torch.equal(out, ref)
 
 
@@ -173,8 +177,9 @@ def test_draw_seed_follows_manual_seed(device):
 
 def test_same_seed_same_bits_new_call_new_noise(device):
     """Training mode: manual_seed reproduces output and grads bitwise; consecutive calls draw different noise."""
-    (q, k, v), _ = OPS["assign_attention"].make_inputs(OPS["assign_attention"].case("g8-n37-c40"),
-                                                        torch.float32, device, 0)
+    (q, k, v), _ = OPS["assign_attention"].make_inputs(
+        OPS["assign_attention"].case("g8-n37-c40"), torch.float32, device, 0
+    )
     q.requires_grad_()
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,14 +201,16 @@ def test_same_seed_same_bits_new_call_new_noise(device):
 def test_kernel_noise_equals_materialised_noise(device):
     """The forward's in-kernel noise is gumbel_noise(draw_seed(), 0, ...) under the same manual_seed (soft mode,
     so every noise value influences the output)."""
-    (q, k, v), _ = OPS["assign_attention"].make_inputs(OPS["assign_attention"].case("odd-7x13x24"),
-                                                        torch.float32, device, 2)
+    (q, k, v), _ = OPS["assign_attention"].make_inputs(
+        OPS["assign_attention"].case("odd-7x13x24"), torch.float32, device, 2
+    )
     torch.manual_seed(8)
     got = aa.assign_attention(q, k, v, gumbel=True, hard=False, tau=0.3)
     torch.manual_seed(8)
     noise = aa.gumbel_noise(aa.draw_seed(device), 0, (3, 7, 13), device)
     want = R.assign_attention(q, k, v, gumbel=True, hard=False, tau=0.3, noise=noise)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
-    other = R.assign_attention(q, k, v, gumbel=True, hard=False, tau=0.3, noise=aa.gumbel_noise(9, 0, (3, 7, 13),
-                                                                                              device))
+    other = R.assign_attention(
+        q, k, v, gumbel=True, hard=False, tau=0.3, noise=aa.gumbel_noise(9, 0, (3, 7, 13), device)
+    )
     assert (other - want).abs().max() > 1e-2

@@ -46,6 +46,7 @@ def test_templates_match_clip_list():
         sys.modules["open_clip"] = pkg
     try:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
         ref = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     finally:
         for name in set(sys.modules) - before:
@@ -60,7 +61,7 @@ def _word_of(prompt: str) -> str:
         pre, post = t.split("{}")
         if prompt.startswith(pre) and prompt.endswith(post) and len(prompt) > len(pre) + len(post):
             if best is None or len(t) > len(best[0]):
-                best = (t, prompt[len(pre): len(prompt) - len(post)])
+                best = (t, prompt[len(pre) : len(prompt) - len(post)])
     assert best is not None, f"not a template prompt: {prompt!r}"
     return best[1]
 
@@ -79,7 +80,7 @@ def test_make_prompts_k3():
 
 def test_padding_with_caption():
     rng = random.Random(1)
-    cap = "a purple square"                       # tagger: purple/NN square/NN -> 2 words
+    cap = "a purple square"  # tagger: purple/NN square/NN -> 2 words
     out = make_prompts(cap, 4, rng)
     assert len(out) == 4 and out[2:] == [cap, cap]
     assert {_word_of(p) for p in out[:2]} == {"purple", "square"}
@@ -110,6 +111,7 @@ def test_bad_args():
 
 def test_missing_tagger_error(monkeypatch, tmp_path):
     import nltk.data
+
     monkeypatch.setenv("NLTK_DATA", str(tmp_path))
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     load_tagger.cache_clear()
@@ -140,8 +142,9 @@ def _shards(root: Path):
 def _texts(urls):
     from train.data import build_train_loader
 
-    loader = build_train_loader(urls, batch_size=2, img_size=8, augment=False, multi_label=3, shuffle_buffer=4,
-                                seed=2, num_workers=0)
+    loader = build_train_loader(
+        urls, batch_size=2, img_size=8, augment=False, multi_label=3, shuffle_buffer=4, seed=2, num_workers=0
+    )
     return [(b["keys"], b["texts"]) for b in loader]
 
 
@@ -173,7 +176,10 @@ def test_precomputed_nouns_give_the_same_prompts(tmp_path, capsys, monkeypatch):
     # resumable: finished shards are left alone
     before = [Path(p).read_bytes() for p in tagged]
     assert prompts.add_nouns([str(tmp_path / "tagged" / "n-{000000..000002}.tar")]) == {
-        "shards": 3, "rewritten": 0, "samples": 0}
+        "shards": 3,
+        "rewritten": 0,
+        "samples": 0,
+    }
     assert [Path(p).read_bytes() for p in tagged] == before
     assert prompts.main(["add-nouns", str(tmp_path / "missing-*.tar")]) == 2
     assert "no shard of pattern" in capsys.readouterr().err

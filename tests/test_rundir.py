@@ -30,6 +30,7 @@ def _cfg(shards: str, out: Path, **kw):  # noqa: F811 (a parameter, not the fixt
 def _strict_json(line: str):
     def bad(token: str):
         raise ValueError(f"non-standard JSON constant {token}")
+
     return json.loads(line, parse_constant=bad)
 
 
@@ -73,8 +74,14 @@ def test_fresh_run_never_overwrites_a_run(shards, tmp_path):  # noqa: F811
     assert not list(out.glob("*.tmp")) and not (out / rundir.LOCK).exists()
     # the synthetic-data folder has its own lock
     data = tmp_path / "data"
-    cfg = load_config(overrides={"data.synthetic_train": 8, "data.synthetic_dir": str(data), "data.img_size": 32,
-                                 "output_dir": str(out)})
+    cfg = load_config(
+        overrides={
+            "data.synthetic_train": 8,
+            "data.synthetic_dir": str(data),
+            "data.img_size": 32,
+            "output_dir": str(out),
+        }
+    )
     with rundir.FolderLock(data, "synthetic-data folder", name=".synthetic.lock"):
         with pytest.raises(rundir.FolderLockedError, match="synthetic-data folder"):
             prepare_synthetic(cfg)
@@ -108,13 +115,33 @@ def test_max_steps_must_be_positive():
 
 def test_sigterm_checkpoints_and_exits_cleanly(shards, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    args = [f"data.train_shards=[{shards}]", "data.batch_size=8", "data.num_workers=1", "data.img_size=32",
-            "data.multi_label=0", "data.augment=false", "model.preset=groupvit-tiny", "optim.steps_per_epoch=4",
-            "optim.epochs=100", "optim.lr_ref_batch=8", f"output_dir={out}", "log_interval=1", "ckpt_interval=1000",
-            "progress=false", "threads=1"]
+    args = [
+        f"data.train_shards=[{shards}]",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "data.img_size=32",
+        "data.multi_label=0",
+        "data.augment=false",
+        "model.preset=groupvit-tiny",
+        "optim.steps_per_epoch=4",
+        "optim.epochs=100",
+        "optim.lr_ref_batch=8",
+        f"output_dir={out}",
+        "log_interval=1",
+        "ckpt_interval=1000",
+        "progress=false",
+        "threads=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

@@ -178,8 +178,9 @@ def _context_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     root = tmp_path / "VOCdevkit" / "VOC2010"
     labels = {}
     for sid, (h, w) in {"2008_000002": (41, 57), "2008_000007": (50, 38), "2008_000009": (33, 33)}.items():
-        labels[sid] = _write_sample(root / "JPEGImages" / f"{sid}.jpg",
-                                    root / "SegmentationClassContext" / f"{sid}.png", h, w, 60, rng)
+        labels[sid] = _write_sample(
+            root / "JPEGImages" / f"{sid}.jpg", root / "SegmentationClassContext" / f"{sid}.png", h, w, 60, rng
+        )
     (root / "ImageSets/SegmentationContext").mkdir(parents=True)
     (root / "ImageSets/SegmentationContext/val.txt").write_text("2008_000009\n2008_000002\n")  # not the 3rd
     return root, labels
@@ -190,8 +191,14 @@ def _coco_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     root = tmp_path / "coco"
     labels = {}
     for sid, (h, w) in {"000000000785": (44, 60), "000000000139": (36, 52)}.items():
-        labels[sid] = _write_sample(root / "images/val2017" / f"{sid}.jpg",
-                                    root / "annotations/val2017" / f"{sid}_instanceTrainIds.png", h, w, 81, rng)
+        labels[sid] = _write_sample(
+            root / "images/val2017" / f"{sid}.jpg",
+            root / "annotations/val2017" / f"{sid}_instanceTrainIds.png",
+            h,
+            w,
+            81,
+            rng,
+        )
     return root, labels
 
 
@@ -220,11 +227,13 @@ def test_coco_object_loader(tmp_path):
         np.testing.assert_array_equal(ds[i].label, labels[sid])
     assert build_dataset("coco", root).items == ds.items
     Image.fromarray(np.full((36, 52), 81, np.uint8), mode="L").save(
-        root / "annotations/val2017/000000000139_instanceTrainIds.png")
+        root / "annotations/val2017/000000000139_instanceTrainIds.png"
+    )
     with pytest.raises(ValueError, match="outside 0..80"):
         ds[0]
     Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(
-        root / "annotations/val2017/000000000139_instanceTrainIds.png")
+        root / "annotations/val2017/000000000139_instanceTrainIds.png"
+    )
     with pytest.raises(ValueError, match="is 10x10 but image"):
         ds[0]
     (root / "images/val2017/000000000001.jpg").write_bytes(b"")
@@ -278,8 +287,25 @@ def test_evaluate_limit_and_checks(tiny, shared_data):
 def test_command_line(shared_data, capsys):
     from groupvit.seg_datasets import main
 
-    rc = main(["--dataset", "voc", "--root", str(shared_data / "vocmini"), "--preset", "groupvit-tiny",
-               "--short-side", "48", "--crop", "32", "--stride", "16", "--limit", "2", "--no-progress"])
+    rc = main(
+        [
+            "--dataset",
+            "voc",
+            "--root",
+            str(shared_data / "vocmini"),
+            "--preset",
+            "groupvit-tiny",
+            "--short-side",
+            "48",
+            "--crop",
+            "32",
+            "--stride",
+            "16",
+            "--limit",
+            "2",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "monitor" in out.out and "mIoU" in out.out and "images/s" in out.out and "random weights" in out.err

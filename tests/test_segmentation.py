@@ -110,21 +110,31 @@ def _probs_reference(group, image, text, scale, topk):
 @pytest.mark.parametrize("b,g,n,d,topk", [(2, 7, 9, 13, 5), (1, 8, 3, 16, 5), (3, 5, 11, 6, 1), (1, 4, 6, 5, 6)])
 def test_group_class_probs_matches_direct(b, g, n, d, topk):
     gen = torch.Generator().manual_seed(b * 100 + n)
-    group, image, text = (torch.randn(b, g, d, generator=gen), torch.randn(b, d, generator=gen),
-                          torch.randn(n, d, generator=gen) * 3)
+    group, image, text = (
+        torch.randn(b, g, d, generator=gen),
+        torch.randn(b, d, generator=gen),
+        torch.randn(n, d, generator=gen) * 3,
+    )
     scale = 14.3
     got = group_class_probs(group, image, text, scale, topk)
     assert got.shape == (b, g, n)
-    np.testing.assert_allclose(got.double().numpy(), _probs_reference(group, image, text, scale, topk),
-                               rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got.double().numpy(), _probs_reference(group, image, text, scale, topk), rtol=2e-5, atol=1e-7
+    )
     assert ((got > 0).sum(-1) == min(topk, n)).all()  # exactly k classes survive the filter
 
 
 def test_topk_filter_constructed():
     text = torch.eye(6)  # class c = basis vector c
     image = torch.tensor([[0.2, 0.9, 0.1, 0.8, 0.0, 0.3]])  # image-level ranking: 1, 3, 5, 0, ...
-    group = torch.tensor([[[0.0, 0.0, 1.0, 0.0, 0.0, 0.0],  # points at class 2: filtered out at topk=2
-                           [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]]])
+    group = torch.tensor(
+        [
+            [
+                [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],  # points at class 2: filtered out at topk=2
+                [0.0, 1.0, 0.0, 1.0, 0.0, 0.0],
+            ]
+        ]
+    )
     got = group_class_probs(group, image, text, 10.0, topk=2)
     assert torch.all(got[..., [0, 2, 4, 5]] == 0)
     # group 1: cosines 1/sqrt2 with classes 1 and 3 -> Pi' = (1/2, 1/2); Pi = e^(10/sqrt2) / (2 e^(10/sqrt2) + 4)
@@ -138,9 +148,15 @@ def test_topk_filter_constructed():
 
 
 def test_background_threshold_constructed():
-    probs = torch.tensor([[[0.50, 0.10],  # group 0: the window's max Pi''
-                           [0.20, 0.30],
-                           [0.05, 0.02]]])
+    probs = torch.tensor(
+        [
+            [
+                [0.50, 0.10],  # group 0: the window's max Pi''
+                [0.20, 0.30],
+                [0.05, 0.02],
+            ]
+        ]
+    )
     gidx = torch.tensor([[[0, 1, 2], [2, 1, 0]]])  # [1, 2, 3]
     s = crop_scores(gidx, probs, bg_thresh=0.95)  # threshold min(0.95, 0.5) = 0.5: only group 0 stays foreground
     assert s.shape == (1, 3, 2, 3)
@@ -211,8 +227,16 @@ def test_pixel_group_map_rejects_bad_maps():
 # ---- §10.2 steps 1-2: sizes and windows -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hw,want", [((375, 500), (448, 597)), ((513, 513), (448, 448)), ((100, 3000), (68, 2048)),
-                                     ((20, 30), (448, 672)), ((500, 375), (597, 448))])
+@pytest.mark.parametrize(
+    "hw,want",
+    [
+        ((375, 500), (448, 597)),
+        ((513, 513), (448, 448)),
+        ((100, 3000), (68, 2048)),
+        ((20, 30), (448, 672)),
+        ((500, 375), (597, 448)),
+    ],
+)
 def test_rescale_size(hw, want):
     assert rescale_size(*hw, 448, 2048) == want
 
@@ -277,8 +301,13 @@ class BlockModel(nn.Module):
         ident = torch.eye(g).expand(b, g, g)  # a second stage that keeps the groups
         maps = [GroupingMaps(soft, soft), GroupingMaps(ident, ident)]
         emb = self.image_emb.expand(b, -1)
-        return ImageGroups(embedding=emb, group_features=self.group_emb.expand(b, -1, -1), maps=maps,
-                           grid=(h // 4, w // 4), group_embeddings=self.group_emb.expand(b, -1, -1))
+        return ImageGroups(
+            embedding=emb,
+            group_features=self.group_emb.expand(b, -1, -1),
+            maps=maps,
+            grid=(h // 4, w // 4),
+            group_embeddings=self.group_emb.expand(b, -1, -1),
+        )
 
 
 def test_slide_equals_whole_translation_consistent_model():
@@ -293,7 +322,9 @@ def test_slide_equals_whole_translation_consistent_model():
     whole = ZeroShotSegmenter(model, list("abcde"), cfg.replace(mode="whole"), text_embeddings=text).predict_scores(img)
     torch.testing.assert_close(slide, whole, rtol=1e-6, atol=1e-7)
     # and the scores are the block's own: the window placement and averaging are right
-    probs = group_class_probs(model.group_emb[None], model.image_emb[None], text, clamped_scale(model.logit_scale), 3)[0]
+    probs = group_class_probs(model.group_emb[None], model.image_emb[None], text, clamped_scale(model.logit_scale), 3)[
+        0
+    ]
     want_fg = probs[torch.from_numpy(ids).long()].permute(2, 0, 1).repeat_interleave(8, 1).repeat_interleave(8, 2)
     torch.testing.assert_close(slide[1:], want_fg, rtol=1e-6, atol=1e-7)
     assert 0 < slide[0].mean() < 1  # some blocks background, some not
@@ -369,10 +400,20 @@ def test_input_checks(tiny):
         seg.predict(np.zeros((8, 8, 3), np.float32))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("bg_thresh", float("nan"), "bg_thresh"), ("bg_thresh", -1.0, "bg_thresh"), ("bg_thresh", 2.0, "bg_thresh"),
-    ("bg_thresh", True, "bg_thresh"), ("topk", 2.5, "whole number"), ("crop", 448.7, "whole number"),
-    ("stride", 16.0, "whole number"), ("short_side", 100.5, "whole number"), ("batch_size", True, "whole number")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("bg_thresh", float("nan"), "bg_thresh"),
+        ("bg_thresh", -1.0, "bg_thresh"),
+        ("bg_thresh", 2.0, "bg_thresh"),
+        ("bg_thresh", True, "bg_thresh"),
+        ("topk", 2.5, "whole number"),
+        ("crop", 448.7, "whole number"),
+        ("stride", 16.0, "whole number"),
+        ("short_side", 100.5, "whole number"),
+        ("batch_size", True, "whole number"),
+    ],
+)
 def test_seg_config_rejects_invalid_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         SegConfig(**{field: value})

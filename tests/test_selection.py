@@ -15,19 +15,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["tests/test_contrastive_loss.py", "tests/test_model_backends.py", "tests/test_assign_attention.py",
-         "tests/test_philox.py", "tests/test_segmentation.py"]
+FILES = [
+    "tests/test_contrastive_loss.py",
+    "tests/test_model_backends.py",
+    "tests/test_assign_attention.py",
+    "tests/test_philox.py",
+    "tests/test_segmentation.py",
+]
 # tests of these files that touch no kernel, or only a CPU path on purpose: they need no `device`
-DEVICE_FREE = {"test_cpu_tensors_without_interpreter", "test_chunked_oracle_matches_reference",
-               "test_kernels_compile_for_sm90"}
+DEVICE_FREE = {
+    "test_cpu_tensors_without_interpreter",
+    "test_chunked_oracle_matches_reference",
+    "test_kernels_compile_for_sm90",
+}
 
 
 def _collect(setting: str) -> dict[str, tuple[str, str, str]]:
     """nodeid -> (run|skip, device|-, marks) as the conftest would decide on a ``setting`` machine."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["GROUPVIT_TEST_DEVICE"] = setting
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *FILES],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *FILES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [ln.split(" :: ")[0].split(maxsplit=4) for ln in r.stdout.splitlines() if ln.startswith("selection: ")]
     assert " ".join(lines[0][1:]) == f"setting cuda={setting == 'cuda'} interpreter={setting == 'cpu'}"
@@ -62,7 +76,12 @@ def test_simulated_setting_refuses_a_real_run():
 
     other = "cpu" if torch.cuda.is_available() else "cuda"
     env = {**os.environ, "GROUPVIT_TEST_DEVICE": other}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_selection.py",
-                        "-k", "nothing"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_selection.py", "-k", "nothing"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "use it with --collect-only" in r.stdout + r.stderr
-

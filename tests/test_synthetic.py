@@ -23,8 +23,10 @@ def _caption_objects(caption: str) -> list[tuple[str, str]]:
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x[0]), np.asarray(y[0])) and x[1] == y[1] and np.array_equal(x[2], y[2])
-               for x, y in zip(a, b)) and len(a) == len(b)
+    return all(
+        np.array_equal(np.asarray(x[0]), np.asarray(y[0])) and x[1] == y[1] and np.array_equal(x[2], y[2])
+        for x, y in zip(a, b)
+    ) and len(a) == len(b)
 
 
 def test_deterministic_given_seed():
@@ -32,9 +34,9 @@ def test_deterministic_given_seed():
     assert _same(a, b)
     c = generate(20, seed=6, size=48)
     assert sum(x[1] != y[1] for x, y in zip(a, c)) > 10
-    assert _same(generate(5, seed=5, size=48, start=10), a[10:15])       # sample i depends only on (seed, i)
+    assert _same(generate(5, seed=5, size=48, start=10), a[10:15])  # sample i depends only on (seed, i)
     v = generate(20, seed=5, size=48, split="val")
-    assert sum(x[1] != y[1] for x, y in zip(a, v)) > 10                 # val is a different stream
+    assert sum(x[1] != y[1] for x, y in zip(a, v)) > 10  # val is a different stream
 
 
 @pytest.mark.parametrize("size", [32, 64, 97])
@@ -48,7 +50,7 @@ def test_masks_consistent_with_captions(size):
         n_objects.append(len(objs))
         assert 1 <= len(objs) <= 3 and len({c for c, _ in objs}) == len(objs), cap  # distinct colours
         present = {names_obj[v] for v in np.unique(obj) if v}
-        assert present == {f"{c} {s}" for c, s in objs}, cap               # every captioned object, nothing else
+        assert present == {f"{c} {s}" for c, s in objs}, cap  # every captioned object, nothing else
         for c, s in objs:
             pix = obj == names_obj.index(f"{c} {s}")
             assert pix.sum() >= 0.005 * size * size, (cap, c, s)
@@ -133,6 +135,7 @@ def test_shards_round_trip_and_idempotent(tmp_path):
 def test_train_images_decode_close_to_generator(tmp_path):
     import io
     import tarfile
+
     res = write_synthetic_shards(tmp_path, n_train=6, n_val=0, seed=9, size=48, shard_size=100)
     with tarfile.open(res.train[0]) as tf:
         data = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
@@ -180,4 +183,4 @@ def test_train_shards_carry_the_objects_as_prompt_words(tmp_path):
         assert set(words) == present and len(words) == len(present)
         assert sorted(words, key=caption.index) == words  # caption order
         prompts = make_prompts(caption, 3, random.Random(0), words=words)
-        assert all(any(w in p for w in words) for p in prompts[:len(words)])
+        assert all(any(w in p for w in words) for p in prompts[: len(words)])

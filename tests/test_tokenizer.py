@@ -30,6 +30,7 @@ def oracle():
         sys.modules["open_clip"] = pkg
     try:
         from open_clip.tokenizer import SimpleTokenizer
+
         tok = SimpleTokenizer()
     finally:
         for name in set(sys.modules) - before:  # leave no stub behind for other test modules
@@ -40,29 +41,63 @@ def oracle():
 def _captions() -> list[str]:
     """~200 varied captions: real ones, generated ones, unicode, HTML entities, mojibake, odd whitespace."""
     real = [
-        "a page of text about segmentation", "a facial photo of a tabby cat",
-        "a portrait of an astronaut with the American flag", "a rocket standing on a launchpad",
-        "a red motorcycle standing in a garage", "a person looking at a camera on a tripod",
-        "a black-and-white silhouette of a horse", "a cup of coffee on a saucer",
-        "A man riding a wave on top of a surfboard.", "a photo of a cat.",
+        "a page of text about segmentation",
+        "a facial photo of a tabby cat",
+        "a portrait of an astronaut with the American flag",
+        "a rocket standing on a launchpad",
+        "a red motorcycle standing in a garage",
+        "a person looking at a camera on a tripod",
+        "a black-and-white silhouette of a horse",
+        "a cup of coffee on a saucer",
+        "A man riding a wave on top of a surfboard.",
+        "a photo of a cat.",
     ]
     special = [
-        "", " ", "\t\n ", ".", "!!!???", "Tom &amp; Jerry", "5 &lt; 6 &amp;amp; 7 &gt; 3", "caf&eacute; au lait",
-        "&quot;quoted&quot; text", "Ã©tÃ© â€” mojibake", "naïve café résumé", "Straße in München",
-        "東京タワーの夜景", "고양이 사진", "Москва зимой", "emoji 🐱🚀 party 🎉", "ＦＵＬＬＷＩＤＴＨ text",
-        "ligature ﬁne ﬂow", "tabs\tand\nnewlines\r\nhere", "   leading and trailing   ", "MiXeD CaSe WoRdS",
-        "it's they're we've I'm you'll he'd", "numbers 1234567890 and 3.14159", "pi ≈ 3.14, e ≈ 2.72",
-        "url: https://example.com/a_b-c?d=1", "#hashtag @mention $100 50% off", "“curly quotes” and ‘single’",
-        "em—dash and en–dash", "a\u200bzero\u200bwidth", "non\u00a0breaking\u00a0space", "x" * 300,
-        "supercalifragilisticexpialidocious antidisestablishmentarianism", "<b>bold</b> <i>html</i> tags",
-        "C++ & C# programming", "snake_case and camelCase and kebab-case", "Ω≈ç√∫˜µ≤≥÷",
+        "",
+        " ",
+        "\t\n ",
+        ".",
+        "!!!???",
+        "Tom &amp; Jerry",
+        "5 &lt; 6 &amp;amp; 7 &gt; 3",
+        "caf&eacute; au lait",
+        "&quot;quoted&quot; text",
+        "Ã©tÃ© â€” mojibake",
+        "naïve café résumé",
+        "Straße in München",
+        "東京タワーの夜景",
+        "고양이 사진",
+        "Москва зимой",
+        "emoji 🐱🚀 party 🎉",
+        "ＦＵＬＬＷＩＤＴＨ text",
+        "ligature ﬁne ﬂow",
+        "tabs\tand\nnewlines\r\nhere",
+        "   leading and trailing   ",
+        "MiXeD CaSe WoRdS",
+        "it's they're we've I'm you'll he'd",
+        "numbers 1234567890 and 3.14159",
+        "pi ≈ 3.14, e ≈ 2.72",
+        "url: https://example.com/a_b-c?d=1",
+        "#hashtag @mention $100 50% off",
+        "“curly quotes” and ‘single’",
+        "em—dash and en–dash",
+        "a\u200bzero\u200bwidth",
+        "non\u00a0breaking\u00a0space",
+        "x" * 300,
+        "supercalifragilisticexpialidocious antidisestablishmentarianism",
+        "<b>bold</b> <i>html</i> tags",
+        "C++ & C# programming",
+        "snake_case and camelCase and kebab-case",
+        "Ω≈ç√∫˜µ≤≥÷",
         "a photo of a cat " * 30,
     ]
     rng = random.Random(1234)
-    words = ("dog cat car tree house person man woman child bird boat plane train bus bicycle horse sheep cow "
-             "bottle chair table sofa plant monitor red green blue yellow big small old young running sitting "
-             "standing flying on in under near beside with of the a an two three several beautiful sunset beach "
-             "mountain river city street night snow rain").split()
+    words = (
+        "dog cat car tree house person man woman child bird boat plane train bus bicycle horse sheep cow "
+        "bottle chair table sofa plant monitor red green blue yellow big small old young running sitting "
+        "standing flying on in under near beside with of the a an two three several beautiful sunset beach "
+        "mountain river city street night snow rain"
+    ).split()
     punct = [".", ",", "!", "?", ";", ":", "-", "'s", "(", ")", '"', "&"]
     gen = []
     for _ in range(200 - len(real) - len(special)):
@@ -131,9 +166,9 @@ def test_empty_and_batch_padding():
 
 
 def test_unicode_and_html_cleaning():
-    assert clean_text("Tom &amp;amp; Jerry") == "tom & jerry"          # unescaped twice
+    assert clean_text("Tom &amp;amp; Jerry") == "tom & jerry"  # unescaped twice
     assert clean_text("  A\tB\n\nC  ") == "a b c"
-    assert clean_text("Ã©tÃ©") == "été"                                 # ftfy mojibake repair
+    assert clean_text("Ã©tÃ©") == "été"  # ftfy mojibake repair
     assert torch.equal(tokenize("Tom &amp; Jerry"), tokenize("tom & jerry"))
     assert torch.equal(tokenize("NAÏVE  Café"), tokenize("naïve café"))
     tok = get_tokenizer()
@@ -160,6 +195,7 @@ def test_bad_inputs():
 
 def test_bad_vocab_file(tmp_path):
     import gzip
+
     p = tmp_path / "v.txt.gz"
     with gzip.open(p, "wt") as f:
         f.write("#version\na b\n")

@@ -53,8 +53,17 @@ def _batch(b: int = 6, seed: int = 0, ctx: int = 16) -> dict[str, torch.Tensor]:
 def test_config_overrides_file_and_errors(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data:\n  batch_size: 12\n  train_shards: ['a-{0..1}.tar', b.tar]\noptim:\n  epochs: 3\nseed: 5\n")
-    cfg = load_config(f, preset="demo", overrides=["optim.base_lr=1e-3", "optim.betas=[0.8, 0.9]",
-                                                   "model.vision.depths=[1,0]", "resume=auto", "max_steps=null"])
+    cfg = load_config(
+        f,
+        preset="demo",
+        overrides=[
+            "optim.base_lr=1e-3",
+            "optim.betas=[0.8, 0.9]",
+            "model.vision.depths=[1,0]",
+            "resume=auto",
+            "max_steps=null",
+        ],
+    )
     assert cfg.data.batch_size == 12 and cfg.data.train_shards == ["a-{0..1}.tar", "b.tar"]
     assert cfg.optim.epochs == 3 and cfg.seed == 5 and cfg.resume == "auto" and cfg.max_steps is None
     assert cfg.optim.base_lr == 1e-3 and isinstance(cfg.optim.base_lr, float) and cfg.optim.betas == (0.8, 0.9)
@@ -63,9 +72,15 @@ def test_config_overrides_file_and_errors(tmp_path):
     j = tmp_path / "c.json"
     j.write_text(json.dumps(cfg.to_dict()))
     assert load_config(j) == cfg
-    for bad, what in [("optim.lr=1", "optim.lr"), ("data.batch_size=abc", "data.batch_size"),
-                      ("nosuch.key=1", "nosuch"), ("model.vision.nope=3", "nope"), ("precision=fp8", "fp8"),
-                      ("data.batch_size=0", "batch_size"), ("novalue", "key=value")]:
+    for bad, what in [
+        ("optim.lr=1", "optim.lr"),
+        ("data.batch_size=abc", "data.batch_size"),
+        ("nosuch.key=1", "nosuch"),
+        ("model.vision.nope=3", "nope"),
+        ("precision=fp8", "fp8"),
+        ("data.batch_size=0", "batch_size"),
+        ("novalue", "key=value"),
+    ]:
         with pytest.raises(ValueError, match=what):
             load_config(preset="demo", overrides=[bad])
     with pytest.raises(ValueError, match="unknown training preset"):
@@ -93,14 +108,28 @@ def test_weight_decay_split_and_effect():
     decay, no_decay = groups["decay"], groups["no_decay"]
     names = {n for n, _ in model.named_parameters()}
     assert decay | no_decay == names and not decay & no_decay
-    for n in ["logit_scale", "multi_label_logit_scale", "img_encoder.pos_embed", "img_encoder.layers.0.group_token",
-              "img_encoder.layers.1.group_token", "img_encoder.patch_embed.proj.weight",
-              "text_encoder.positional_embedding", "text_encoder.token_embedding.weight",
-              "img_projector.linear_out.weight", "img_encoder.layers.0.blocks.0.attn.qkv.weight"]:
+    for n in [
+        "logit_scale",
+        "multi_label_logit_scale",
+        "img_encoder.pos_embed",
+        "img_encoder.layers.0.group_token",
+        "img_encoder.layers.1.group_token",
+        "img_encoder.patch_embed.proj.weight",
+        "text_encoder.positional_embedding",
+        "text_encoder.token_embedding.weight",
+        "img_projector.linear_out.weight",
+        "img_encoder.layers.0.blocks.0.attn.qkv.weight",
+    ]:
         assert n in decay, n
-    for n in ["img_encoder.norm.weight", "img_encoder.norm.bias", "img_projector.linear_hidden.1.weight",
-              "img_projector.linear_hidden.1.bias", "text_encoder.transformer.resblocks.0.attn.in_proj_bias",
-              "img_encoder.layers.0.blocks.0.attn.qkv.bias", "img_projector.linear_out.bias"]:
+    for n in [
+        "img_encoder.norm.weight",
+        "img_encoder.norm.bias",
+        "img_projector.linear_hidden.1.weight",
+        "img_projector.linear_hidden.1.bias",
+        "text_encoder.transformer.resblocks.0.attn.in_proj_bias",
+        "img_encoder.layers.0.blocks.0.attn.qkv.bias",
+        "img_projector.linear_out.bias",
+    ]:
         assert n in no_decay, n
     # behaviour: one AdamW step with all-zero gradients only applies the decoupled decay p <- p (1 - lr wd)
     lr, wd = 0.1, 0.05
@@ -187,8 +216,18 @@ def test_nonfinite_loss_reported_and_skipped():
 
 def _save(path: Path, model, opt, step: int) -> None:
     st = LRStepper(opt, CosineSchedule(1e-3, 1e-5, 1e-5, 2, 10), step)
-    save_training_checkpoint(path, model=model, optimizer=opt, scheduler=st, scaler=None,
-                             train_config=TrainConfig().to_dict(), step=step, epoch=0, batch=step, rng=[rng_state()])
+    save_training_checkpoint(
+        path,
+        model=model,
+        optimizer=opt,
+        scheduler=st,
+        scaler=None,
+        train_config=TrainConfig().to_dict(),
+        step=step,
+        epoch=0,
+        batch=step,
+        rng=[rng_state()],
+    )
 
 
 def test_atomic_checkpoint_survives_crash_mid_save(tmp_path, monkeypatch):
@@ -251,16 +290,30 @@ def test_rng_state_round_trip_and_resume_resolution(tmp_path):
 def shards(tmp_path_factory) -> str:
     from train.synthetic import write_synthetic_shards
 
-    out = write_synthetic_shards(tmp_path_factory.mktemp("shapes"), n_train=96, n_val=0, seed=0, size=32,
-                                 shard_size=16)
+    out = write_synthetic_shards(tmp_path_factory.mktemp("shapes"), n_train=96, n_val=0, seed=0, size=32, shard_size=16)
     return out.train_pattern
 
 
 def _run_cfg(shards: str, out: Path, **kw) -> TrainConfig:
-    ov = {"data.train_shards": [shards], "data.batch_size": 8, "data.num_workers": 0, "data.img_size": 32,
-          "data.shuffle_buffer": 32, "data.augment": True, "data.multi_label": 0, "model.preset": TINY,
-          "optim.steps_per_epoch": 4, "optim.epochs": 2, "optim.warmup_epochs": 0.5, "optim.lr_ref_batch": 8,
-          "output_dir": str(out), "log_interval": 1, "ckpt_interval": 100, "progress": False, "seed": 3}
+    ov = {
+        "data.train_shards": [shards],
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.img_size": 32,
+        "data.shuffle_buffer": 32,
+        "data.augment": True,
+        "data.multi_label": 0,
+        "model.preset": TINY,
+        "optim.steps_per_epoch": 4,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.5,
+        "optim.lr_ref_batch": 8,
+        "output_dir": str(out),
+        "log_interval": 1,
+        "ckpt_interval": 100,
+        "progress": False,
+        "seed": 3,
+    }
     ov.update(kw)
     return load_config(overrides=ov)
 
@@ -273,8 +326,9 @@ def test_kill_and_resume_gives_identical_losses(shards, tmp_path):
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     # "killed" after 3 steps (mid-epoch 0), then resumed from latest.pt: crosses the epoch boundary afterwards
     part = train(_run_cfg(shards, tmp_path / "cut", max_steps=3))
-    assert [h["step"] for h in part["history"]] == [0, 1, 2] and load_training_checkpoint(
-        tmp_path / "cut" / LATEST)["batch"] == 3
+    assert [h["step"] for h in part["history"]] == [0, 1, 2] and load_training_checkpoint(tmp_path / "cut" / LATEST)[
+        "batch"
+    ] == 3
     rest = train(_run_cfg(shards, tmp_path / "cut", resume="auto"))
     assert [h["step"] for h in rest["history"]] == list(range(3, 8))
     resumed = [h["loss"] for h in part["history"] + rest["history"]]
@@ -294,8 +348,18 @@ def test_driver_decreases_loss_and_logs(shards, tmp_path, shared_data):
     from train.distributed import setup_distributed
     from train.loop import seed_everything, train
 
-    cfg = _run_cfg(shards, tmp_path, **{"data.multi_label": 3, "optim.steps_per_epoch": 6, "optim.epochs": 2,
-                                         "log_interval": 5, "ckpt_interval": 4, "data.augment": False})
+    cfg = _run_cfg(
+        shards,
+        tmp_path,
+        **{
+            "data.multi_label": 3,
+            "optim.steps_per_epoch": 6,
+            "optim.epochs": 2,
+            "log_interval": 5,
+            "ckpt_interval": 4,
+            "data.augment": False,
+        },
+    )
     # held-out check batch: 16 samples of the same stream (eval mode: no Gumbel noise, BN running stats)
     ref = dataclasses_replace(cfg, data=dataclasses_replace(cfg.data, batch_size=16), seed=99)
     batch = next(build_loader(ref, setup_distributed("cpu"), steps_per_epoch=1, context_length=16).iter_epoch(0))
@@ -334,14 +398,28 @@ def test_driver_skips_bad_data_and_nonfinite_steps(shards, tmp_path, monkeypatch
     from train.data import write_shards
 
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 30)]
-    good = [(f"g{i}", Image.new("RGB", (32, 32), colours[i % 4]), f"a {['red', 'green', 'blue', 'yellow'][i % 4]} "
-             f"square") for i in range(24)]
-    paths = write_shards([("k0", b"\xff\xd8 not a jpeg", "a red square"), ("k1", good[0][1], "  "),
-                          ("k2", good[0][1], None), *good], tmp_path / "bad", "bad", maxcount=27)
+    good = [
+        (f"g{i}", Image.new("RGB", (32, 32), colours[i % 4]), f"a {['red', 'green', 'blue', 'yellow'][i % 4]} square")
+        for i in range(24)
+    ]
+    paths = write_shards(
+        [("k0", b"\xff\xd8 not a jpeg", "a red square"), ("k1", good[0][1], "  "), ("k2", good[0][1], None), *good],
+        tmp_path / "bad",
+        "bad",
+        maxcount=27,
+    )
     trunc = write_shards(good[:8], tmp_path / "bad", "cut", maxcount=8)[0]
     Path(trunc).write_bytes(Path(trunc).read_bytes()[:5000])  # a truncated shard
-    cfg = _run_cfg(shards, tmp_path / "run", **{"data.train_shards": [paths[0], trunc], "optim.steps_per_epoch": 3,
-                                                 "optim.epochs": 1, "skip_nonfinite": True})
+    cfg = _run_cfg(
+        shards,
+        tmp_path / "run",
+        **{
+            "data.train_shards": [paths[0], trunc],
+            "optim.steps_per_epoch": 3,
+            "optim.epochs": 1,
+            "skip_nonfinite": True,
+        },
+    )
     real = loop.train_step
     calls = []
 

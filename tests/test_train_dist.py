@@ -32,17 +32,39 @@ def test_two_process_gloo_training(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     cfg = {
-        "data": {"train_shards": [shards.train_pattern], "batch_size": 4, "num_workers": 0, "img_size": 32,
-                 "multi_label": 0, "shuffle_buffer": 16, "augment": False},
+        "data": {
+            "train_shards": [shards.train_pattern],
+            "batch_size": 4,
+            "num_workers": 0,
+            "img_size": 32,
+            "multi_label": 0,
+            "shuffle_buffer": 16,
+            "augment": False,
+        },
         "model": {"preset": "groupvit-tiny"},
         "optim": {"steps_per_epoch": 2, "epochs": 1, "warmup_epochs": 0, "lr_ref_batch": 8},
-        "output_dir": str(out), "log_interval": 1, "ckpt_interval": 1, "progress": False, "seed": 1,
+        "output_dir": str(out),
+        "log_interval": 1,
+        "ckpt_interval": 1,
+        "progress": False,
+        "seed": 1,
     }
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_train_worker.py"),
-           str(tmp_path / "cfg.json"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "dist_train_worker.py"),
+        str(tmp_path / "cfg.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -66,7 +88,8 @@ def test_two_process_gloo_training(tmp_path):
     for k, v in r0["params"].items():
         torch.testing.assert_close(ck["model"][k], v, rtol=0, atol=0, msg=k)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", LATEST, "metrics.jsonl", "summary.json", "rank0.pt", "rank1.pt"])
+        ["config.json", LATEST, "metrics.jsonl", "summary.json", "rank0.pt", "rank1.pt"]
+    )
     assert proc.stderr.count("done: 2/2 steps") == 1  # one summary, from rank 0
 
 

@@ -38,10 +38,38 @@ GCC_LIKE = [
     "politician speaks to the media outside the building after the meeting on thursday",
     "portrait of a smiling senior man wearing glasses and a hat",
 ]
-TEMPLATES = ["a photo of a {}.", "a bad photo of the {}.", "a close-up photo of a {}.", "itap of a {}.",
-             "a black and white photo of the {}.", "a photo of the large {}.", "art of the {}.", "a {} in a video game."]
-NOUNS = ["man", "road", "portrait", "library", "dog", "balloon", "player", "goal", "woman", "beach", "tree", "city",
-         "fountain", "kitchen", "cabinets", "cat", "politician", "glasses", "hat", "soup"]
+TEMPLATES = [
+    "a photo of a {}.",
+    "a bad photo of the {}.",
+    "a close-up photo of a {}.",
+    "itap of a {}.",
+    "a black and white photo of the {}.",
+    "a photo of the large {}.",
+    "art of the {}.",
+    "a {} in a video game.",
+]
+NOUNS = [
+    "man",
+    "road",
+    "portrait",
+    "library",
+    "dog",
+    "balloon",
+    "player",
+    "goal",
+    "woman",
+    "beach",
+    "tree",
+    "city",
+    "fountain",
+    "kitchen",
+    "cabinets",
+    "cat",
+    "politician",
+    "glasses",
+    "hat",
+    "soup",
+]
 
 
 def _texts(captions: list[str], k: int, ctx: int, seed: int = 0) -> torch.Tensor:
@@ -207,7 +235,7 @@ def _tiny(seed: int = 0) -> groupvit.GroupViT:
 
 def _batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"images": torch.randn(b, 3, 32, 32, generator=g), "texts": _texts(GCC_LIKE[seed:seed + b], 3, 77, seed)}
+    return {"images": torch.randn(b, 3, 32, 32, generator=g), "texts": _texts(GCC_LIKE[seed : seed + b], 3, 77, seed)}
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -218,8 +246,9 @@ def test_train_step_reads_the_host_once(backend, monkeypatch):
     batch = _batch()
     planned = []
     plan = groupvit.model.TextEncoder.plan
-    monkeypatch.setattr(groupvit.model.TextEncoder, "plan",
-                        lambda self, tokens: planned.append(tokens.data_ptr()) or plan(self, tokens))
+    monkeypatch.setattr(
+        groupvit.model.TextEncoder, "plan", lambda self, tokens: planned.append(tokens.data_ptr()) or plan(self, tokens)
+    )
     calls = _count_reads(monkeypatch, opt)
     with ops.use_backend(backend):
         r = train_step(model, loss_fn, opt, batch, step=1)
@@ -290,12 +319,20 @@ _INDUCTOR = os.environ.get("GROUPVIT_TEST_INDUCTOR") == "1"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiler", [
-    "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(
-        not _INDUCTOR, reason="inductor's C++ build of the tiny model's step takes minutes on a 2-core CPU; "
-                              "set GROUPVIT_TEST_INDUCTOR=1 to run it (the GPU benchmark compiles it too)")),
-])
+@pytest.mark.parametrize(
+    "compiler",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                not _INDUCTOR,
+                reason="inductor's C++ build of the tiny model's step takes minutes on a 2-core CPU; "
+                "set GROUPVIT_TEST_INDUCTOR=1 to run it (the GPU benchmark compiles it too)",
+            ),
+        ),
+    ],
+)
 def test_compiled_step_equals_eager(compiler):
     """compile=true: forward + both losses in one graph (fullgraph: no graph break), the same loss, gradients and
     updated weights as eager, on a batch whose texts run in two trimmed lengths. (One compile: ~30 s here.)"""

@@ -31,8 +31,10 @@ def _img(w: int, h: int, seed: int = 0) -> Image.Image:
 
 def _manual_norm(arr: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(arr.astype(np.float64) / 255.0).permute(2, 0, 1)
-    return ((x - torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1))
-            / torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)).float()
+    return (
+        (x - torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1))
+        / torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    ).float()
 
 
 @pytest.mark.parametrize("size,wh", [(224, (500, 375)), (64, (64, 64)), (37, (20, 90))])
@@ -145,7 +147,7 @@ def test_val_transform_geometry():
     arr = np.random.default_rng(4).integers(0, 256, (256, 300, 3), dtype=np.uint8)
     x = ValTransform(224, 256)(Image.fromarray(arr))  # short side already 256: pure center crop
     left = round((300 - 224) / 2)
-    assert torch.allclose(x, _manual_norm(arr[16:240, left:left + 224]), atol=1e-5)
+    assert torch.allclose(x, _manual_norm(arr[16:240, left : left + 224]), atol=1e-5)
     img = _img(640, 480)
     assert resize_short_side(img, 256).size == (341, 256)
     assert resize_short_side(_img(100, 333), 64).size == (64, 213)

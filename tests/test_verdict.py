@@ -64,9 +64,31 @@ def test_dry_run_passes_and_writes_csv_and_markdown(tmp_path):
     # the op sweeps take their "% of floor" from these measured ceilings
     ceil = verdict.read_ceilings(out / verdict.CSV_NAME)
     assert ceil.gemm_tflops == float(by[("device", "gemm-bf16-256", "torch", "matmul", "tflops")]["p50"])
-    assert bench_ops.main(["--out", str(tmp_path / "ops"), "--ops", "contrastive_loss", "--tags", "smoke", "--cases",
-                           "b5-d16", "--dtypes", "fp32", "--providers", "eager", "--modes", "fwd", "--quick",
-                           "--no-max-batch", "--ceilings", str(out / verdict.CSV_NAME)]) == 0
+    assert (
+        bench_ops.main(
+            [
+                "--out",
+                str(tmp_path / "ops"),
+                "--ops",
+                "contrastive_loss",
+                "--tags",
+                "smoke",
+                "--cases",
+                "b5-d16",
+                "--dtypes",
+                "fp32",
+                "--providers",
+                "eager",
+                "--modes",
+                "fwd",
+                "--quick",
+                "--no-max-batch",
+                "--ceilings",
+                str(out / verdict.CSV_NAME),
+            ]
+        )
+        == 0
+    )
     pct = next(r for r in common.read_rows(tmp_path / "ops" / "bench.csv") if r["metric"] == "pct_floor")
     assert pct["unit"] == f"% of {ceil.gemm_tflops:g} TFLOP/s"
     with pytest.raises(ValueError, match="no measured ceilings"):
@@ -79,14 +101,17 @@ def test_wrong_kernel_fails_the_verdict(tmp_path, monkeypatch, op):
         from kernels import assign_attention as mod
 
         def wrong(q, k, v, **kw):  # right output, no gradient reaches k
-            return reference.assign_attention(q, k.detach() + 0 * k, v, **{x: y for x, y in kw.items()
-                                                                             if x != "gumbel"})
+            return reference.assign_attention(
+                q, k.detach() + 0 * k, v, **{x: y for x, y in kw.items() if x != "gumbel"}
+            )
+
         bad = "dk"
     else:
         from kernels import contrastive_loss as mod
 
         def wrong(img, txt, theta, **kw):  # loss off by 5%
             return reference.contrastive_loss(img, txt, theta, **kw) * 1.05
+
         bad = "loss"
     monkeypatch.setattr(mod, op, wrong)
     out = tmp_path / "v"

@@ -23,11 +23,16 @@ from train.config import PRESETS, load_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="groupvit-train", description="Pretrain GroupViT on webdataset shards.",
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="groupvit-train",
+        description="Pretrain GroupViT on webdataset shards.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="YAML or JSON file with a (partial) TrainConfig")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (a --config file is applied "
-                                                               "on top)")
+    ap.add_argument(
+        "--preset", choices=sorted(PRESETS), help="start from a named preset (a --config file is applied on top)"
+    )
     ap.add_argument("--resume", help="shortcut for resume=PATH|auto")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
@@ -49,9 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         if not triton_can_launch("cuda" if on_cuda else "cpu"):
-            ap.error(f"backend=triton needs a CUDA device (device={cfg.device} runs on the CPU here), or "
-                     f"TRITON_INTERPRET=1 in the environment (the Triton interpreter: correct but slow); "
-                     f"or set backend=eager")
+            ap.error(
+                f"backend=triton needs a CUDA device (device={cfg.device} runs on the CPU here), or "
+                f"TRITON_INTERPRET=1 in the environment (the Triton interpreter: correct but slow); "
+                f"or set backend=eager"
+            )
     if not cfg.data.train_shards and cfg.data.synthetic_train <= 0:
         ap.error("no training data: set data.train_shards (webdataset shard patterns) or data.synthetic_train")
     if cfg.data.train_shards:

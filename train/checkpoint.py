@@ -38,9 +38,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -52,18 +55,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
-                                                               "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_training_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             scheduler: Any, scaler: Any, train_config: dict[str, Any], step: int, epoch: int,
-                             batch: int, rng: list[dict[str, Any]], counters: dict[str, Any] | None = None) -> Path:
+def save_training_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    train_config: dict[str, Any],
+    step: int,
+    epoch: int,
+    batch: int,
+    rng: list[dict[str, Any]],
+    counters: dict[str, Any] | None = None,
+) -> Path:
     """Atomically write a full training checkpoint to ``path`` (see the module docstring for the layout).
 
     Args:
@@ -99,8 +118,10 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     ckpt = safe_torch_load(path)  # weights only: a crafted file runs no code
     if not isinstance(ckpt, dict) or ckpt.get("train_format") != TRAIN_FORMAT:
-        raise ValueError(f"{path} is not a training checkpoint of this project (no train_format {TRAIN_FORMAT!r}); "
-                         f"use groupvit.load_checkpoint for model-only files")
+        raise ValueError(
+            f"{path} is not a training checkpoint of this project (no train_format {TRAIN_FORMAT!r}); "
+            f"use groupvit.load_checkpoint for model-only files"
+        )
     return ckpt
 
 
@@ -119,6 +140,7 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
         if not p.exists():
             raise FileNotFoundError(f"resume checkpoint {p} does not exist")
     if not p.is_file():
-        raise IsADirectoryError(f"resume checkpoint {p} is not a file (a directory?): move it away or give "
-                                f"resume=PATH of a checkpoint file")
+        raise IsADirectoryError(
+            f"resume checkpoint {p} is not a file (a directory?): move it away or give resume=PATH of a checkpoint file"
+        )
     return p

@@ -42,7 +42,8 @@ class DataConfig:
     shuffle_buffer: int = 10000  # sample shuffle buffer per worker
     augment: bool = True  # recipe augmentation (random resized crop, flip, RandAugment, erasing); False: resize only
     augment_on: str = "cpu"  # "cpu": whole transform in the workers (timm semantics); "gpu": workers decode + crop
-    #                          to uint8, flip/RandAugment/normalise/erasing run batched on the device (train.gpu_augment)
+    #                          to uint8, flip/RandAugment/normalise/erasing run batched on the device
+    #                          (train.gpu_augment)
     max_pixels: int = 64_000_000  # images above this many pixels (decompression bombs) are skipped and counted
     synthetic_train: int = 0  # >0: generate this many coloured-shape samples (train.synthetic) on first use and
     #                           add their shards to train_shards
@@ -118,13 +119,19 @@ class TrainConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r}: choose one of {BACKENDS}")
         d, o = self.data, self.optim
-        for name, v in (("data.batch_size", d.batch_size), ("optim.epochs", o.epochs), ("log_interval", self.log_interval),
-                        ("ckpt_interval", self.ckpt_interval), ("optim.lr_ref_batch", o.lr_ref_batch)):
+        for name, v in (
+            ("data.batch_size", d.batch_size),
+            ("optim.epochs", o.epochs),
+            ("log_interval", self.log_interval),
+            ("ckpt_interval", self.ckpt_interval),
+            ("optim.lr_ref_batch", o.lr_ref_batch),
+        ):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if min(d.num_workers, d.shuffle_buffer, d.multi_label, d.synthetic_train, d.synthetic_val) < 0:
-            raise ValueError("data.num_workers, shuffle_buffer, multi_label, synthetic_train and synthetic_val must "
-                             "be >= 0")
+            raise ValueError(
+                "data.num_workers, shuffle_buffer, multi_label, synthetic_train and synthetic_val must be >= 0"
+            )
         if d.augment_on not in ("cpu", "gpu"):
             raise ValueError(f"data.augment_on {d.augment_on!r}: choose 'cpu' or 'gpu'")
         if d.max_pixels < 1:
@@ -140,8 +147,10 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or null: the whole schedule), got {self.max_steps}")
         if self.check_finite and self.skip_nonfinite:
-            raise ValueError("check_finite=true raises at the first non-finite loss input, so skip_nonfinite=true "
-                             "could never skip: set one of them (the step's own check catches NaN/Inf either way)")
+            raise ValueError(
+                "check_finite=true raises at the first non-finite loss input, so skip_nonfinite=true "
+                "could never skip: set one of them (the step's own check catches NaN/Inf either way)"
+            )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode {self.compile_mode!r}: choose one of {COMPILE_MODES}")
         if self.threads is not None and self.threads < 1:
@@ -149,8 +158,10 @@ class TrainConfig:
         if self.micro_batch is not None and self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0 or null: off), got {self.micro_batch}")
         if self.compile and self.micro_batch and self.micro_batch < d.batch_size:
-            raise ValueError("compile=true does not apply to micro-batched steps (micro_batch < data.batch_size run "
-                             "the towers eagerly, train.gradcache): set compile=false or micro_batch=null")
+            raise ValueError(
+                "compile=true does not apply to micro-batched steps (micro_batch < data.batch_size run "
+                "the towers eagerly, train.gradcache): set compile=false or micro_batch=null"
+            )
 
     # ---- derived quantities ------------------------------------------------------------------------------------
 
@@ -162,8 +173,10 @@ class TrainConfig:
             raise ValueError("set optim.steps_per_epoch or data.dataset_length (samples per epoch)")
         n = self.data.dataset_length // (self.data.batch_size * world_size)
         if n < 1:
-            raise ValueError(f"data.dataset_length {self.data.dataset_length} is smaller than one global batch "
-                             f"({self.data.batch_size} x {world_size})")
+            raise ValueError(
+                f"data.dataset_length {self.data.dataset_length} is smaller than one global batch "
+                f"({self.data.batch_size} x {world_size})"
+            )
         return n
 
     def scaled_lrs(self, world_size: int = 1) -> tuple[float, float, float]:
@@ -173,7 +186,8 @@ class TrainConfig:
 
     def torch_threads(self, local_ranks: int = 1) -> int:
         """Intra-op threads for this process: ``threads``, or the usable CPU cores divided between the ranks on this
-        machine (``local_ranks``) minus the data workers, at least 1 (workers and torch threads do not oversubscribe)."""
+        machine (``local_ranks``) minus the data workers, at least 1 (workers and torch threads do not
+        oversubscribe)."""
         if self.threads is not None:
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -207,12 +221,18 @@ _GCC_YFCC = dict(
             "local_data/gcc12m_shards/gcc-conceptual-12m-{000000..001943}.tar",
             "local_data/yfcc14m_shards/yfcc14m-{000000..001888}.tar",
         ],
-        dataset_length=2_891_445 + 11_156_203 + 14_615_499, batch_size=256, num_workers=6, img_size=224,
-        multi_label=3, shuffle_buffer=10000,
+        dataset_length=2_891_445 + 11_156_203 + 14_615_499,
+        batch_size=256,
+        num_workers=6,
+        img_size=224,
+        multi_label=3,
+        shuffle_buffer=10000,
     ),
     model=dict(preset="groupvit-s"),
     optim=dict(epochs=30, warmup_epochs=2),
-    output_dir="runs/gcc-yfcc", log_interval=10, ckpt_interval=2000,
+    output_dir="runs/gcc-yfcc",
+    log_interval=10,
+    ckpt_interval=2000,
 )
 
 # The embedded CPU default (train/demo.py): a small GroupViT on generated coloured shapes at 64x64, 750 steps in about
@@ -222,21 +242,41 @@ _GCC_YFCC = dict(
 # of these global read-outs back, the contrastive loss is solved on this toy data without pure segments (docs/demo.md:
 # measured ablations; two grouping stages learned too slowly there). Real presets keep the official architecture.
 DEMO_MODEL_OVERRIDES: dict[str, Any] = {
-    "vision.patch_size": 4, "vision.embed_dim": 64, "vision.depths": [0, 0], "vision.num_heads": 2,
-    "vision.num_group_tokens": [16, 0], "vision.num_output_groups": [16], "vision.pre_assign_attn": False,
-    "text.width": 64, "text.layers": 2, "text.heads": 2, "text.context_length": 24,
-    "output_dim": 64, "proj_num_layers": 1,
+    "vision.patch_size": 4,
+    "vision.embed_dim": 64,
+    "vision.depths": [0, 0],
+    "vision.num_heads": 2,
+    "vision.num_group_tokens": [16, 0],
+    "vision.num_output_groups": [16],
+    "vision.pre_assign_attn": False,
+    "text.width": 64,
+    "text.layers": 2,
+    "text.heads": 2,
+    "text.context_length": 24,
+    "output_dim": 64,
+    "proj_num_layers": 1,
 }
 _DEMO = dict(
     data=dict(
-        train_shards=[], batch_size=64, num_workers=1, img_size=64, multi_label=3, shuffle_buffer=1000,
-        augment=False, synthetic_train=8000, synthetic_val=200,
+        train_shards=[],
+        batch_size=64,
+        num_workers=1,
+        img_size=64,
+        multi_label=3,
+        shuffle_buffer=1000,
+        augment=False,
+        synthetic_train=8000,
+        synthetic_val=200,
     ),
     model=dict(preset="groupvit-tiny", overrides=DEMO_MODEL_OVERRIDES),
     # lr reference batch 64 instead of 4096: the recipe's 1.6e-3 peak at this small global batch
     optim=dict(epochs=6, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0),
     # time limit: a safety net far above the ~2.5 minutes; a loaded machine must still finish the schedule
-    precision="fp32", output_dir="runs/demo", log_interval=25, ckpt_interval=250, time_limit_s=1200,
+    precision="fp32",
+    output_dir="runs/demo",
+    log_interval=25,
+    ckpt_interval=250,
+    time_limit_s=1200,
     overwrite=True,  # `make demo` retrains from scratch each time (resume=auto continues instead)
 )
 
@@ -246,8 +286,9 @@ PRESETS: dict[str, dict[str, Any]] = {"demo": _DEMO, "gcc-yfcc": _GCC_YFCC}
 # ---- building and overriding ----------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, *, preset: str | None = None,
-                overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, *, preset: str | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> TrainConfig:
     """Preset, then file (YAML or JSON; a nested mapping like :meth:`TrainConfig.to_dict`), then overrides.
 
     ``overrides`` is a list of ``"dotted.key=value"`` strings or a mapping ``{"dotted.key": value}``.
@@ -307,8 +348,9 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
         hint = typing.get_type_hints(spec).get(part)
         if hint is None or not dataclasses.is_dataclass(hint):
             sections = [n for n, h in typing.get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(h)]
-            raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])!r} is not a section; "
-                             f"sections: {sections}")
+            raise ValueError(
+                f"unknown config key {key!r}: {'.'.join(parts[: i + 1])!r} is not a section; sections: {sections}"
+            )
         spec = hint
         node = node.setdefault(part, {})
     known = sorted(f.name for f in fields(spec))
@@ -377,8 +419,10 @@ def _build(cls: type, d: Mapping[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     bad = sorted(set(d) - known)
     if bad:
-        raise ValueError(f"unknown config key(s) {[f'{where}.{b}'.lstrip('.') for b in bad]}; "
-                         f"known keys{' in ' + where if where else ''}: {sorted(known)}")
+        raise ValueError(
+            f"unknown config key(s) {[f'{where}.{b}'.lstrip('.') for b in bad]}; "
+            f"known keys{' in ' + where if where else ''}: {sorted(known)}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in d.items():
         key = f"{where}.{name}".lstrip(".")

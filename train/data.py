@@ -12,7 +12,8 @@ Public API::
 Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` consumers in all):
 
 1. **shards**: all shard patterns (brace-expanded, then globbed; several datasets mixed by concatenation) are
-   shuffled with ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W + worker`` takes
+   shuffled with ``Random(seed, epoch, cycle)`` — the same order on every rank — and consumer ``c = rank * W +
+   worker`` takes
    ``shards[c::C]`` (node split, then worker split). With fewer shards than consumers every consumer reads all
    shards and keeps raw samples ``i % C == c`` instead, so tiny datasets still work and stay disjoint.
 2. **read** with webdataset's tar reader; unreadable/truncated/missing shards are warned about (first few), counted
@@ -76,8 +77,16 @@ from train.rundir import ignore_sigterm
 from train.shards import expand_urls
 from train.transforms import TrainTransform, decode_crop
 
-__all__ = ["IMAGE_KEYS", "TEXT_KEYS", "DataStats", "TrainLoader", "build_loader", "build_train_loader", "expand_urls",
-           "write_shards"]
+__all__ = [
+    "IMAGE_KEYS",
+    "TEXT_KEYS",
+    "DataStats",
+    "TrainLoader",
+    "build_loader",
+    "build_train_loader",
+    "expand_urls",
+    "write_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +116,14 @@ def _encode_image(image: Image.Image | bytes, fmt: str) -> tuple[str, bytes]:
     raise TypeError(f"write_shards: image must be a PIL image, encoded bytes or None, got {type(image).__name__}")
 
 
-def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, prefix: str, maxcount: int = 1000, *,
-                 image_format: str = "jpg") -> list[str]:
+def write_shards(
+    samples: Iterable[tuple],
+    out_dir: str | os.PathLike,
+    prefix: str,
+    maxcount: int = 1000,
+    *,
+    image_format: str = "jpg",
+) -> list[str]:
     """Write ``(key, image, caption[, extras])`` samples to ``out_dir/prefix-000000.tar``, … (webdataset layout).
 
     Args:
@@ -156,21 +171,26 @@ def write_shards(samples: Iterable[tuple], out_dir: str | os.PathLike, prefix: s
 class DataStats:
     """Counters of one consumer (or a sum of them). Bad data is skipped, never fatal."""
 
-    samples: int = 0           # raw samples read from shards (of this consumer)
-    used: int = 0              # good samples that went into batches (including batches skipped on resume)
-    batches: int = 0           # batches produced (including batches skipped on resume)
-    missing_images: int = 0    # no jpg/jpeg/png member
+    samples: int = 0  # raw samples read from shards (of this consumer)
+    used: int = 0  # good samples that went into batches (including batches skipped on resume)
+    batches: int = 0  # batches produced (including batches skipped on resume)
+    missing_images: int = 0  # no jpg/jpeg/png member
     missing_captions: int = 0  # no txt/text member
-    empty_captions: int = 0    # caption empty after stripping whitespace
-    corrupt_images: int = 0    # image bytes PIL cannot decode
+    empty_captions: int = 0  # caption empty after stripping whitespace
+    corrupt_images: int = 0  # image bytes PIL cannot decode
     oversized_images: int = 0  # images above the pixel cap (max_pixels: decompression bombs), not decoded
-    shard_errors: int = 0      # shards that could not be opened/read to the end (truncated, missing, bad tar)
+    shard_errors: int = 0  # shards that could not be opened/read to the end (truncated, missing, bad tar)
 
     @property
     def skipped(self) -> int:
         """Samples dropped for bad data."""
-        return (self.missing_images + self.missing_captions + self.empty_captions + self.corrupt_images
-                + self.oversized_images)
+        return (
+            self.missing_images
+            + self.missing_captions
+            + self.empty_captions
+            + self.corrupt_images
+            + self.oversized_images
+        )
 
     def __add__(self, other: "DataStats") -> "DataStats":
         return DataStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
@@ -257,23 +277,41 @@ class _GpuPath:
     def decode(self, data: bytes, rng: random.Random) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return decode_crop(data, self.device_aug.img_size, rng, augment=self.device_aug.augment,
-                               max_pixels=self.max_pixels)  # [S, S, 3] uint8
+            return decode_crop(
+                data, self.device_aug.img_size, rng, augment=self.device_aug.augment, max_pixels=self.max_pixels
+            )  # [S, S, 3] uint8
 
     def __call__(self, arr: np.ndarray, rng: random.Random) -> dict[str, torch.Tensor]:
-        return {"images": torch.from_numpy(arr),  # [S, S, 3] uint8 (channels last: the device permutes it)
-                "aug_params": torch.from_numpy(self.device_aug.sample_params(rng))}  # [P] float64
+        return {
+            "images": torch.from_numpy(arr),  # [S, S, 3] uint8 (channels last: the device permutes it)
+            "aug_params": torch.from_numpy(self.device_aug.sample_params(rng)),
+        }  # [P] float64
 
 
 class _ShardStream(IterableDataset):
     """IterableDataset yielding finished batches (dicts) of one consumer; see the module docstring."""
 
-    def __init__(self, shards: list[str], *, batch_size: int, context_length: int, multi_label: int,
-                 transform: _CpuPath | _GpuPath, shuffle_buffer: int, seed: int, rank: int, world_size: int,
-                 repeat: bool):
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        batch_size: int,
+        context_length: int,
+        multi_label: int,
+        transform: _CpuPath | _GpuPath,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        repeat: bool,
+    ):
         super().__init__()
-        self.shards, self.batch_size, self.context_length, self.multi_label = shards, batch_size, context_length, \
-            multi_label
+        self.shards, self.batch_size, self.context_length, self.multi_label = (
+            shards,
+            batch_size,
+            context_length,
+            multi_label,
+        )
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.rank, self.world_size, self.repeat = rank, world_size, repeat
         self.epoch = 0
@@ -297,9 +335,11 @@ class _ShardStream(IterableDataset):
             if not self.repeat:
                 return
             if st.samples - st.missing_images - st.missing_captions - st.empty_captions == before:
-                raise RuntimeError(f"data consumer {consumer} of {n_consumers}: a full pass over its shards "
-                                   f"{mine[:3]}... gave no sample with image and caption (too few samples for "
-                                   f"this many ranks x workers, or all bad?); stats {st}")
+                raise RuntimeError(
+                    f"data consumer {consumer} of {n_consumers}: a full pass over its shards "
+                    f"{mine[:3]}... gave no sample with image and caption (too few samples for "
+                    f"this many ranks x workers, or all bad?); stats {st}"
+                )
             cycle += 1
 
     @staticmethod
@@ -309,8 +349,9 @@ class _ShardStream(IterableDataset):
             yield {"url": u}
 
     @staticmethod
-    def _with_caption(samples: Iterator[dict[str, Any]],
-                      problems: _Problems) -> Iterator[tuple[str, str, bytes, str, list[str] | None]]:
+    def _with_caption(
+        samples: Iterator[dict[str, Any]], problems: _Problems
+    ) -> Iterator[tuple[str, str, bytes, str, list[str] | None]]:
         """``(key, shard, image bytes, caption, precomputed candidate nouns or None)`` of the good samples."""
         for s in samples:
             key = str(s.get("__key__", "?"))
@@ -346,8 +387,9 @@ class _ShardStream(IterableDataset):
         stats = DataStats()
         problems = _Problems(stats, consumer)
         raw = self._raw_samples(consumer, n_consumers, problems)
-        good = _shuffled(self._with_caption(raw, problems), self.shuffle_buffer,
-                         random.Random(f"shuffle/{worker_seed}/{self.epoch}"))
+        good = _shuffled(
+            self._with_caption(raw, problems), self.shuffle_buffer, random.Random(f"shuffle/{worker_seed}/{self.epoch}")
+        )
         tok = get_tokenizer()
         pending: list[tuple[random.Random, str, Any, str, list[str] | None]] = []
         n_decoded = 0
@@ -362,8 +404,10 @@ class _ShardStream(IterableDataset):
             except Exception as exn:  # noqa: BLE001 - any decoder failure means a corrupt image
                 problems("corrupt_images", f"{url}: sample {key}: {_why_undecodable(exn)}")
                 if n_decoded == 0 and stats.corrupt_images >= 10_000:  # a repeating stream would spin forever
-                    raise RuntimeError(f"data consumer {consumer}: the first {stats.corrupt_images} images were "
-                                       f"all undecodable; stats {stats}") from None
+                    raise RuntimeError(
+                        f"data consumer {consumer}: the first {stats.corrupt_images} images were "
+                        f"all undecodable; stats {stats}"
+                    ) from None
                 continue
             n_decoded += 1
             pending.append((rng, key, img, caption, nouns))
@@ -402,14 +446,22 @@ class TrainLoader:
     are moved to ``device`` and augmented there (in the main process) before they are yielded.
     """
 
-    def __init__(self, dataset: _ShardStream, *, num_workers: int, epoch_len: int | None, pin_memory: bool,
-                 prefetch_factor: int | None, device_augment: DeviceAugment | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dataset: _ShardStream,
+        *,
+        num_workers: int,
+        epoch_len: int | None,
+        pin_memory: bool,
+        prefetch_factor: int | None,
+        device_augment: DeviceAugment | None = None,
+        device: torch.device | str = "cpu",
+    ):
         self.dataset, self.num_workers, self.epoch_len = dataset, num_workers, epoch_len
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.device_augment, self.device = device_augment, torch.device(device)
         self.epoch, self.start_batch = 0, 0
-        self._done = DataStats()     # stats of finished iterations
+        self._done = DataStats()  # stats of finished iterations
         self._live: dict[int, DataStats] = {}  # latest snapshot per consumer of the running iteration
 
     @property
@@ -448,8 +500,14 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kw["prefetch_factor"] = self.prefetch_factor
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            worker_init_fn=ignore_sigterm, **kw)  # SIGTERM: the main process checkpoints and stops
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=ignore_sigterm,
+            **kw,
+        )  # SIGTERM: the main process checkpoints and stops
         self._live = {}
         n = start if ds.repeat else 0
         discard = 0 if ds.repeat else start
@@ -481,13 +539,27 @@ class TrainLoader:
                 self.epoch, self.start_batch = self.epoch + 1, 0
 
 
-def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_workers: int = 0,
-                       context_length: int = CONTEXT_LENGTH, multi_label: int = 0, img_size: int = 224,
-                       augment: bool = True, shuffle_buffer: int = 10_000, seed: int = 0, rank: int = 0,
-                       world_size: int = 1, epoch_len: int | None = None,
-                       transform: Callable[[Image.Image, random.Random], torch.Tensor] | None = None,
-                       pin_memory: bool = False, prefetch_factor: int | None = None, augment_on: str = "cpu",
-                       device: torch.device | str = "cpu", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> TrainLoader:
+def build_train_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    context_length: int = CONTEXT_LENGTH,
+    multi_label: int = 0,
+    img_size: int = 224,
+    augment: bool = True,
+    shuffle_buffer: int = 10_000,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch_len: int | None = None,
+    transform: Callable[[Image.Image, random.Random], torch.Tensor] | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    augment_on: str = "cpu",
+    device: torch.device | str = "cpu",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> TrainLoader:
     """Training loader over webdataset shards (see the module docstring).
 
     Args:
@@ -510,9 +582,14 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
     Returns:
         a :class:`TrainLoader` yielding ``{"images": [B,3,S,S] float32, "texts": [B,1+K,L] int64, "keys": list}``.
     """
-    for name, val, lo in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                          ("context_length", context_length, 2), ("multi_label", multi_label, 0),
-                          ("shuffle_buffer", shuffle_buffer, 0), ("world_size", world_size, 1)):
+    for name, val, lo in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("context_length", context_length, 2),
+        ("multi_label", multi_label, 0),
+        ("shuffle_buffer", shuffle_buffer, 0),
+        ("world_size", world_size, 1),
+    ):
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"build_train_loader: {name} must be an int >= {lo}, got {val!r}")
     if not 0 <= rank < world_size:
@@ -526,17 +603,36 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, num_worker
     if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
         raise ValueError(f"build_train_loader: max_pixels must be None or an int >= 1, got {max_pixels!r}")
     shards = expand_urls(urls)
-    get_tokenizer()      # build once here so forked workers inherit it
+    get_tokenizer()  # build once here so forked workers inherit it
     if multi_label > 0:
-        load_tagger()    # fail fast (with instructions) if the NLTK tagger is missing
+        load_tagger()  # fail fast (with instructions) if the NLTK tagger is missing
     device_aug = DeviceAugment(img_size, augment) if augment_on == "gpu" else None
-    path = _GpuPath(device_aug, max_pixels) if device_aug is not None else \
-        _CpuPath(transform or TrainTransform(img_size, augment), max_pixels)
-    ds = _ShardStream(shards, batch_size=batch_size, context_length=context_length, multi_label=multi_label,
-                      transform=path, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
-                      repeat=epoch_len is not None)
-    return TrainLoader(ds, num_workers=num_workers, epoch_len=epoch_len, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, device_augment=device_aug, device=device)
+    path = (
+        _GpuPath(device_aug, max_pixels)
+        if device_aug is not None
+        else _CpuPath(transform or TrainTransform(img_size, augment), max_pixels)
+    )
+    ds = _ShardStream(
+        shards,
+        batch_size=batch_size,
+        context_length=context_length,
+        multi_label=multi_label,
+        transform=path,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        repeat=epoch_len is not None,
+    )
+    return TrainLoader(
+        ds,
+        num_workers=num_workers,
+        epoch_len=epoch_len,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        device_augment=device_aug,
+        device=device,
+    )
 
 
 def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, context_length: int) -> Any:
@@ -544,9 +640,21 @@ def build_loader(cfg: TrainConfig, ctx: DistContext, *, steps_per_epoch: int, co
     (seed, epoch, rank, world size, workers), so ``iter_epoch(epoch, start_batch)`` resumes exactly."""
     d = cfg.data
     return build_train_loader(
-        d.train_shards, batch_size=d.batch_size, num_workers=d.num_workers, context_length=context_length,
-        multi_label=d.multi_label, img_size=d.img_size, augment=d.augment, shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, epoch_len=steps_per_epoch,
-        pin_memory=ctx.device.type == "cuda", prefetch_factor=4 if d.num_workers > 0 else None,
-        augment_on=d.augment_on, device=ctx.device, max_pixels=d.max_pixels,
+        d.train_shards,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        context_length=context_length,
+        multi_label=d.multi_label,
+        img_size=d.img_size,
+        augment=d.augment,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        epoch_len=steps_per_epoch,
+        pin_memory=ctx.device.type == "cuda",
+        prefetch_factor=4 if d.num_workers > 0 else None,
+        augment_on=d.augment_on,
+        device=ctx.device,
+        max_pixels=d.max_pixels,
     )

@@ -69,9 +69,16 @@ def segmentation_settings(bg_thresh: float | None = None) -> dict[str, Any]:
     """
     from train.synthetic import SHAPES, class_names
 
-    return {"classes": class_names(KIND)[1:], "templates": [f"a {{}} {s}" for s in SHAPES],
-            "background_name": "grey background", "background_templates": ["a {}", "on a {}"],
-            "bg_thresh": float(BG_THRESH if bg_thresh is None else bg_thresh), "eval_scale": float(EVAL_SCALE), "topk": 5, "mode": "whole"}
+    return {
+        "classes": class_names(KIND)[1:],
+        "templates": [f"a {{}} {s}" for s in SHAPES],
+        "background_name": "grey background",
+        "background_templates": ["a {}", "on a {}"],
+        "bg_thresh": float(BG_THRESH if bg_thresh is None else bg_thresh),
+        "eval_scale": float(EVAL_SCALE),
+        "topk": 5,
+        "mode": "whole",
+    }
 
 
 def class_text_embeddings(model: groupvit.GroupViT, with_background: bool) -> torch.Tensor:
@@ -96,15 +103,25 @@ def _segmenter(model: groupvit.GroupViT, cfg: TrainConfig, bg_thresh: float | No
     st = segmentation_settings()
     s = int(st["eval_scale"] * cfg.data.img_size)
     text_bg = bg_thresh is None
-    seg_cfg = SegConfig(bg_thresh=1.0 if text_bg else bg_thresh, topk=st["topk"], crop=s, stride=s, short_side=s,
-                        mode=st["mode"], background=not text_bg, batch_size=64)
+    seg_cfg = SegConfig(
+        bg_thresh=1.0 if text_bg else bg_thresh,
+        topk=st["topk"],
+        crop=s,
+        stride=s,
+        short_side=s,
+        mode=st["mode"],
+        background=not text_bg,
+        batch_size=64,
+    )
     names = class_names(KIND)
-    return ZeroShotSegmenter(model, names if text_bg else names[1:], seg_cfg,
-                             text_embeddings=class_text_embeddings(model, text_bg))
+    return ZeroShotSegmenter(
+        model, names if text_bg else names[1:], seg_cfg, text_embeddings=class_text_embeddings(model, text_bg)
+    )
 
 
-def evaluate(model: groupvit.GroupViT, val: list, cfg: TrainConfig, bg_thresh: float | None
-             ) -> tuple[float, np.ndarray, list[np.ndarray]]:
+def evaluate(
+    model: groupvit.GroupViT, val: list, cfg: TrainConfig, bg_thresh: float | None
+) -> tuple[float, np.ndarray, list[np.ndarray]]:
     """Zero-shot mIoU (background + colours) on ``val = [(image, caption, mask)]`` (:func:`_segmenter`; labels
     back at the original size, 0 = background, 1.. colours in both background modes)."""
     from groupvit.seg_datasets import MeanIoU
@@ -154,8 +171,18 @@ def write_overlays(val: list, panels: dict[str, list[np.ndarray]], out: Path, n:
             lab = np.asarray(maps[i], np.int64)
             groups = "groups" in name
             # background tinted black too (darkened): an untinted object would look labelled in its own colour
-            tiles.append((name, drawing.tint(base, lab % len(gpal) if groups else lab, gpal if groups else cpal,
-                                             alpha=0.7 if groups else 0.65, background=False)))
+            tiles.append(
+                (
+                    name,
+                    drawing.tint(
+                        base,
+                        lab % len(gpal) if groups else lab,
+                        gpal if groups else cpal,
+                        alpha=0.7 if groups else 0.65,
+                        background=False,
+                    ),
+                )
+            )
         p = out / f"overlay_{i:02d}.png"
         drawing.panel_figure(tiles, entries, caption=cap, scale=3).save(p)
         paths.append(p)
@@ -177,8 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: the demo preset's runs/demo)")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: the full schedule)")
     ap.add_argument("--bg-thresh", type=float, default=BG_THRESH, help="background threshold of the segmentation")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: deterministic sums; the data worker takes the second core)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: deterministic sums; the data worker takes the second core)",
+    )
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides key=value (see train/config.py)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -191,8 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra.append(f"max_steps={args.steps}")
     cfg = load_config(preset="demo", overrides=extra)
     if cfg.data.multi_label > 0 and not _tagger_available():
-        print("[demo] note: NLTK's POS tagger was not found (set NLTK_DATA); training without the multi-label "
-              "loss, which changes the result", file=sys.stderr)
+        print(
+            "[demo] note: NLTK's POS tagger was not found (set NLTK_DATA); training without the multi-label "
+            "loss, which changes the result",
+            file=sys.stderr,
+        )
         cfg = apply_override(cfg, "data.multi_label", 0)
     out = Path(cfg.output_dir)
 
@@ -200,8 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from train.synthetic import class_names, load_val, prepare_synthetic
 
     root = Path(cfg.data.synthetic_dir or out / "data")
-    print(f"[demo] data: {cfg.data.synthetic_train} train + {cfg.data.synthetic_val} held-out generated images "
-          f"({cfg.data.img_size}x{cfg.data.img_size}) in {root}", file=sys.stderr)
+    print(
+        f"[demo] data: {cfg.data.synthetic_train} train + {cfg.data.synthetic_val} held-out generated images "
+        f"({cfg.data.img_size}x{cfg.data.img_size}) in {root}",
+        file=sys.stderr,
+    )
     cfg = prepare_synthetic(cfg)
     val = load_val(root, KIND)
     t_data = time.perf_counter() - t0
@@ -218,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     (u_miou, u_iou, u_pred), (t_miou, t_iou, t_pred) = results["threshold"]
     store_segmentation_settings(Path(summary["checkpoint"]), args.bg_thresh)
     n_show = min(12, len(val))
-    panels: dict[str, list[np.ndarray]] = {"truth": [m for _, _, m in val[:n_show]], "untrained": u_pred,
-                                           "trained": t_pred}
+    panels: dict[str, list[np.ndarray]] = {
+        "truth": [m for _, _, m in val[:n_show]],
+        "untrained": u_pred,
+        "trained": t_pred,
+    }
     for tag, m in (("untrained", untrained), ("trained", trained)):
         per_image = stage_groups(m, [img for img, _, _ in val[:n_show]], cfg)
         for k, g in enumerate(trained.cfg.vision.num_output_groups):
@@ -229,24 +269,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = class_names(KIND)
     wall = time.perf_counter() - t0
     result = {
-        "miou_untrained": u_miou, "miou_trained": t_miou, "iou_untrained": u_iou.tolist(), "iou_trained": t_iou.tolist(),
-        "miou_text_background_untrained": results["text"][0][0], "miou_text_background_trained": results["text"][1][0],
-        "classes": names, "val_images": len(val), "bg_thresh": args.bg_thresh, "eval_scale": EVAL_SCALE,
+        "miou_untrained": u_miou,
+        "miou_trained": t_miou,
+        "iou_untrained": u_iou.tolist(),
+        "iou_trained": t_iou.tolist(),
+        "miou_text_background_untrained": results["text"][0][0],
+        "miou_text_background_trained": results["text"][1][0],
+        "classes": names,
+        "val_images": len(val),
+        "bg_thresh": args.bg_thresh,
+        "eval_scale": EVAL_SCALE,
         "steps": summary["steps"],
-        "stopped_by": summary["stopped_by"], "train_s": summary["train_s"], "data_s": t_data, "wall_s": wall,
-        "final_loss": summary["final_loss"], "multi_label": cfg.data.multi_label, "threads": args.threads,
-        "seed": cfg.seed, "groups_per_stage": list(trained.cfg.vision.num_output_groups),
+        "stopped_by": summary["stopped_by"],
+        "train_s": summary["train_s"],
+        "data_s": t_data,
+        "wall_s": wall,
+        "final_loss": summary["final_loss"],
+        "multi_label": cfg.data.multi_label,
+        "threads": args.threads,
+        "seed": cfg.seed,
+        "groups_per_stage": list(trained.cfg.vision.num_output_groups),
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(f"  {n:<11} {100 * a:9.1f} {100 * b:8.1f}" for n, a, b in zip(names, u_iou, t_iou))
-    print(f"\nzero-shot segmentation of {len(val)} held-out images, IoU % (background by threshold {args.bg_thresh}):\n"
-          f"  {'class':<11} {'untrained':>9} {'trained':>8}\n{rows}\n"
-          f"  {'mIoU':<11} {100 * u_miou:9.1f} {100 * t_miou:8.1f}\n"
-          f"  {'mIoU, background as a text class':<11}: untrained {100 * results['text'][0][0]:.1f}, "
-          f"trained {100 * results['text'][1][0]:.1f}\n"
-          f"overlays: {overlays[0].parent}/overlay_*.png (image | truth | untrained | trained, then the groups of "
-          f"each stage, untrained and trained)\n"
-          f"total {wall:.0f} s (data {t_data:.0f} s, training {summary['train_s']:.0f} s, {summary['steps']} steps)")
+    print(
+        f"\nzero-shot segmentation of {len(val)} held-out images, IoU % (background by threshold {args.bg_thresh}):\n"
+        f"  {'class':<11} {'untrained':>9} {'trained':>8}\n{rows}\n"
+        f"  {'mIoU':<11} {100 * u_miou:9.1f} {100 * t_miou:8.1f}\n"
+        f"  {'mIoU, background as a text class':<11}: untrained {100 * results['text'][0][0]:.1f}, "
+        f"trained {100 * results['text'][1][0]:.1f}\n"
+        f"overlays: {overlays[0].parent}/overlay_*.png (image | truth | untrained | trained, then the groups of "
+        f"each stage, untrained and trained)\n"
+        f"total {wall:.0f} s (data {t_data:.0f} s, training {summary['train_s']:.0f} s, {summary['steps']} steps)"
+    )
     return 0
 
 

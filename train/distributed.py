@@ -12,8 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["CPUSyncBatchNorm", "DistContext", "convert_sync_batchnorm", "gather_objects", "mean_over_ranks",
-           "setup_distributed", "sum_over_ranks"]
+__all__ = [
+    "CPUSyncBatchNorm",
+    "DistContext",
+    "convert_sync_batchnorm",
+    "gather_objects",
+    "mean_over_ranks",
+    "setup_distributed",
+    "sum_over_ranks",
+]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -69,8 +76,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CPUSyncBatchNorm):
-            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(device)
+            new = CPUSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(device)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:

@@ -48,9 +48,17 @@ class DeviceAugment:
         hflip, rand_augment, re_prob, mean, std: as :class:`train.transforms.TrainTransform`.
     """
 
-    def __init__(self, img_size: int = 224, augment: bool = True, *, hflip: float = 0.5,
-                 rand_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        img_size: int = 224,
+        augment: bool = True,
+        *,
+        hflip: float = 0.5,
+        rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         self.img_size, self.augment, self.hflip, self.re_prob = img_size, augment, hflip, re_prob
         self.ra = RandAugment.from_string(rand_augment) if (augment and rand_augment) else None
         self.mean, self.std = tuple(mean), tuple(std)
@@ -70,13 +78,13 @@ class DeviceAugment:
             op = rng.randrange(len(ra.OPS))
             on = rng.random() <= ra.prob
             m = rng.gauss(ra.magnitude, ra.magnitude_std) if ra.magnitude_std > 0 else ra.magnitude
-            p[1 + 3 * j: 4 + 3 * j] = (op if on else -1, max(0.0, min(10.0, m)), -1.0 if rng.random() > 0.5 else 1.0)
+            p[1 + 3 * j : 4 + 3 * j] = (op if on else -1, max(0.0, min(10.0, m)), -1.0 if rng.random() > 0.5 else 1.0)
         e = 1 + 3 * self.num_ops
         s = self.img_size
         if self.re_prob > 0 and rng.random() < self.re_prob:  # timm RandomErasing box sampling (one box)
             box = erasing_box(s, s, rng)
             if box is not None:
-                p[e: e + 5] = (1, *box)
+                p[e : e + 5] = (1, *box)
         p[e + 5] = rng.getrandbits(31)
         return p
 
@@ -85,11 +93,13 @@ class DeviceAugment:
     def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, S, S]`` (any device) + ``[B, P]`` rows → normalised ``float32 [B, 3, S, S]`` there."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"DeviceAugment.apply: expected uint8 [B, 3, S, S], got {images.dtype} "
-                             f"{list(images.shape)}")
+            raise ValueError(
+                f"DeviceAugment.apply: expected uint8 [B, 3, S, S], got {images.dtype} {list(images.shape)}"
+            )
         if params.shape != (images.shape[0], self.num_params):
-            raise ValueError(f"DeviceAugment.apply: expected params [{images.shape[0]}, {self.num_params}], got "
-                             f"{list(params.shape)}")
+            raise ValueError(
+                f"DeviceAugment.apply: expected params [{images.shape[0]}, {self.num_params}], got {list(params.shape)}"
+            )
         dev = images.device
         cpu = params.detach().cpu().double()  # group samples by op on the host: no device syncs
         x = images.float()  # [B, 3, S, S] in 0..255
@@ -99,17 +109,17 @@ class DeviceAugment:
                 idx = flip.nonzero().flatten().to(dev)
                 x[idx] = x[idx].flip(-1)
             for j in range(self.num_ops):
-                x = self._rand_augment_slot(x, cpu[:, 1 + 3 * j: 4 + 3 * j])
+                x = self._rand_augment_slot(x, cpu[:, 1 + 3 * j : 4 + 3 * j])
         mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
         x = (x / 255 - mean) / std
         e = 1 + 3 * self.num_ops
         on = cpu[:, e] > 0
         if self.augment and bool(on.any()):
-            seed = int(cpu[:, e + 5].sum().item()) % (2 ** 62)
+            seed = int(cpu[:, e + 5].sum().item()) % (2**62)
             gen = torch.Generator(device=dev).manual_seed(seed)
             noise = torch.randn(x.shape, generator=gen, device=dev)
-            box = cpu[:, e: e + 5].to(dev)  # on, top, left, h, w
+            box = cpu[:, e : e + 5].to(dev)  # on, top, left, h, w
             s = torch.arange(x.shape[-1], device=dev, dtype=torch.float64)
             rows = (s[None] >= box[:, 1:2]) & (s[None] < box[:, 1:2] + box[:, 3:4])  # [B, S]
             cols = (s[None] >= box[:, 2:3]) & (s[None] < box[:, 2:3] + box[:, 4:5])
@@ -125,8 +135,9 @@ class DeviceAugment:
         op = p[:, 0].long()
         sel = torch.isin(op, torch.tensor(geo)).nonzero().flatten()
         if sel.numel():
-            x[sel.to(dev)] = _affine(x[sel.to(dev)], _thetas([ops[i] for i in op[sel].tolist()], p[sel, 1],
-                                                              p[sel, 2]).to(dev), self.ra.fill)
+            x[sel.to(dev)] = _affine(
+                x[sel.to(dev)], _thetas([ops[i] for i in op[sel].tolist()], p[sel, 1], p[sel, 2]).to(dev), self.ra.fill
+            )
         for k, name in enumerate(ops):
             if name in _GEOMETRIC:
                 continue
@@ -221,8 +232,7 @@ def _solarize_add(x, m, sign):
 
 def _sharpness(x, m, sign):
     k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13
-    smooth = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), k.view(1, 1, 3, 3)).round().view(*x.shape[:2],
-                                                                                        x.shape[2] - 2, -1)
+    smooth = F.conv2d(x.reshape(-1, 1, *x.shape[2:]), k.view(1, 1, 3, 3)).round().view(*x.shape[:2], x.shape[2] - 2, -1)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth  # PIL keeps the border pixels
     return _blend(degenerate, x, _factor(m, sign))
@@ -236,8 +246,9 @@ _COLOR_OPS = {
     "SolarizeIncreasing": _solarize,
     "SolarizeAdd": _solarize_add,
     "ColorIncreasing": lambda x, m, sign: _blend(_grey(x), x, _factor(m, sign)),
-    "ContrastIncreasing": lambda x, m, sign: _blend(_grey(x).mean((1, 2, 3), keepdim=True).add(0.5).floor(), x,
-                                                    _factor(m, sign)),
+    "ContrastIncreasing": lambda x, m, sign: _blend(
+        _grey(x).mean((1, 2, 3), keepdim=True).add(0.5).floor(), x, _factor(m, sign)
+    ),
     "BrightnessIncreasing": lambda x, m, sign: (x * _factor(m, sign)).floor(),
     "SharpnessIncreasing": _sharpness,
 }

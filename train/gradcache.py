@@ -57,10 +57,17 @@ def micro_slices(batch: int, micro_batch: int) -> Iterator[slice]:
     return (slice(s, min(s + micro_batch, batch)) for s in range(0, batch, micro_batch))
 
 
-def gradcache_backward(model: nn.Module, loss_fn: nn.Module, images: Tensor, texts: Tensor, micro_batch: int, *,
-                       scaler: torch.amp.GradScaler | None = None,
-                       autocast_dtype: torch.dtype | None = None,
-                       host_texts: Tensor | None = None) -> dict[str, Tensor]:
+def gradcache_backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    images: Tensor,
+    texts: Tensor,
+    micro_batch: int,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    host_texts: Tensor | None = None,
+) -> dict[str, Tensor]:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(model(images, texts))["loss"]`` over the whole batch
     (scaled by ``scaler`` when given), running the towers ``micro_batch`` samples at a time.
 
@@ -104,7 +111,7 @@ def gradcache_backward(model: nn.Module, loss_fn: nn.Module, images: Tensor, tex
         _rng_set(state, device)
         with _autocast(device, autocast_dtype):
             fi, ft = bare.forward_towers(images[sl], texts[sl], text_plan=plan)
-        torch.autograd.backward((fi, ft), (g_img[sl], g_txt[sl.start * t:sl.stop * t]))
+        torch.autograd.backward((fi, ft), (g_img[sl], g_txt[sl.start * t : sl.stop * t]))
     _rng_set(after, device)
 
     if model is not bare and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -122,5 +129,5 @@ def average_gradients(model: nn.Module) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()

@@ -36,8 +36,15 @@ class Logger:
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0,
+                file=sys.stderr,
+            )
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +57,11 @@ class Logger:
         if self.bar is None:
             return
         self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} "
-                                 f"{rec['images_per_s']:.0f} img/s wait {100 * rec['data_wait']:.0f}%", refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} "
+            f"{rec['images_per_s']:.0f} img/s wait {100 * rec['data_wait']:.0f}%",
+            refresh=False,
+        )
 
     def record(self, rec: dict[str, Any]) -> None:
         if not self.active:
@@ -84,8 +94,15 @@ def add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     return {k: int(a.get(k, 0)) + int(b.get(k, 0)) for k in {**a, **b}}
 
 
-def log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, counters: dict[str, Any],
-                data_stats: dict[str, int], global_batch: int, data_base: Mapping[str, int] | None = None) -> None:
+def log_window(
+    window: list[dict[str, Any]],
+    ctx: DistContext,
+    log: Logger,
+    counters: dict[str, Any],
+    data_stats: dict[str, int],
+    global_batch: int,
+    data_base: Mapping[str, int] | None = None,
+) -> None:
     """One JSONL record per log interval: losses averaged over the window's steps and over ranks, rates over the
     window, data counters summed over ranks plus ``data_base`` (earlier segments of a resumed run; a collective:
     every rank calls it)."""
@@ -95,24 +112,36 @@ def log_window(window: list[dict[str, Any]], ctx: DistContext, log: Logger, coun
     data_stats = add_counts(data_base or {}, sum_over_ranks(data_stats, ctx))
     last = window[-1]
     dt = sum(w["dt"] for w in window)
-    rec = {"step": last["step"], "epoch": last["epoch"], **dict(zip(keys, mean)), "lr": last["lr"],
-           "logit_scale": last["logit_scale"], "multi_label_logit_scale": last["multi_label_logit_scale"],
-           "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
-           "images_per_s": global_batch * len(window) / max(dt, 1e-9),
-           "data_wait": sum(w["wait"] for w in window) / max(dt, 1e-9),
-           "skipped_steps": counters["skipped_steps"], "time": time.time(), "data": data_stats}
+    rec = {
+        "step": last["step"],
+        "epoch": last["epoch"],
+        **dict(zip(keys, mean)),
+        "lr": last["lr"],
+        "logit_scale": last["logit_scale"],
+        "multi_label_logit_scale": last["multi_label_logit_scale"],
+        "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
+        "images_per_s": global_batch * len(window) / max(dt, 1e-9),
+        "data_wait": sum(w["wait"] for w in window) / max(dt, 1e-9),
+        "skipped_steps": counters["skipped_steps"],
+        "time": time.time(),
+        "data": data_stats,
+    }
     log.record(rec)
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """The run summary (``summary.json``'s content) as the one line printed at the end."""
     d = s["data"]
-    skipped = (f"{d.get('skipped', 0)} bad samples skipped (missing image {d.get('missing_images', 0)}, missing caption "
-               f"{d.get('missing_captions', 0)}, empty caption {d.get('empty_captions', 0)}, corrupt image "
-               f"{d.get('corrupt_images', 0)}, oversized image {d.get('oversized_images', 0)}), "
-               f"{d.get('shard_errors', 0)} shard errors")
-    return (f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
-            f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
-            f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
-            f"{s['final_loss']:.4f}; {s['skipped_steps']} non-finite steps skipped; {skipped}; "
-            f"checkpoint {s['checkpoint']}")
+    skipped = (
+        f"{d.get('skipped', 0)} bad samples skipped (missing image {d.get('missing_images', 0)}, missing caption "
+        f"{d.get('missing_captions', 0)}, empty caption {d.get('empty_captions', 0)}, corrupt image "
+        f"{d.get('corrupt_images', 0)}, oversized image {d.get('oversized_images', 0)}), "
+        f"{d.get('shard_errors', 0)} shard errors"
+    )
+    return (
+        f"done: {s['steps']}/{s['total_steps']} steps ({s['stopped_by']}), {s['steps_this_run']} this run in "
+        f"{s['train_s']:.1f} s ({s['wall_s']:.1f} s wall) on {s['world_size']} x {s['device']}; "
+        f"{s['images_per_s']:.1f} images/s, data wait {100 * s['data_wait_frac']:.1f}%, final loss "
+        f"{s['final_loss']:.4f}; {s['skipped_steps']} non-finite steps skipped; {skipped}; "
+        f"checkpoint {s['checkpoint']}"
+    )

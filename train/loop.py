@@ -69,11 +69,21 @@ class NonFiniteLossError(RuntimeError):
 # ---- one step -----------------------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any], *,
-               scaler: torch.amp.GradScaler | None = None, autocast_dtype: torch.dtype | None = None,
-               clip_grad: float = 5.0, skip_nonfinite: bool = False, step: int | None = None,
-               micro_batch: int | None = None, check_finite: bool = False,
-               forward: Callable[..., dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+def train_step(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Mapping[str, Any],
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    clip_grad: float = 5.0,
+    skip_nonfinite: bool = False,
+    step: int | None = None,
+    micro_batch: int | None = None,
+    check_finite: bool = False,
+    forward: Callable[..., dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """One optimizer step on ``batch = {"images": [B,3,H,W], "texts": [B,1+K,L], ...}``.
 
     Forward (under autocast when ``autocast_dtype`` is given) -> ``loss_fn`` (``loss``, ``loss_itc``, ``loss_ml``) ->
@@ -89,7 +99,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
 
     A step whose loss or global gradient norm is not finite is never applied: gradients are dropped and the
     BatchNorm running statistics restored. With ``skip_nonfinite`` it is skipped (``skipped=True`` returned);
-    otherwise :class:`NonFiniteLossError` is raised naming ``step``. Under torch.distributed all ranks take the same decision.
+    otherwise :class:`NonFiniteLossError` is raised naming ``step``. Under torch.distributed all ranks take the
+    same decision.
     With a GradScaler, non-finite *gradients* are the scaler's business (it skips and lowers its scale); only a
     non-finite loss counts here.
 
@@ -112,13 +123,22 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     with ops.use_check_finite(check_finite):
         if micro_batch and micro_batch < images.shape[0]:
             if forward is not None:
-                raise ValueError("train_step: a custom (e.g. compiled) forward cannot run micro-batched steps; "
-                                 "pass forward=None or micro_batch=None")
-            losses = gradcache_backward(model, loss_fn, images, texts, micro_batch, scaler=scaler,
-                                        autocast_dtype=autocast_dtype, host_texts=batch["texts"])
+                raise ValueError(
+                    "train_step: a custom (e.g. compiled) forward cannot run micro-batched steps; "
+                    "pass forward=None or micro_batch=None"
+                )
+            losses = gradcache_backward(
+                model,
+                loss_fn,
+                images,
+                texts,
+                micro_batch,
+                scaler=scaler,
+                autocast_dtype=autocast_dtype,
+                host_texts=batch["texts"],
+            )
         else:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 losses = (forward or forward_loss)(model, loss_fn, images, texts, text_plan)
             (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     loss = losses["loss"]
@@ -128,12 +148,16 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
 
     nan = torch.full((), float("nan"), device=device)  # a fill kernel: torch.tensor(..., device) would sync
     ml_scale = getattr(bare, "multi_label_logit_scale", None)
-    stats = torch.stack([
-        loss.detach().float(), losses.get("loss_itc", nan).detach().float(), losses.get("loss_ml", nan).detach().float(),
-        grad_norm.detach().float().reshape(()),
-        bare.logit_scale.detach().float().exp().clamp(max=100),
-        ml_scale.detach().float().exp().clamp(max=100) if ml_scale is not None else nan,
-    ])
+    stats = torch.stack(
+        [
+            loss.detach().float(),
+            losses.get("loss_itc", nan).detach().float(),
+            losses.get("loss_ml", nan).detach().float(),
+            grad_norm.detach().float().reshape(()),
+            bare.logit_scale.detach().float().exp().clamp(max=100),
+            ml_scale.detach().float().exp().clamp(max=100) if ml_scale is not None else nan,
+        ]
+    )
     finite = torch.isfinite(stats[0]) if scaler is not None else (torch.isfinite(stats[0]) & torch.isfinite(stats[3]))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flag = finite.float().reshape(1)
@@ -162,18 +186,28 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         if scaler is not None:
             scaler.update()
         skipped = True
-    return {"loss": loss_v, "loss_itc": itc, "loss_ml": ml, "grad_norm": gnorm, "logit_scale": scale,
-            "multi_label_logit_scale": ml_s, "finite": ok, "skipped": skipped}
+    return {
+        "loss": loss_v,
+        "loss_itc": itc,
+        "loss_ml": ml,
+        "grad_norm": gnorm,
+        "logit_scale": scale,
+        "multi_label_logit_scale": ml_s,
+        "finite": ok,
+        "skipped": skipped,
+    }
 
 
-def forward_loss(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-                 text_plan: Any = None) -> dict[str, torch.Tensor]:
+def forward_loss(
+    model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor, text_plan: Any = None
+) -> dict[str, torch.Tensor]:
     """``loss_fn(model(images, texts, text_plan=text_plan))``: the part of a step that ``compile=true`` compiles."""
     return loss_fn(model(images, texts, text_plan=text_plan))
 
 
-def compile_forward_loss(mode: str | None = None, backend: str = "inductor", fullgraph: bool = False
-                         ) -> Callable[..., dict[str, torch.Tensor]]:
+def compile_forward_loss(
+    mode: str | None = None, backend: str = "inductor", fullgraph: bool = False
+) -> Callable[..., dict[str, torch.Tensor]]:
     """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs), the text plan's group
     sizes marked dynamic (:meth:`groupvit.model.TextPlan.mark_dynamic`). The fused kernels are custom ops (one node
     each). With the eager backend it is one graph; the breaks left with triton are host reads in the assignment
@@ -182,8 +216,9 @@ def compile_forward_loss(mode: str | None = None, backend: str = "inductor", ful
     also splits the graph at its gradient buckets."""
     compiled = torch.compile(forward_loss, mode=mode, backend=backend, fullgraph=fullgraph)
 
-    def run(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-            text_plan: Any = None) -> dict[str, torch.Tensor]:
+    def run(
+        model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, texts: torch.Tensor, text_plan: Any = None
+    ) -> dict[str, torch.Tensor]:
         return compiled(model, loss_fn, images, texts, text_plan.mark_dynamic() if text_plan is not None else None)
 
     return run
@@ -273,15 +308,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     if ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     loss_fn = groupvit.GroupViTLoss()
     forward = compile_forward_loss(None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile else None
     steps_per_epoch = cfg.steps_per_epoch(ctx.world_size)
     total_steps = steps_per_epoch * cfg.optim.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     base_lr, warmup_lr, min_lr = cfg.scaled_lrs(ctx.world_size)
-    optimizer = build_optimizer(unwrap(model), lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = build_optimizer(
+        unwrap(model), lr=base_lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
     stepper = LRStepper(optimizer, CosineSchedule(base_lr, warmup_lr, min_lr, warmup_steps, total_steps))
     amp_dtype = autocast_dtype_for(cfg.precision, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type) if amp_dtype == torch.float16 else None
@@ -299,13 +336,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     log = Logger(cfg, ctx, total=stop_at, initial=step)
     if ctx.is_main:
         n_params = sum(p.numel() for p in unwrap(model).parameters())
-        log.message(f"GroupViT {cfg.model.preset} ({n_params / 1e6:.2f} M params) on {ctx.world_size} x {ctx.device}, "
-                    f"backend {cfg.backend}{' (compiled)' if cfg.compile else ''}, {torch.get_num_threads()} threads, "
-                    f"precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
-                    f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
-                    + (f" (towers in micro-batches of {cfg.micro_batch})" if _micro(cfg.micro_batch, cfg) else "")
-                    + ", peak lr "
-                    f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else ""))
+        log.message(
+            f"GroupViT {cfg.model.preset} ({n_params / 1e6:.2f} M params) on {ctx.world_size} x {ctx.device}, "
+            f"backend {cfg.backend}{' (compiled)' if cfg.compile else ''}, {torch.get_num_threads()} threads, "
+            f"precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
+            f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
+            + (f" (towers in micro-batches of {cfg.micro_batch})" if _micro(cfg.micro_batch, cfg) else "")
+            + ", peak lr "
+            f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else "")
+        )
 
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []
@@ -315,8 +354,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     last_ckpt_step = step
     t_train0 = time.perf_counter()
     stopped_by = "completed" if step >= total_steps else "max_steps"
-    loader = build_loader(cfg, ctx, steps_per_epoch=steps_per_epoch,
-                          context_length=unwrap(model).cfg.text.context_length)
+    loader = build_loader(
+        cfg, ctx, steps_per_epoch=steps_per_epoch, context_length=unwrap(model).cfg.text.context_length
+    )
     epoch_data = data_base  # data counts (whole run, all ranks) before the current epoch
 
     def checkpoint() -> None:
@@ -326,9 +366,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
         # a resume re-reads (and counts again) the consumed part of its epoch: carry the counts before that epoch
         counters["data_before_epoch"] = total if batch_idx == 0 else epoch_data
         if ctx.is_main:
-            save_training_checkpoint(out_dir / LATEST, model=model, optimizer=optimizer, scheduler=stepper,
-                                     scaler=scaler, train_config=cfg.to_dict(), step=step, epoch=epoch,
-                                     batch=batch_idx, rng=rngs, counters=counters)
+            save_training_checkpoint(
+                out_dir / LATEST,
+                model=model,
+                optimizer=optimizer,
+                scheduler=stepper,
+                scaler=scaler,
+                train_config=cfg.to_dict(),
+                step=step,
+                epoch=epoch,
+                batch=batch_idx,
+                rng=rngs,
+                counters=counters,
+            )
             rundir.clean_temp_files(out_dir)  # temp files of saves killed earlier
         last_ckpt_step = step
 
@@ -343,14 +393,26 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                 try:
                     batch = _next_batch(it)
                 except StopIteration:
-                    raise RuntimeError(f"the data loader ended after {batch_idx} of {steps_per_epoch} batches in epoch "
-                                       f"{epoch}; check data.dataset_length / optim.steps_per_epoch") from None
+                    raise RuntimeError(
+                        f"the data loader ended after {batch_idx} of {steps_per_epoch} batches in epoch "
+                        f"{epoch}; check data.dataset_length / optim.steps_per_epoch"
+                    ) from None
                 t1 = time.perf_counter()
                 try:
-                    r = train_step(model, loss_fn, optimizer, batch, forward=forward, check_finite=cfg.check_finite,
-                                   scaler=scaler, autocast_dtype=amp_dtype,
-                                   clip_grad=cfg.optim.clip_grad, skip_nonfinite=cfg.skip_nonfinite, step=step + 1,
-                                   micro_batch=cfg.micro_batch)
+                    r = train_step(
+                        model,
+                        loss_fn,
+                        optimizer,
+                        batch,
+                        forward=forward,
+                        check_finite=cfg.check_finite,
+                        scaler=scaler,
+                        autocast_dtype=amp_dtype,
+                        clip_grad=cfg.optim.clip_grad,
+                        skip_nonfinite=cfg.skip_nonfinite,
+                        step=step + 1,
+                        micro_batch=cfg.micro_batch,
+                    )
                 except NonFiniteLossError as e:
                     log.message(f"[step {step + 1}] {e}")  # steps counted from 1, as the bar and logs
                     raise
@@ -359,14 +421,24 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                 t2 = time.perf_counter()
                 if r["skipped"]:
                     counters["skipped_steps"] += 1
-                    log.message(f"[step {step + 1}] non-finite loss ({r['loss']}) or grad norm ({r['grad_norm']}): "
-                                f"step skipped ({counters['skipped_steps']} so far)")
+                    log.message(
+                        f"[step {step + 1}] non-finite loss ({r['loss']}) or grad norm ({r['grad_norm']}): "
+                        f"step skipped ({counters['skipped_steps']} so far)"
+                    )
                 wait, dt = t1 - t0, t2 - t0
                 tot_wait, tot_time, steps_run = tot_wait + wait, tot_time + dt, steps_run + 1
                 counters["train_time_s"] = float(counters["train_time_s"]) + dt
-                rec = {"step": step + 1, "epoch": epoch, "lr": lr, "wait": wait, "dt": dt,  # steps done, as the bar
-                       **{k: r[k] for k in ("loss", "loss_itc", "loss_ml", "grad_norm", "logit_scale",
-                                            "multi_label_logit_scale")}}
+                rec = {
+                    "step": step + 1,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "wait": wait,
+                    "dt": dt,  # steps done, as the bar
+                    **{
+                        k: r[k]
+                        for k in ("loss", "loss_itc", "loss_ml", "grad_norm", "logit_scale", "multi_label_logit_scale")
+                    },
+                }
                 history.append({"step": step, "loss": r["loss"], "skipped": r["skipped"]})
                 window.append(rec)
                 step, batch_idx = step + 1, batch_idx + 1
@@ -401,13 +473,21 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     data_stats = add_counts(data_base, sum_over_ranks(_loader_stats(loader), ctx))  # whole run, all segments
     wall = time.perf_counter() - t_start
     summary = {
-        "steps": step, "total_steps": total_steps, "steps_this_run": steps_run, "stopped_by": stopped_by,
-        "epochs_done": epoch + batch_idx / steps_per_epoch, "wall_s": wall, "train_s": tot_time,
+        "steps": step,
+        "total_steps": total_steps,
+        "steps_this_run": steps_run,
+        "stopped_by": stopped_by,
+        "epochs_done": epoch + batch_idx / steps_per_epoch,
+        "wall_s": wall,
+        "train_s": tot_time,
         "images_per_s": global_batch * steps_run / max(tot_time, 1e-9),
         "data_wait_frac": tot_wait / max(tot_time, 1e-9),
-        "final_loss": float(np.mean([h["loss"] for h in history[-cfg.log_interval:]])) if history else float("nan"),
-        "skipped_steps": counters["skipped_steps"], "data": data_stats,
-        "checkpoint": str(out_dir / LATEST), "world_size": ctx.world_size, "device": str(ctx.device),
+        "final_loss": float(np.mean([h["loss"] for h in history[-cfg.log_interval :]])) if history else float("nan"),
+        "skipped_steps": counters["skipped_steps"],
+        "data": data_stats,
+        "checkpoint": str(out_dir / LATEST),
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
     }
     if ctx.is_main:
         (out_dir / "summary.json").write_text(json.dumps(rundir.json_safe(summary), indent=2, allow_nan=False))
@@ -417,8 +497,16 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
     return summary
 
 
-def _resume(path: Path, cfg: TrainConfig, ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer,
-            stepper: LRStepper, scaler: torch.amp.GradScaler | None, counters: dict[str, Any]) -> tuple[int, int, int]:
+def _resume(
+    path: Path,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stepper: LRStepper,
+    scaler: torch.amp.GradScaler | None,
+    counters: dict[str, Any],
+) -> tuple[int, int, int]:
     """Restore model, optimizer, schedule, scaler, counters (in place) and this rank's RNG from the checkpoint at
     ``path``; warn where the run cannot repeat the original exactly. Returns ``(step, epoch, batch)``."""
     ck = load_training_checkpoint(path)
@@ -429,21 +517,30 @@ def _resume(path: Path, cfg: TrainConfig, ctx: DistContext, model: nn.Module, op
         scaler.load_state_dict(ck["scaler"])
     step, epoch, batch_idx = ck["step"], ck["epoch"], ck["batch"]
     saved = ck.get("train_config", {}).get("data", {})
-    changed = [k for k in ("batch_size", "num_workers", "train_shards", "shuffle_buffer")
-               if k in saved and saved[k] != getattr(cfg.data, k)]
+    changed = [
+        k
+        for k in ("batch_size", "num_workers", "train_shards", "shuffle_buffer")
+        if k in saved and saved[k] != getattr(cfg.data, k)
+    ]
     if changed and ctx.is_main:
-        warnings.warn(f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
-                      f"(and so the losses) will differ from an uninterrupted run")
+        warnings.warn(
+            f"resuming with different data.{'/'.join(changed)} than the checkpoint: the data order "
+            f"(and so the losses) will differ from an uninterrupted run"
+        )
     if _micro(ck.get("train_config", {}).get("micro_batch"), cfg) != _micro(cfg.micro_batch, cfg) and ctx.is_main:
-        warnings.warn("resuming with a different micro_batch than the checkpoint: the same objective, but the "
-                      "Gumbel and drop-path draws are grouped differently, so the losses will differ from an "
-                      "uninterrupted run")
+        warnings.warn(
+            "resuming with a different micro_batch than the checkpoint: the same objective, but the "
+            "Gumbel and drop-path draws are grouped differently, so the losses will differ from an "
+            "uninterrupted run"
+        )
     counters.update(ck.get("counters", {}))
     if ck["world_size"] == ctx.world_size:
         set_rng_state(ck["rng"][ctx.rank])
     else:
-        warnings.warn(f"checkpoint was written by {ck['world_size']} processes, now {ctx.world_size}: RNG "
-                      f"streams are re-seeded, so the run will not repeat the original exactly")
+        warnings.warn(
+            f"checkpoint was written by {ck['world_size']} processes, now {ctx.world_size}: RNG "
+            f"streams are re-seeded, so the run will not repeat the original exactly"
+        )
         seed_everything(cfg.seed + ctx.rank + 1_000_003 * step)
     return step, epoch, batch_idx
 

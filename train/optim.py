@@ -46,9 +46,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; ``lr`` is the initial value (the schedule overwrites it every step).
 
     ``fused`` (None: when every parameter is on a CUDA device): the fused AdamW kernel, one launch per dtype and
@@ -56,8 +62,14 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.05,
     groups = param_groups(model, weight_decay)
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             **({"fused": True} if fused else {"foreach": True}))
+    return torch.optim.AdamW(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
 
 
 @dataclass(frozen=True)
@@ -114,8 +126,10 @@ class LRStepper:
 
     def state_dict(self) -> dict[str, Any]:
         s = self.schedule
-        return {"last_step": self.last_step, "schedule": [s.base_lr, s.warmup_lr, s.min_lr, s.warmup_steps,
-                                                          s.total_steps]}
+        return {
+            "last_step": self.last_step,
+            "schedule": [s.base_lr, s.warmup_lr, s.min_lr, s.warmup_steps, s.total_steps],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step. The schedule itself comes from the config; a different stored schedule is allowed

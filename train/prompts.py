@@ -40,8 +40,17 @@ from typing import Any, Sequence
 
 from train.shards import expand_urls
 
-__all__ = ["IMAGENET_TEMPLATES", "KEEP_TAGS", "NOUNS_KEY", "add_nouns", "candidate_words", "load_tagger",
-           "make_prompts", "nouns_record", "parse_nouns"]
+__all__ = [
+    "IMAGENET_TEMPLATES",
+    "KEEP_TAGS",
+    "NOUNS_KEY",
+    "add_nouns",
+    "candidate_words",
+    "load_tagger",
+    "make_prompts",
+    "nouns_record",
+    "parse_nouns",
+]
 
 NOUNS_KEY = "nouns"  # webdataset member extension of the precomputed candidate words
 
@@ -49,26 +58,86 @@ KEEP_TAGS = frozenset({"NN", "NNS", "NNP", "VB", "VBD", "VBG", "VBN", "VBP", "VB
 
 # The 80 prompt templates of OpenAI CLIP's ImageNet zero-shot evaluation ("full" set; CLIP repository, MIT).
 IMAGENET_TEMPLATES: list[str] = [
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
-    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
-    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
-    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
-    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
-    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
-    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
-    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
-    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
-    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
-    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
-    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "a tattoo of the {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
 ]
 assert len(IMAGENET_TEMPLATES) == 80
 
@@ -181,8 +250,7 @@ def _add_nouns_to_shard(path: str) -> tuple[str, int, bool]:
         groups = _groups(members)
         todo = []
         for key, ms in groups:
-            exts = {os.path.basename(m.name).split(".", 1)[1] if "." in os.path.basename(m.name) else ""
-                    for m in ms}
+            exts = {os.path.basename(m.name).split(".", 1)[1] if "." in os.path.basename(m.name) else "" for m in ms}
             text = next((m for m in ms if os.path.basename(m.name).split(".", 1)[-1] in ("txt", "text")), None)
             todo.append(text is not None and key is not None and NOUNS_KEY not in exts)
         if not any(todo):
@@ -253,8 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add = sub.add_parser("add-nouns", help="add a .nouns member (candidate words) to each captioned sample")
     add.add_argument("shards", nargs="+", help="shard patterns: brace ('x-{000000..000009}.tar') or glob ('*.tar')")
     add.add_argument("--workers", type=int, default=1, help="shards processed in parallel (processes)")
-    get = sub.add_parser("download-tagger", help="fetch NLTK's POS tagger once (network; ~/nltk_data by default, "
-                                                 "which NLTK searches without NLTK_DATA)")
+    get = sub.add_parser(
+        "download-tagger",
+        help="fetch NLTK's POS tagger once (network; ~/nltk_data by default, which NLTK searches without NLTK_DATA)",
+    )
     get.add_argument("--dir", default=None, help="download folder (then set NLTK_DATA to it)")
     args = ap.parse_args(argv)
     if args.cmd == "download-tagger":
@@ -262,8 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         folder = os.path.expanduser(args.dir or os.path.join("~", "nltk_data"))
         if not nltk.download(_TAGGER_DIR.split("/")[1], download_dir=folder, quiet=True, raise_on_error=False):
-            print(f"download-tagger: could not fetch {_TAGGER_DIR} into {folder} (offline?); copy the folder "
-                  f"'taggers/' from a machine that has it and set NLTK_DATA", file=sys.stderr)
+            print(
+                f"download-tagger: could not fetch {_TAGGER_DIR} into {folder} (offline?); copy the folder "
+                f"'taggers/' from a machine that has it and set NLTK_DATA",
+                file=sys.stderr,
+            )
             return 2
         print(f"download-tagger: {folder}/{_TAGGER_DIR}" + (f" (set NLTK_DATA={folder})" if args.dir else ""))
         return 0

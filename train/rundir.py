@@ -1,7 +1,8 @@
 """One run per folder: an exclusive lock, no silent overwrite, no leaked temp files, metrics that continue where the
 checkpoint left off, a SIGTERM that stops at the next step with a checkpoint, and JSON without bare ``NaN``.
 
-* :class:`FolderLock` -- ``<folder>/.lock`` (or another name) created atomically (``O_EXCL``) holding the owner's pid and host; a
+* :class:`FolderLock` -- ``<folder>/.lock`` (or another name) created atomically (``O_EXCL``) holding the
+  owner's pid and host; a
   lock whose process no longer runs on this host is stale and taken over; released on exit.
 * :func:`check_fresh_start` -- a run without ``resume`` refuses a folder that already holds a checkpoint unless
   ``overwrite=true``.
@@ -70,7 +71,8 @@ class FolderLock:
                 raise FolderLockedError(
                     f"{self.what} {self.folder} is in use by process {owner.get('pid')} on {owner.get('host')} "
                     f"(lock file {self.path}); wait for it to finish, choose another folder, or delete the lock "
-                    f"file if that process is gone") from None
+                    f"file if that process is gone"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -104,12 +106,16 @@ def check_fresh_start(out_dir: str | os.PathLike, resuming: bool, overwrite: boo
     if resuming or not (out / LATEST).exists():
         return
     if not (out / LATEST).is_file():
-        raise IsADirectoryError(f"{out / LATEST} is not a file (a directory?): no checkpoint can be written there; "
-                                f"move it away or choose another output_dir")
+        raise IsADirectoryError(
+            f"{out / LATEST} is not a file (a directory?): no checkpoint can be written there; "
+            f"move it away or choose another output_dir"
+        )
     if not overwrite:
-        raise FileExistsError(f"output_dir {out} already holds a run ({out / LATEST}); continue it with resume=auto, "
-                              f"start over with overwrite=true (replaces its checkpoint and metrics), or choose "
-                              f"another output_dir")
+        raise FileExistsError(
+            f"output_dir {out} already holds a run ({out / LATEST}); continue it with resume=auto, "
+            f"start over with overwrite=true (replaces its checkpoint and metrics), or choose "
+            f"another output_dir"
+        )
     (out / METRICS).unlink(missing_ok=True)
 
 

@@ -39,8 +39,10 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
                 shards.append(s)
         local = [s for s in shards if _is_local(s)]
         if not shards or (local and not any(os.path.exists(s.removeprefix("file:")) for s in local)):
-            raise FileNotFoundError(f"build_train_loader: no shard of pattern {pat!r} exists (patterns are "
-                                    f"brace-expanded, e.g. 'dir/name-{{000000..000099}}.tar', or globbed, e.g. "
-                                    f"'dir/*.tar')")
+            raise FileNotFoundError(
+                f"build_train_loader: no shard of pattern {pat!r} exists (patterns are "
+                f"brace-expanded, e.g. 'dir/name-{{000000..000099}}.tar', or globbed, e.g. "
+                f"'dir/*.tar')"
+            )
         out.extend(shards)
     return out

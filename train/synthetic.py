@@ -43,12 +43,26 @@ from train.data import write_shards
 from train.distributed import DistContext
 from train.prompts import NOUNS_KEY, nouns_record
 
-__all__ = ["COLORS", "SHAPES", "KINDS", "SyntheticShards", "class_names", "generate", "load_val", "remap_mask",
-           "prepare_synthetic", "write_synthetic_shards"]
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "KINDS",
+    "SyntheticShards",
+    "class_names",
+    "generate",
+    "load_val",
+    "remap_mask",
+    "prepare_synthetic",
+    "write_synthetic_shards",
+]
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 75, 215),
-    "yellow": (235, 215, 40), "purple": (140, 50, 180), "orange": (245, 135, 25),
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 215),
+    "yellow": (235, 215, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 135, 25),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 KINDS = ("color", "shape", "object")
@@ -81,8 +95,10 @@ def remap_mask(mask: np.ndarray, kind: str = "color") -> np.ndarray:
     else:
         raise ValueError(f"remap_mask: kind must be one of {KINDS}, got {kind!r}")
     if mask.dtype != np.uint8 or mask.max(initial=0) >= len(ids):
-        raise ValueError(f"remap_mask: expected a uint8 object mask with values < {len(ids)}, "
-                         f"got {mask.dtype} max {mask.max(initial=0)}")
+        raise ValueError(
+            f"remap_mask: expected a uint8 object mask with values < {len(ids)}, "
+            f"got {mask.dtype} max {mask.max(initial=0)}"
+        )
     return lut.astype(np.uint8)[mask]
 
 
@@ -156,8 +172,9 @@ def _check(n: int, seed: int, size: int, split: str) -> None:
         raise ValueError(f"synthetic: split must be one of {tuple(_SPLITS)}, got {split!r}")
 
 
-def generate(n: int, seed: int = 0, size: int = 64, *, kind: str = "color", split: str = "train",
-             start: int = 0) -> list[tuple[Image.Image, str, np.ndarray]]:
+def generate(
+    n: int, seed: int = 0, size: int = 64, *, kind: str = "color", split: str = "train", start: int = 0
+) -> list[tuple[Image.Image, str, np.ndarray]]:
     """Samples ``start .. start+n-1`` of ``split``: ``(RGB image, caption, mask uint8 [size, size])``.
 
     ``mask`` holds ``kind`` class indices (see :func:`class_names`; ``kind="object"`` gives the raw object ids).
@@ -176,8 +193,8 @@ class SyntheticShards:
     """Where :func:`write_synthetic_shards` put the data."""
 
     root: str
-    train: list[str]     # train shard paths (jpg + txt)
-    val: list[str]       # held-out shard paths (png + txt + mask.png with object ids)
+    train: list[str]  # train shard paths (jpg + txt)
+    val: list[str]  # held-out shard paths (png + txt + mask.png with object ids)
     n_train: int
     n_val: int
 
@@ -205,14 +222,21 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_val: int = 500, seed: int = 0,
-                           size: int = 64, shard_size: int = 1_000) -> SyntheticShards:
+def write_synthetic_shards(
+    out_dir: str | os.PathLike,
+    n_train: int = 10_000,
+    n_val: int = 500,
+    seed: int = 0,
+    size: int = 64,
+    shard_size: int = 1_000,
+) -> SyntheticShards:
     """Write train shards ``train-NNNNNN.tar`` and held-out shards ``val-NNNNNN.tar`` plus ``manifest.json``.
 
     Idempotent: if ``manifest.json`` records the same parameters and all its shards exist, nothing is written.
     Otherwise everything is (re)generated and shards of an older manifest that are no longer listed are removed.
     Train shards hold ``jpg`` (quality 95) + ``txt`` + ``nouns`` (the objects' phrases, ``"blue circle"``, as the
-    multi-label prompts' words: :func:`train.prompts.nouns_record`); val shards hold ``png`` + ``txt`` + ``mask.png`` (object ids,
+    multi-label prompts' words: :func:`train.prompts.nouns_record`); val shards hold ``png`` + ``txt`` +
+    ``mask.png`` (object ids,
     see :func:`remap_mask`).
     """
     _check(n_train, seed, size, "train")
@@ -221,8 +245,14 @@ def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_
         raise ValueError(f"write_synthetic_shards: shard_size must be an int >= 1, got {shard_size!r}")
     root = Path(out_dir)
     manifest = root / "manifest.json"
-    params = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "seed": seed, "size": size,
-              "shard_size": shard_size}
+    params = {
+        "version": _VERSION,
+        "n_train": n_train,
+        "n_val": n_val,
+        "seed": seed,
+        "size": size,
+        "shard_size": shard_size,
+    }
     old: dict = {}
     if manifest.is_file():
         try:
@@ -230,8 +260,9 @@ def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_
         except (OSError, ValueError):
             old = {}
         if old.get("params") == params and all((root / f).is_file() for f in old["train"] + old["val"]):
-            return SyntheticShards(str(root), [str(root / f) for f in old["train"]],
-                                   [str(root / f) for f in old["val"]], n_train, n_val)
+            return SyntheticShards(
+                str(root), [str(root / f) for f in old["train"]], [str(root / f) for f in old["val"]], n_train, n_val
+            )
     root.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)  # a crash while writing must not leave a valid-looking manifest
 
@@ -257,8 +288,9 @@ def write_synthetic_shards(out_dir: str | os.PathLike, n_train: int = 10_000, n_
     return SyntheticShards(str(root), train, val, n_train, n_val)
 
 
-def load_val(shards: SyntheticShards | str | os.PathLike, kind: str = "color"
-             ) -> list[tuple[Image.Image, str, np.ndarray]]:
+def load_val(
+    shards: SyntheticShards | str | os.PathLike, kind: str = "color"
+) -> list[tuple[Image.Image, str, np.ndarray]]:
     """The held-out set as ``[(RGB image, caption, mask uint8 [H, W] of kind class indices)]`` in key order.
 
     Args:
@@ -275,8 +307,10 @@ def load_val(shards: SyntheticShards | str | os.PathLike, kind: str = "color"
     for s in wds.tariterators.tarfile_samples({"url": p} for p in paths):
         missing = [k for k in ("png", "mask.png", "txt") if k not in s]
         if missing:
-            raise ValueError(f"{s.get('__url__')}: held-out sample {s.get('__key__')!r} lacks {missing}; the shard is "
-                             f"incomplete or was written by another process -- delete the folder to regenerate it")
+            raise ValueError(
+                f"{s.get('__url__')}: held-out sample {s.get('__key__')!r} lacks {missing}; the shard is "
+                f"incomplete or was written by another process -- delete the folder to regenerate it"
+            )
         img = Image.open(io.BytesIO(s["png"])).convert("RGB")
         mask = np.array(Image.open(io.BytesIO(s["mask.png"])), dtype=np.uint8)
         out.append((s["__key__"], img, s["txt"].decode("utf-8"), remap_mask(mask, kind)))
@@ -292,8 +326,13 @@ def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> Train
     if d.synthetic_train <= 0:
         return cfg
     root = d.synthetic_dir or str(Path(cfg.output_dir) / "data")
-    args = dict(n_train=d.synthetic_train, n_val=d.synthetic_val, seed=cfg.seed, size=d.img_size,
-                shard_size=min(1000, max(1, d.synthetic_train // 8)))
+    args = dict(
+        n_train=d.synthetic_train,
+        n_val=d.synthetic_val,
+        seed=cfg.seed,
+        size=d.img_size,
+        shard_size=min(1000, max(1, d.synthetic_train // 8)),
+    )
     if ctx is None or ctx.is_main:
         with rundir.FolderLock(root, "synthetic-data folder", name=".synthetic.lock"):
             shards = write_synthetic_shards(root, **args)
@@ -301,6 +340,10 @@ def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> Train
         dist.barrier()
     if ctx is not None and not ctx.is_main:
         shards = write_synthetic_shards(root, **args)  # reads the manifest rank 0 wrote; writes nothing
-    new = dataclasses.replace(d, train_shards=[*d.train_shards, shards.train_pattern],
-                              dataset_length=d.dataset_length or d.synthetic_train, synthetic_train=0)
+    new = dataclasses.replace(
+        d,
+        train_shards=[*d.train_shards, shards.train_pattern],
+        dataset_length=d.dataset_length or d.synthetic_train,
+        synthetic_train=0,
+    )
     return dataclasses.replace(cfg, data=new)

@@ -28,9 +28,22 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from groupvit.imageio import DEFAULT_MAX_PIXELS, open_image, to_rgb
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandAugment", "TrainTransform", "ValTransform", "center_crop",
-           "decode_crop", "erasing_box", "normalize", "random_erasing", "random_resized_crop", "random_resized_crop_params",
-           "resize_short_side", "to_tensor"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RandAugment",
+    "TrainTransform",
+    "ValTransform",
+    "center_crop",
+    "decode_crop",
+    "erasing_box",
+    "normalize",
+    "random_erasing",
+    "random_resized_crop",
+    "random_resized_crop_params",
+    "resize_short_side",
+    "to_tensor",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,8 +65,9 @@ def _default_rng(rng: random.Random | None) -> random.Random:
 # ---------------------------------------------------------------------------------------------------------------
 # Geometry
 # ---------------------------------------------------------------------------------------------------------------
-def random_resized_crop_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-                               rng: random.Random) -> tuple[int, int, int, int]:
+def random_resized_crop_params(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: random.Random
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling → ``(top, left, h, w)``, always inside the image.
 
     Up to 10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); if none fits, a center crop with
@@ -78,8 +92,13 @@ def random_resized_crop_params(width: int, height: int, scale: Sequence[float], 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    rng: random.Random,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> Image.Image:
     """Crop a random region (see :func:`random_resized_crop_params`) and resize it to ``size × size`` (bilinear)."""
     top, left, h, w = random_resized_crop_params(img.width, img.height, scale, ratio, rng)
     # PIL's resize with a box crops and resizes in one antialiased pass.
@@ -105,9 +124,16 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_crop(data: bytes, size: int, rng: random.Random, *, augment: bool = True,
-                scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_crop(
+    data: bytes,
+    size: int,
+    rng: random.Random,
+    *,
+    augment: bool = True,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Decode encoded image bytes straight to a ``size × size`` crop: ``uint8 [size, size, 3]``.
 
     ``augment``: :func:`random_resized_crop` (crop drawn from the header's size with ``rng``); else resize short side
@@ -146,6 +172,7 @@ def _affine(img: Image.Image, coeffs: tuple[float, ...], fill: tuple[int, ...]) 
 def _enhance(kind: Callable[[Image.Image], ImageEnhance._Enhance]):
     def op(img: Image.Image, m: float, rng: random.Random, fill: tuple[int, ...]) -> Image.Image:
         return kind(img).enhance(max(0.1, 1.0 + _signed(m / 10 * 0.9, rng)))
+
     return op
 
 
@@ -175,9 +202,11 @@ _OPS: dict[str, Callable[[Image.Image, float, random.Random, tuple[int, ...]], I
     "ShearX": lambda img, m, rng, fill: _affine(img, (1, _signed(m / 10 * 0.3, rng), 0, 0, 1, 0), fill),
     "ShearY": lambda img, m, rng, fill: _affine(img, (1, 0, 0, _signed(m / 10 * 0.3, rng), 1, 0), fill),
     "TranslateXRel": lambda img, m, rng, fill: _affine(
-        img, (1, 0, _signed(m / 10 * 0.45, rng) * img.width, 0, 1, 0), fill),
+        img, (1, 0, _signed(m / 10 * 0.45, rng) * img.width, 0, 1, 0), fill
+    ),
     "TranslateYRel": lambda img, m, rng, fill: _affine(
-        img, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * img.height), fill),
+        img, (1, 0, 0, 0, 1, _signed(m / 10 * 0.45, rng) * img.height), fill
+    ),
 }
 
 
@@ -194,13 +223,26 @@ class RandAugment:
 
     OPS = tuple(_OPS)
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
-                 fill: tuple[int, int, int] = _FILL):
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        prob: float = 0.5,
+        fill: tuple[int, int, int] = _FILL,
+    ):
         if num_ops < 0 or not 0 <= magnitude <= 10 or magnitude_std < 0 or not 0 <= prob <= 1:
-            raise ValueError(f"RandAugment: bad parameters num_ops={num_ops} magnitude={magnitude} "
-                             f"magnitude_std={magnitude_std} prob={prob}")
+            raise ValueError(
+                f"RandAugment: bad parameters num_ops={num_ops} magnitude={magnitude} "
+                f"magnitude_std={magnitude_std} prob={prob}"
+            )
         self.num_ops, self.magnitude, self.magnitude_std, self.prob, self.fill = (
-            num_ops, magnitude, magnitude_std, prob, tuple(fill))
+            num_ops,
+            magnitude,
+            magnitude_std,
+            prob,
+            tuple(fill),
+        )
 
     @classmethod
     def from_string(cls, spec: str) -> "RandAugment":
@@ -211,13 +253,14 @@ class RandAugment:
         kw: dict[str, float] = {}
         for part in parts[1:]:
             key = part.rstrip("0123456789.")
-            val = part[len(key):]
+            val = part[len(key) :]
             if key == "inc" and val == "1":
                 continue
             names = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "p": "prob"}
             if key not in names or not val:
-                raise ValueError(f"RandAugment.from_string: unsupported field {part!r} in {spec!r} "
-                                 f"(supported: m, n, mstd, p, inc1)")
+                raise ValueError(
+                    f"RandAugment.from_string: unsupported field {part!r} in {spec!r} (supported: m, n, mstd, p, inc1)"
+                )
             kw[names[key]] = int(val) if key == "n" else float(val)
         if "inc1" not in parts[1:]:
             raise ValueError(f"RandAugment.from_string: only the increasing op set (inc1) is implemented: {spec!r}")
@@ -236,8 +279,10 @@ class RandAugment:
         return img
 
     def __repr__(self) -> str:
-        return (f"RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.magnitude_std}, p={self.prob}, "
-                f"ops={len(self.OPS)})")
+        return (
+            f"RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.magnitude_std}, p={self.prob}, "
+            f"ops={len(self.OPS)})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,8 +294,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """``(x - mean) / std`` per channel, in place; ``x`` is ``[3, H, W]``."""
     if x.ndim != 3 or x.shape[0] != len(mean):
         raise ValueError(f"normalize: expected [{len(mean)}, H, W], got {list(x.shape)}")
@@ -267,8 +313,14 @@ def _to_normalized_tensor(img: Image.Image, mean: Sequence[float], std: Sequence
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # [3, H, W]
 
 
-def random_erasing(x: torch.Tensor, rng: random.Random, p: float = 0.25, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3) -> torch.Tensor:
+def random_erasing(
+    x: torch.Tensor,
+    rng: random.Random,
+    p: float = 0.25,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+) -> torch.Tensor:
     """timm RandomErasing, mode "pixel", one box, on a normalised ``[C, H, W]`` tensor (in place).
 
     With probability ``p``: up to 10 tries of (area ~ U(min_area, max_area)·H·W, log aspect ~ U(±log min_aspect));
@@ -281,12 +333,13 @@ def random_erasing(x: torch.Tensor, rng: random.Random, p: float = 0.25, min_are
     if box is not None:
         top, left, eh, ew = box
         gen = torch.Generator().manual_seed(rng.getrandbits(63))
-        x[:, top:top + eh, left:left + ew] = torch.randn(c, eh, ew, generator=gen, dtype=x.dtype)
+        x[:, top : top + eh, left : left + ew] = torch.randn(c, eh, ew, generator=gen, dtype=x.dtype)
     return x
 
 
-def erasing_box(h: int, w: int, rng: random.Random, min_area: float = 0.02, max_area: float = 1 / 3,
-                min_aspect: float = 0.3) -> tuple[int, int, int, int] | None:
+def erasing_box(
+    h: int, w: int, rng: random.Random, min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3
+) -> tuple[int, int, int, int] | None:
     """timm RandomErasing's box ``(top, left, height, width)``: up to 10 tries of (area ~ U(min_area, max_area)·H·W,
     log aspect ~ U(±log min_aspect)), the first strictly smaller than the image; ``None`` if none fits."""
     log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
@@ -319,10 +372,19 @@ class TrainTransform:
     ``rng`` (a :class:`random.Random`) drives every random choice, so ``t(img, random.Random(s))`` is reproducible.
     """
 
-    def __init__(self, img_size: int = 224, augment: bool = True, *, scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                 rand_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        img_size: int = 224,
+        augment: bool = True,
+        *,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         if not isinstance(img_size, int) or img_size < 1:
             raise ValueError(f"TrainTransform: img_size must be a positive int, got {img_size!r}")
         if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
@@ -335,8 +397,9 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         img = _check_image(img, "TrainTransform")
         if not self.augment:
-            return _to_normalized_tensor(center_crop(resize_short_side(img, self.img_size), self.img_size),
-                                         self.mean, self.std)
+            return _to_normalized_tensor(
+                center_crop(resize_short_side(img, self.img_size), self.img_size), self.mean, self.std
+            )
         rng = _default_rng(rng)
         img = random_resized_crop(img, self.img_size, rng, self.scale, self.ratio)
         if rng.random() < self.hflip:
@@ -349,8 +412,10 @@ class TrainTransform:
         return x
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(img_size={self.img_size}, augment={self.augment}, scale={self.scale}, "
-                f"ratio={self.ratio}, hflip={self.hflip}, rand_augment={self.rand_augment}, re_prob={self.re_prob})")
+        return (
+            f"TrainTransform(img_size={self.img_size}, augment={self.augment}, scale={self.scale}, "
+            f"ratio={self.ratio}, hflip={self.hflip}, rand_augment={self.rand_augment}, re_prob={self.re_prob})"
+        )
 
 
 class ValTransform:
@@ -359,8 +424,14 @@ class ValTransform:
     Defaults (256 → 224) are the ImageNet protocol; ``resize_size`` defaults to ``round(img_size * 256 / 224)``.
     """
 
-    def __init__(self, img_size: int = 224, resize_size: int | None = None, *,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        img_size: int = 224,
+        resize_size: int | None = None,
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         resize_size = round(img_size * 256 / 224) if resize_size is None else resize_size
         if img_size < 1 or resize_size < img_size:
             raise ValueError(f"ValTransform: need 1 <= img_size <= resize_size, got {img_size}, {resize_size}")
