@@ -59,6 +59,7 @@ from train.distributed import (
 from train.gradcache import gradcache_backward
 from train.logs import Logger, add_counts, format_summary, log_window
 from train.optim import CosineSchedule, LRStepper, build_optimizer
+from train.shards import dataset_length_warning
 from train.synthetic import prepare_synthetic
 
 
@@ -342,9 +343,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
             f"precision {amp_dtype or torch.float32}; {steps_per_epoch} steps/epoch x "
             f"{cfg.optim.epochs} epochs, global batch {cfg.data.batch_size * ctx.world_size}"
             + (f" (towers in micro-batches of {cfg.micro_batch})" if _micro(cfg.micro_batch, cfg) else "")
-            + ", peak lr "
-            f"{base_lr:.3g}" + (f"; resumed from {resume_path} at step {step}" if resume_path else "")
+            + f", peak lr {base_lr:.3g} (optim.base_lr {cfg.optim.base_lr:.3g} x global batch "
+            f"{cfg.data.batch_size * ctx.world_size} / optim.lr_ref_batch {cfg.optim.lr_ref_batch})"
+            + (f"; resumed from {resume_path} at step {step}" if resume_path else "")
         )
+        if cfg.optim.steps_per_epoch is None and (
+            warn := dataset_length_warning(cfg.data.dataset_length, cfg.data.train_shards)
+        ):
+            log.message("warning: " + warn)
 
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []
