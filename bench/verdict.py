@@ -33,12 +33,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-from torch import Tensor
+# The interpreter mode is read when kernel modules are first imported (kernels.utils, via bench_ops below): a dry
+# run must set it before those imports, not in main().
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import bench_ops, common
-from bench.common import Ceilings, read_ceilings  # noqa: F401 (read_ceilings: read back what this CLI wrote)
-from kernels.registry import OPS, Case, OpSpec
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from bench import bench_ops, common  # noqa: E402
+from bench.common import Ceilings, read_ceilings  # noqa: E402, F401 (read_ceilings: read back what this CLI wrote)
+from kernels.registry import OPS, Case, OpSpec  # noqa: E402
 
 DTYPE = torch.bfloat16
 PARITY_SEED, NOISE_SEED = 0, 1234
