@@ -136,7 +136,8 @@ def _triton_impl(op: str) -> Callable[..., Tensor]:
         except ImportError as e:  # triton missing or broken: say so instead of falling back
             raise RuntimeError(
                 f"backend 'triton' selected but op {op!r} could not be loaded: {e}. "
-                f"Install triton (see README) or use ops.set_backend('eager')."
+                f"Install triton (see README) or select the eager backend (ops.set_backend('eager'); "
+                f"backend=eager in training; --backend eager in the CLIs)."
             ) from e
         _TRITON[op] = (fn, importlib.import_module(OPS[op].triton.split(":")[0]))
     return _TRITON[op][0]

@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from groupvit.imageio import DEFAULT_MAX_PIXELS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("eager", "triton")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -44,7 +46,7 @@ class DataConfig:
     augment_on: str = "cpu"  # "cpu": whole transform in the workers (timm semantics); "gpu": workers decode + crop
     #                          to uint8, flip/RandAugment/normalise/erasing run batched on the device
     #                          (train.gpu_augment)
-    max_pixels: int = 64_000_000  # images above this many pixels (decompression bombs) are skipped and counted
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images above this many pixels (decompression bombs) are skipped and counted
     synthetic_train: int = 0  # >0: generate this many coloured-shape samples (train.synthetic) on first use and
     #                           add their shards to train_shards
     synthetic_val: int = 0  # held-out synthetic samples written beside them (for zero-shot segmentation)
