@@ -54,3 +54,34 @@ def deterministic_towers(model: groupvit.GroupViT) -> groupvit.GroupViT:
     model.img_encoder.eval()
     model.text_encoder.eval()
     return model
+
+
+def official_tiny_model_section(multi_label) -> dict:
+    """The ``model:`` section of an official GroupViT YAML config at the tiny preset's size (a test fixture)."""
+    return {
+        "type": "MultiLabelContrastive",
+        "img_encoder": {
+            "type": "GroupViT",
+            "img_size": 32,
+            "patch_size": 4,
+            "embed_dim": 64,
+            "depths": [1, 1, 1],
+            "num_heads": [2, 2, 2],
+            "num_group_tokens": [8, 4, 0],
+            "num_output_groups": [8, 4],
+            "drop_path_rate": 0.0,
+            "embed_factors": [1, 1, 1],
+        },
+        "text_encoder": {
+            "type": "TextTransformer",
+            "context_length": 16,
+            "width": 64,
+            "layers": 2,
+            "heads": 2,
+            "vocab_size": 49408,
+        },
+        "contrast_temperature": 0.07,
+        "proj_num_layers": 2,
+        "output_dim": 32,
+        "multi_label": multi_label,
+    }

@@ -18,6 +18,7 @@ import groupvit
 from groupvit import seg_datasets, segment_cli
 from groupvit.checkpoint import CheckpointReadError, hf_config_kwargs, load_checkpoint
 from groupvit.config import GroupViTConfig
+from tests.helpers import official_tiny_model_section
 from train.checkpoint import load_training_checkpoint, resolve_resume
 from train.rundir import check_fresh_start
 
@@ -142,33 +143,7 @@ def _omegaconf_like(value, c: dict[str, type], parent=None, key=None):
 
 def test_official_release_layout_still_loads(tmp_path, monkeypatch):
     official = {
-        "model": {
-            "type": "MultiLabelContrastive",
-            "img_encoder": {
-                "type": "GroupViT",
-                "img_size": 32,
-                "patch_size": 4,
-                "embed_dim": 64,
-                "depths": [1, 1, 1],
-                "num_heads": [2, 2, 2],
-                "num_group_tokens": [8, 4, 0],
-                "num_output_groups": [8, 4],
-                "drop_path_rate": 0.0,
-                "embed_factors": [1, 1, 1],
-            },
-            "text_encoder": {
-                "type": "TextTransformer",
-                "context_length": 16,
-                "width": 64,
-                "layers": 2,
-                "heads": 2,
-                "vocab_size": 49408,
-            },
-            "contrast_temperature": 0.07,
-            "proj_num_layers": 2,
-            "output_dim": 32,
-            "multi_label": "${data.text_aug.multi_label}",
-        },
+        "model": official_tiny_model_section(multi_label="${data.text_aug.multi_label}"),
         "data": {"text_aug": {"multi_label": 2}},
         "tag": None,
     }

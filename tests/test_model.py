@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import groupvit
 from groupvit.checkpoint import from_hf_state_dict, hf_config_kwargs, load_checkpoint, save_model, to_hf_state_dict
 from groupvit.config import GroupViTConfig
-from tests.helpers import assert_close
+from tests.helpers import assert_close, official_tiny_model_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -91,35 +91,7 @@ def test_hf_round_trip_is_bit_identical():
 
 def test_load_official_release_layout_and_own_checkpoint(tmp_path):
     src = groupvit.create_model("groupvit-tiny")
-    official_cfg = {
-        "model": {
-            "type": "MultiLabelContrastive",
-            "img_encoder": {
-                "type": "GroupViT",
-                "img_size": 32,
-                "patch_size": 4,
-                "embed_dim": 64,
-                "depths": [1, 1, 1],
-                "num_heads": [2, 2, 2],
-                "num_group_tokens": [8, 4, 0],
-                "num_output_groups": [8, 4],
-                "drop_path_rate": 0.0,
-                "embed_factors": [1, 1, 1],
-            },
-            "text_encoder": {
-                "type": "TextTransformer",
-                "context_length": 16,
-                "width": 64,
-                "layers": 2,
-                "heads": 2,
-                "vocab_size": 49408,
-            },
-            "contrast_temperature": 0.07,
-            "proj_num_layers": 2,
-            "output_dim": 32,
-            "multi_label": 3,
-        }
-    }
+    official_cfg = {"model": official_tiny_model_section(multi_label=3)}
     cfg = GroupViTConfig.from_official(official_cfg["model"]).replace(proj_hidden_dim=128)
     assert cfg.vision == src.cfg.vision and cfg.text == src.cfg.text
     path = tmp_path / "release.pth"
