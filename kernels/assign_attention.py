@@ -586,7 +586,8 @@ def _config(
     double-buffered (stage 2 spills with three), single-buffered in the backward with an explicit noise tensor
     (double would exceed 227 KB). Warps: 8 in the backward, for fp32, and once the forward's accumulators exceed
     64 registers per thread at 4. Backward token tiles of 16 at G = 64 (32 and 64 spill: measured). ``arch`` < 90
-    (A100, mma.sync only): forward tiles of 16, two stages (the sm_90 tiles spill there). Tokens are
+    (A100, mma.sync only, 163 KB): forward tiles of 16, two stages (the sm_90 tiles spill there); fp32 single-staged,
+    its backward on token tiles of 16 (spill-free and within 163 KB, sm_80 builds). Tokens are
     split across programs only when B programs leave SMs idle (448-px crops at small B); the partial sums are
     reduced in a fixed order (deterministic).
     Interpreter: whole dimensions in one tile (few, large programs), no split."""
@@ -606,22 +607,18 @@ def _config(
     bn = 64 if bg <= 16 else 32
     if wide == 4 or (backward and (bg > 16 or noise == NOISE_TENSOR)) or (arch < 90 and bg > 16):
         bn //= 2
+    if arch < 90 and backward and wide == 4:
+        bn //= 2
     warps = 8 if backward or wide == 4 or bg * nc * bc > 4 * 32 * 64 else 4
     tiles = triton.cdiv(max(n, 1), bn)
     splits = 1 if b >= num_sms else min(tiles, max(1, num_sms // max(b, 1)))
-    return dict(
-        BLOCK_G=bg,
-        BLOCK_N=bn,
-        BLOCK_C=bc,
-        NC=nc,
-        SPLITS=splits,
-        num_warps=warps,
-        num_stages=(1 if noise == NOISE_TENSOR else 2)
-        if backward
-        else 3
-        if wide == 2 and bg > 16 and arch >= 90
-        else 2,
-    )
+    if arch < 90 and wide == 4 and (backward or bg > 16):
+        stages = 1  # sm_80 fp32: two stages spill (forward, G = 64) or exceed 163 KB (backward)
+    elif backward:
+        stages = 1 if noise == NOISE_TENSOR else 2
+    else:
+        stages = 3 if wide == 2 and bg > 16 and arch >= 90 else 2
+    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_C=bc, NC=nc, SPLITS=splits, num_warps=warps, num_stages=stages)
 
 
 def _split(n: int, cfg: dict) -> tuple[int, int]:
