@@ -31,6 +31,7 @@ setup(
         "webdataset>=1.0",
         "braceexpand",
         "pillow",
+        "simplejpeg",
         "ftfy",
         "regex",
         "nltk>=3.9",

@@ -2,7 +2,7 @@
 
     python -m bench.bench_data                      # VOC-sized and 1024-px JPEG shards, 1 and 2 workers
     python -m bench.bench_data --samples 300 --workers 1,2,4 --rate 8000 --json runs/bench_data.json
-    python -m bench.bench_data --device cuda        # also: device augmentation ms per batch of 256 on the GPU
+    python -m bench.bench_data --device cuda        # also: the device half's ms per batch of 256 on the GPU
 
 Shards are written to a temporary folder from the VOC images in ``../shared/data/vocmini`` (or ``--images``):
 ``voc`` stores them as they are (500x375, 513x513, quality 95), ``1024`` upscales each to a 1024-px long side
@@ -10,11 +10,14 @@ Shards are written to a temporary folder from the VOC images in ``../shared/data
 
 Stages (CPU time per sample in this process with one torch thread, median of ``--repeats`` passes):
 
-* ``decode``: full JPEG decode to RGB; ``crop``: RandomResizedCrop to 224 of the decoded image;
+* ``decode``: full JPEG decode to RGB with PIL (the ``cpu`` path); ``decode_turbo``: the same with libjpeg-turbo
+  through simplejpeg into NumPy (:func:`groupvit.imageio.decode_array`); ``crop``: RandomResizedCrop to 224 of the
+  decoded image (PIL);
 * ``augment_cpu``: flip + RandAugment m9 + normalise + erasing (PIL + torch, the ``cpu`` path);
-* ``decode_crop_gpu``: the ``gpu`` path's whole CPU half: DCT-scaled decode + crop to uint8 + parameter draws;
-* ``device_augment``: the ``gpu`` path's batched augmentation run on the CPU (on a GPU it costs no CPU time; shown
-  for scale only);
+* ``decode_region_gpu``: the ``gpu`` path's CPU half per sample: the crop's region decoded (DCT-scaled where it can),
+  not resized, + parameter draws; ``pack_regions``: copying a batch's regions into one buffer, per sample;
+* ``device_crop_resize`` / ``device_augment``: the ``gpu`` path's batched resize / augmentation run on the CPU (on
+  a GPU they cost no CPU time; shown for scale only);
 * ``prompts_tagged`` / ``prompts_precomputed``: K = 3 noun prompts with NLTK tagging / from ``.nouns`` members;
 * ``tokens``: tokenising caption + 3 prompts; ``collate``: stacking one sample into a batch of 32.
 
@@ -44,12 +47,12 @@ import torch
 from PIL import Image
 
 from bench.common import git_sha
-from groupvit.imageio import decode_image
+from groupvit.imageio import decode_array, decode_image
 from groupvit.tokenizer import get_tokenizer
 from train.data import build_train_loader, write_shards
 from train.gpu_augment import DeviceAugment
 from train.prompts import add_nouns, candidate_words, make_prompts
-from train.transforms import RandAugment, _to_normalized_tensor, decode_crop, random_erasing, random_resized_crop
+from train.transforms import RandAugment, _to_normalized_tensor, decode_region, random_erasing, random_resized_crop
 
 __all__ = ["CAPTIONS", "make_shards", "measure_loader", "measure_stages", "main"]
 
@@ -132,12 +135,15 @@ def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> di
 
     dev_aug = DeviceAugment(size)
 
-    def decode_crop_gpu(b: bytes, g=rngs()) -> np.ndarray:
+    def decode_region_gpu(b: bytes, g=rngs()) -> tuple:
         rng = next(g)
-        arr = decode_crop(b, size, rng)
+        region = decode_region(b, size, rng)
         dev_aug.sample_params(rng)
-        return arr
+        return region
 
+    g = rngs()
+    regions = [decode_region(b, size, next(g)) for b in images][:16]
+    flat, rows = DeviceAugment.pack_regions(regions)
     batch = torch.stack([torch.from_numpy(np.array(c)).permute(2, 0, 1) for c in crops][:16])
     params = torch.from_numpy(np.stack([dev_aug.sample_params(random.Random(i)) for i in range(len(batch))]))
     caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(len(images), 60))]
@@ -146,9 +152,12 @@ def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> di
     one = torch.zeros(3, size, size)
     ms = {
         "decode": _cpu_per_sample(decode_image, images, repeats),
+        "decode_turbo": _cpu_per_sample(decode_array, images, repeats),
         "crop": _cpu_per_sample(lambda im, g=rngs(): random_resized_crop(im, size, next(g)), decoded, repeats),
         "augment_cpu": _cpu_per_sample(augment_cpu, crops, repeats),
-        "decode_crop_gpu": _cpu_per_sample(decode_crop_gpu, images, repeats),
+        "decode_region_gpu": _cpu_per_sample(decode_region_gpu, images, repeats),
+        "pack_regions": _cpu_per_sample(lambda _: DeviceAugment.pack_regions(regions), [0], repeats) / len(regions),
+        "device_crop_resize": _cpu_per_sample(lambda _: dev_aug.crop_resize(flat, rows), [0], repeats) / len(regions),
         "device_augment": _cpu_per_sample(lambda _: dev_aug.apply(batch, params), [0], repeats) / len(batch),
         "prompts_tagged": _cpu_per_sample(lambda c, g=rngs(): make_prompts(c, 3, next(g)), caps, repeats),
         "prompts_precomputed": _cpu_per_sample(
@@ -188,24 +197,38 @@ def measure_loader(
     return n / (clock() - t0)
 
 
-def measure_device_augment(device: torch.device, batch: int = 256, size: int = 224, reps: int = 10) -> float:
-    """Milliseconds per ``DeviceAugment.apply`` of a ``batch x 3 x size x size`` uint8 batch on ``device``
-    (synchronised; median of ``reps`` after two warm-up calls). Compare with a GroupViT-S step at the same batch
-    (``bench/bench_model.py``): the issue's target is <= 5 %."""
+def measure_device_augment(
+    device: torch.device, images: Sequence[bytes], batch: int = 256, size: int = 224, reps: int = 10
+) -> dict[str, float]:
+    """Milliseconds per batch on ``device`` of the ``gpu`` path's device half: the host-to-device copy of the
+    packed regions (``copy``, from pinned memory on CUDA), :meth:`DeviceAugment.crop_resize` (``resize``) and
+    :meth:`DeviceAugment.apply` (``augment``), for ``batch`` crops of ``images`` (cycled); synchronised, median of
+    ``reps`` after two warm-up calls. Compare with a GroupViT-S step at the same batch (``bench/bench_model.py``):
+    the issue's target is <= 5 %. Also ``bytes_per_sample`` of the packed regions."""
     aug = DeviceAugment(size)
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    flat, rows = aug.pack_regions(
+        [decode_region(images[i % len(images)], size, random.Random(i)) for i in range(batch)]
+    )
+    if device.type == "cuda":
+        flat = flat.pin_memory()
     params = torch.from_numpy(np.stack([aug.sample_params(random.Random(i)) for i in range(batch)]))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times: dict[str, list[float]] = {"copy": [], "resize": [], "augment": []}
     for i in range(reps + 2):
         sync()
         t0 = time.perf_counter()
-        aug.apply(imgs, params)
+        dev_flat = flat.to(device, non_blocking=True)
+        sync()
+        t1 = time.perf_counter()
+        crops = aug.crop_resize(dev_flat, rows)
+        sync()
+        t2 = time.perf_counter()
+        aug.apply(crops, params)
         sync()
         if i >= 2:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            for k, v in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                times[k].append(1000 * v)
+    return {**{k: statistics.median(v) for k, v in times.items()}, "bytes_per_sample": flat.numel() / batch}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["device_augment"] = {
             "device": str(dev),
             "batch": args.device_batch,
-            "ms_per_batch": measure_device_augment(dev, args.device_batch, args.size),
+            "ms_per_batch": measure_device_augment(dev, _images(Path(args.images), None), args.device_batch, args.size),
         }
     return res
 
@@ -266,9 +289,11 @@ def report(res: dict[str, Any]) -> str:
         )
     if "device_augment" in res:
         d = res["device_augment"]
+        ms = d["ms_per_batch"]
         lines.append(
-            f"device augmentation on {d['device']}: {d['ms_per_batch']:.2f} ms per batch of {d['batch']} "
-            f"(compare with one GroupViT-S training step at that batch)"
+            f"device half on {d['device']}, ms per batch of {d['batch']} VOC crops: copy {ms['copy']:.2f}, resize "
+            f"{ms['resize']:.2f}, augment {ms['augment']:.2f} ({ms['bytes_per_sample'] / 1e3:.0f} kB/sample shipped; "
+            f"compare with one GroupViT-S training step at that batch)"
         )
     return "\n".join(lines)
 

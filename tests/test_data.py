@@ -140,9 +140,9 @@ def bad_shards(tmp_path_factory) -> str:
     return str(root / "bad-{000000..000002}.tar")  # bad-000002.tar does not exist
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_data_skipped_and_counted(bad_shards, num_workers):
-    loader = _loader(bad_shards, num_workers=num_workers)
+@pytest.mark.parametrize("num_workers, augment_on", [(0, "cpu"), (2, "cpu"), (0, "gpu")])
+def test_bad_data_skipped_and_counted(bad_shards, num_workers, augment_on):
+    loader = _loader(bad_shards, num_workers=num_workers, augment_on=augment_on)
     keys = _keys(loader)
     assert sorted(keys) == [f"g{i:05d}" for i in range(6)] + ["t00050", "t00051"]
     st = loader.stats

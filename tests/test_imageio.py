@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groupvit.imageio import ImageTooLarge, decode_image, open_image
+from groupvit.imageio import ImageTooLarge, decode_array, decode_image, image_size, open_image
 from groupvit.segmentation import load_image
 
 RNG = np.random.default_rng(3)
@@ -58,3 +58,38 @@ def test_pixel_cap_before_decoding(tmp_path):
     with pytest.raises(ValueError, match="above the cap"):
         load_image(path)
     assert open_image(data, max_pixels=None).size == (10_000, 10_000)  # header only: nothing decoded
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_decode_array_jpeg_pixels_are_pils():
+    """libjpeg-turbo through simplejpeg gives PIL's pixels bit for bit (colour 4:2:0 and 4:4:4, grey, progressive);
+    PNG and 16-bit grey go through PIL and are scaled by value as decode_image does."""
+    rgb = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    cases = [_jpeg(rgb), _jpeg(rgb, subsampling=0), _jpeg(rgb[..., 0]), _jpeg(rgb, progressive=True)]
+    cases += [_encoded(Image.fromarray(rgb), "PNG"), _encoded(Image.fromarray(G16), "PNG")]
+    for data in cases:
+        out = decode_array(data)
+        assert out.dtype == np.uint8 and out.shape[2] == 3 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, np.asarray(decode_image(data)))
+        assert image_size(data) == (out.shape[1], out.shape[0])
+
+
+def test_decode_array_dct_scaled_and_capped():
+    data = _jpeg(RNG.integers(0, 256, (400, 640, 3), dtype=np.uint8))
+    # the smallest of libjpeg-turbo's scale factors (k/8, k = 1..16) that keeps at least min_size
+    for min_size, shape in (
+        ((300, 200), (200, 320)),
+        ((100, 60), (100, 160)),
+        ((200, 90), (150, 240)),
+        ((1, 1), (50, 80)),
+    ):
+        assert decode_array(data, min_size=min_size).shape == (*shape, 3), min_size
+    with pytest.raises(ImageTooLarge, match="640x400 = 256,000 pixels is above the cap of 1,000 pixels"):
+        image_size(data, max_pixels=1000)
+    with pytest.raises(ImageTooLarge, match="above the cap"):
+        decode_array(data, max_pixels=1000)

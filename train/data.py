@@ -24,16 +24,17 @@ Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` 
 4. **shuffle** raw samples (encoded bytes) through a buffer of ``shuffle_buffer`` (seeded by consumer and epoch;
    0 or 1 = no shuffling); like webdataset's it starts yielding after 100 samples and grows to full size.
 5. **decode** the image (:mod:`groupvit.imageio`: 8-bit RGB by value, a pixel cap); corrupt images and images above
-   ``max_pixels`` are counted, logged with shard and key, and skipped. With ``augment_on="gpu"`` this step also
-   crops to the target size (:func:`train.transforms.decode_crop`, DCT-scaled JPEG decoding).
+   ``max_pixels`` are counted, logged with shard and key, and skipped. With ``augment_on="gpu"`` this step decodes
+   only the crop's region (:func:`train.transforms.decode_region`: libjpeg-turbo, DCT-scaled where it can).
 6. **batch** ``batch_size`` good samples (never a partial batch); the i-th sample of the consumer's stream gets its
    own ``Random((worker_seed, epoch, i))`` for crop, augmentation and prompts, with
    ``worker_seed = num_workers * rank + worker_id + seed`` (docs/groupvit.md §8; ``num_workers`` counts as 1
    when 0).
    Errors inside the transform or tokenizer are bugs, not bad data, and propagate. ``augment_on="cpu"``: the
-   worker runs the whole :class:`train.transforms.TrainTransform`; ``"gpu"``: it ships ``uint8`` crops plus each
-   sample's drawn parameters, and :class:`TrainLoader` runs :class:`train.gpu_augment.DeviceAugment` on the batch
-   on ``device`` in the main process.
+   worker runs the whole :class:`train.transforms.TrainTransform`; ``"gpu"``: it ships the crops' ``uint8``
+   regions un-resized (one flat buffer plus a geometry row each) and each sample's drawn parameters, and
+   :class:`TrainLoader` resizes and augments the batch with :class:`train.gpu_augment.DeviceAugment` on ``device``
+   in the main process.
 
 Epochs: with ``epoch_len`` (batches per rank per epoch, the training setting) shards repeat forever (reshuffled per
 cycle) and an epoch is exactly ``epoch_len`` batches; with ``epoch_len=None`` an epoch is one pass over this rank's
@@ -75,7 +76,7 @@ from train.gpu_augment import DeviceAugment
 from train.prompts import NOUNS_KEY, load_tagger, make_prompts, parse_nouns
 from train.rundir import ignore_sigterm
 from train.shards import expand_urls
-from train.transforms import TrainTransform, decode_crop
+from train.transforms import TrainTransform, decode_region
 
 __all__ = [
     "IMAGE_KEYS",
@@ -263,29 +264,32 @@ class _CpuPath:
             warnings.simplefilter("ignore", UserWarning)  # PIL's palette-transparency notes
             return to_rgb(open_image(data, self.max_pixels))
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> dict[str, torch.Tensor]:
-        return {"images": self.transform(img, rng)}
+    def collate(self, batch: list[tuple[Image.Image, random.Random]]) -> dict[str, torch.Tensor]:
+        return {"images": torch.stack([self.transform(img, rng) for img, rng in batch])}  # [B, 3, S, S] float32
 
 
 class _GpuPath:
-    """``augment_on=gpu``: decode + crop to ``uint8 [S, S, 3]`` in the worker and draw the per-sample parameters
-    of :class:`train.gpu_augment.DeviceAugment`, which the main process applies batched on the device."""
+    """``augment_on=gpu``: decode the crop's region in the worker (:func:`train.transforms.decode_region`) and draw
+    the per-sample parameters of :class:`train.gpu_augment.DeviceAugment`; the main process resizes and augments
+    the batch on the device."""
 
     def __init__(self, device_aug: DeviceAugment, max_pixels: int | None):
         self.device_aug, self.max_pixels = device_aug, max_pixels
 
-    def decode(self, data: bytes, rng: random.Random) -> np.ndarray:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return decode_crop(
-                data, self.device_aug.img_size, rng, augment=self.device_aug.augment, max_pixels=self.max_pixels
-            )  # [S, S, 3] uint8
+    def decode(self, data: bytes, rng: random.Random) -> tuple[np.ndarray, tuple[float, ...]]:
+        aug = self.device_aug
+        return decode_region(data, aug.img_size, rng, augment=aug.augment, max_pixels=self.max_pixels)
 
-    def __call__(self, arr: np.ndarray, rng: random.Random) -> dict[str, torch.Tensor]:
+    def collate(
+        self, batch: list[tuple[tuple[np.ndarray, tuple[float, ...]], random.Random]]
+    ) -> dict[str, torch.Tensor]:
+        flat, regions = self.device_aug.pack_regions([region for region, _ in batch])
+        params = np.stack([self.device_aug.sample_params(rng) for _, rng in batch])
         return {
-            "images": torch.from_numpy(arr),  # [S, S, 3] uint8 (channels last: the device permutes it)
-            "aug_params": torch.from_numpy(self.device_aug.sample_params(rng)),
-        }  # [P] float64
+            "images": flat,  # uint8 [sum h w 3]: the crops' regions, un-resized
+            "regions": regions,  # float64 [B, 6]: (h, w, box x0, y0, x1, y1)
+            "aug_params": torch.from_numpy(params),  # float64 [B, P]
+        }
 
 
 class _ShardStream(IterableDataset):
@@ -419,14 +423,13 @@ class _ShardStream(IterableDataset):
             if skip > 0:
                 skip -= 1
                 continue
-            parts: list[dict[str, torch.Tensor]] = []
+            images = self.transform.collate([(im, rng) for rng, _, im, _, _ in batch])  # augmentation draws first
             texts = []
-            for rng, _, im, cap, nouns in batch:
-                parts.append(self.transform(im, rng))
+            for rng, _, _, cap, nouns in batch:
                 texts.extend([cap] + make_prompts(cap, self.multi_label, rng, words=nouns))
             ids = tok(texts, context_length=self.context_length)  # [B * (1 + K), L]
             yield {
-                **{name: torch.stack([p[name] for p in parts]) for name in parts[0]},  # images [B, 3, S, S], ...
+                **images,  # images [B, 3, S, S] (cpu path); or flat regions, their rows, aug_params (gpu path)
                 "texts": ids.view(len(batch), 1 + self.multi_label, self.context_length),  # [B, 1 + K, L]
                 "keys": [k for _, k, _, _, _ in batch],
                 "_stats": (consumer, dataclasses.replace(stats)),
@@ -525,8 +528,9 @@ class TrainLoader:
                     discard -= 1
                     continue
                 if self.device_augment is not None and "aug_params" in batch:
-                    images = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [B,3,S,S]
-                    batch["images"] = self.device_augment.apply(images, batch.pop("aug_params"))
+                    aug, flat = self.device_augment, batch["images"].to(self.device, non_blocking=True)
+                    images = aug.crop_resize(flat, batch.pop("regions"))  # uint8 [B, 3, S, S]
+                    batch["images"] = aug.apply(images, batch.pop("aug_params"))
                 yield batch
                 n += 1
                 if self.epoch_len is not None and n >= self.epoch_len:

@@ -1,13 +1,15 @@
 """Batched training augmentation on the device (``data.augment_on = gpu``).
 
-The CPU half runs in the loader workers, per sample: decode + RandomResizedCrop straight to the target size
-(:func:`train.transforms.decode_crop`, JPEG DCT-scaled decoding where the crop allows it), then
-:meth:`DeviceAugment.sample_params` draws every remaining random choice from the sample's own
-:class:`random.Random` into one row of numbers. Workers ship ``uint8 [B, S, S, 3]`` images plus those
-``[B, P]`` rows; :meth:`DeviceAugment.apply` then runs flip → RandAugment → normalise → RandomErasing on the whole
-batch on the device, each sample with its own parameters. A batch's result is therefore a pure function of its
-samples' seeds (the erasing noise comes from a device generator seeded by the batch's rows, so it is reproducible
-per device type; CPU and CUDA generators differ).
+The CPU half runs in the loader workers, per sample: :func:`train.transforms.decode_region` decodes only what the
+RandomResizedCrop needs (libjpeg-turbo through simplejpeg, DCT-scaled where the crop allows it) and keeps the crop's
+region un-resized; :meth:`DeviceAugment.sample_params` draws every remaining random choice from the sample's own
+:class:`random.Random` into one row of numbers. Workers ship the regions as one flat ``uint8`` buffer with a
+``[B, 6]`` geometry row each (:meth:`DeviceAugment.pack_regions`) plus the ``[B, P]`` parameter rows;
+on the device :meth:`DeviceAugment.crop_resize` resizes every crop to ``S × S`` with PIL's bilinear filter (two
+batched matmuls), then :meth:`DeviceAugment.apply` runs flip → RandAugment → normalise → RandomErasing on the whole
+batch, each sample with its own parameters. A batch's result is therefore a pure function of its samples' seeds
+(the erasing noise comes from a device generator seeded by the batch's rows, so it is reproducible per device
+type; CPU and CUDA generators differ).
 
 Written here rather than with kornia.augmentation: kornia's RandAugment samples its ops once per call, for the
 whole batch, and takes its randomness from torch's global RNG, while GroupViT's recipe (timm ``rand-m9-mstd0.5-inc1``)
@@ -16,7 +18,8 @@ draws ops per image and this project needs every random draw reproducible from t
 What differs from the CPU path (``augment_on = cpu``, timm semantics on PIL), see ``docs/data.md``: the ops
 follow PIL's integer arithmetic (truncating blends, PIL's grey weights, its SMOOTH kernel with the border kept, its
 inside/outside test for geometric fills), and tests/test_gpu_augment.py checks every op against PIL to within 1 grey
-level; the crop comes from a DCT-scaled JPEG decode when the crop is at least twice the target size; the random
+level; the crop's resize is PIL's filter in floating point (within 1 grey level of PIL's fixed point), from a
+DCT-scaled JPEG decode when the crop is at least twice the target size; the random
 draws come in another order (a sign is drawn for every op), so the two paths give different (equally distributed)
 streams; the erasing noise is N(0, 1) from a device generator seeded per batch.
 """
@@ -35,6 +38,7 @@ from train.transforms import IMAGENET_MEAN, IMAGENET_STD, RandAugment, erasing_b
 
 __all__ = ["DeviceAugment"]
 
+_RESIZE_PIXELS = 1 << 23  # padded region pixels resized per chunk (bounds the device's scratch memory)
 _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 _LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's RGB -> L weights
 
@@ -88,7 +92,66 @@ class DeviceAugment:
         p[e + 5] = rng.getrandbits(31)
         return p
 
+    @staticmethod
+    def pack_regions(
+        regions: Sequence[tuple[np.ndarray, tuple[float, float, float, float]]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`train.transforms.decode_region` results of a batch → (``uint8 [sum h w 3]`` the regions' pixels
+        back to back, ``float64 [B, 6]`` rows ``(h, w, x0, y0, x1, y1)``): one copy, no padding."""
+        sizes = [r.shape[0] * r.shape[1] * 3 for r, _ in regions]
+        flat = np.empty(sum(sizes), np.uint8)
+        o = 0
+        for (r, _), n in zip(regions, sizes):
+            flat[o : o + n].reshape(r.shape)[...] = r
+            o += n
+        rows = torch.tensor([(r.shape[0], r.shape[1], *box) for r, box in regions], dtype=torch.float64)
+        return torch.from_numpy(flat), rows
+
     # ---- device side, batched -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def crop_resize(self, flat: torch.Tensor, rows: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`pack_regions` output (``flat`` on any device, ``rows`` anywhere) → ``uint8 [B, 3, S, S]`` there:
+        each box resized with PIL's bilinear (antialiasing) filter, horizontal pass then vertical, each rounded as
+        PIL does: matmuls over the regions padded per chunk, in ``dtype`` (default float16 on CUDA, tensor cores,
+        float32 elsewhere; both within 1 grey level of PIL)."""
+        r = rows.detach().cpu().double()
+        if flat.dtype != torch.uint8 or flat.ndim != 1 or r.ndim != 2 or r.shape[1] != 6:
+            raise ValueError(
+                f"DeviceAugment.crop_resize: expected flat uint8 [N] and rows [B, 6], got {flat.dtype} "
+                f"{list(flat.shape)} and {list(rows.shape)}"
+            )
+        hw = r[:, :2].long()
+        n_px = hw[:, 0] * hw[:, 1]
+        if int(n_px.sum()) * 3 != flat.numel():
+            raise ValueError(
+                f"DeviceAugment.crop_resize: rows describe {int(n_px.sum()) * 3} bytes, flat has {flat.numel()}"
+            )
+        dev, s = flat.device, self.img_size
+        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+        px = flat.view(-1, 3)
+        starts = (n_px.cumsum(0) - n_px).tolist()
+        out = torch.empty(len(r), 3, s, s, dtype=torch.uint8, device=dev)
+        i = 0
+        while i < len(r):  # chunks of samples whose padded regions fit _RESIZE_PIXELS
+            j = i + 1
+            while (
+                j < len(r) and (j + 1 - i) * int(hw[i : j + 1, 0].max()) * int(hw[i : j + 1, 1].max()) <= _RESIZE_PIXELS
+            ):
+                j += 1
+            h_pad, w_pad = int(hw[i:j, 0].max()), int(hw[i:j, 1].max())
+            h, w = hw[i:j, 0].to(dev), hw[i:j, 1].to(dev)
+            yy = torch.arange(h_pad, device=dev).view(1, -1, 1)
+            xx = torch.arange(w_pad, device=dev).view(1, 1, -1)
+            idx = torch.tensor(starts[i:j], device=dev).view(-1, 1, 1) + yy * w.view(-1, 1, 1) + xx
+            img = px[idx.clamp_(max=px.shape[0] - 1)].permute(0, 3, 1, 2).to(dtype)  # [n, 3, Hp, Wp], pad: weight 0
+            box = r[i:j, 2:].to(dev, torch.float32)
+            wx = _pil_bilinear_weights(box[:, 0], box[:, 2], w, w_pad, s).to(dtype)  # [n, S, Wp]
+            wy = _pil_bilinear_weights(box[:, 1], box[:, 3], h, h_pad, s).to(dtype)  # [n, S, Hp]
+            t = (img @ wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # [n, 3, Hp, S]
+            out[i:j] = (wy[:, None] @ t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+            i = j
+        return out
+
     @torch.no_grad()
     def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, S, S]`` (any device) + ``[B, P]`` rows → normalised ``float32 [B, 3, S, S]`` there."""
@@ -148,6 +211,21 @@ class DeviceAugment:
                 sign = p[sel, 2].to(dev, torch.float32).view(-1, 1, 1, 1)
                 x[i] = _COLOR_OPS[name](x[i], m, sign).round().clamp(0, 255)
         return x
+
+
+def _pil_bilinear_weights(
+    lo: torch.Tensor, hi: torch.Tensor, n_valid: torch.Tensor, n_pad: int, out: int
+) -> torch.Tensor:
+    """``[n, out, n_pad]`` resampling rows of PIL's bilinear resize of the span ``[lo, hi)`` (``[n]``) to ``out``
+    samples (Resample.c: triangle of half-width ``max(1, scale)`` around each output centre, input pixels
+    ``>= n_valid`` excluded, each row normalised to 1)."""
+    scale = (hi - lo) / out  # [n]
+    support = scale.clamp(min=1.0)
+    centre = lo[:, None] + (torch.arange(out, device=lo.device) + 0.5) * scale[:, None]  # [n, out]
+    x = torch.arange(n_pad, device=lo.device)
+    wgt = (1 - (x + 0.5 - centre[:, :, None]).abs() / support[:, None, None]).clamp_(min=0)
+    wgt = wgt * (x < n_valid[:, None, None])
+    return wgt / wgt.sum(-1, keepdim=True).clamp_(min=1e-12)
 
 
 # ---- geometric ops: one affine grid_sample for all of them --------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from groupvit.imageio import DEFAULT_MAX_PIXELS, open_image, to_rgb
+from groupvit.imageio import DEFAULT_MAX_PIXELS, decode_array, image_size
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -35,7 +35,7 @@ __all__ = [
     "TrainTransform",
     "ValTransform",
     "center_crop",
-    "decode_crop",
+    "decode_region",
     "erasing_box",
     "normalize",
     "random_erasing",
@@ -124,7 +124,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_crop(
+def decode_region(
     data: bytes,
     size: int,
     rng: random.Random,
@@ -133,27 +133,38 @@ def decode_crop(
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> np.ndarray:
-    """Decode encoded image bytes straight to a ``size × size`` crop: ``uint8 [size, size, 3]``.
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The CPU half of a crop to ``size × size``: decode only as much as the crop needs, resize nothing.
 
-    ``augment``: :func:`random_resized_crop` (crop drawn from the header's size with ``rng``); else resize short side
-    + center crop. JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) at the smallest scale that keeps
-    the crop at least ``size`` pixels each way, so a large JPEG is never fully decoded for a small crop.
+    ``augment``: the crop is drawn as :func:`random_resized_crop` does (from the header's size, with ``rng``); else
+    it is :func:`resize_short_side` + :func:`center_crop` (as ``TrainTransform(augment=False)``). A JPEG whose
+    crop is at least ``2 size`` pixels each way is decoded DCT-scaled (:func:`groupvit.imageio.decode_array`) to
+    the smallest size that keeps the crop at least ``size`` pixels each way.
+
+    Returns:
+        ``region``: ``uint8 [h, w, 3]``, a view of the decoded image: the crop plus the margin PIL's bilinear
+        filter reads around it; ``box``: the crop as ``(x0, y0, x1, y1)`` in ``region``'s pixels (floats).
+        Resizing ``box`` of ``region`` to ``size`` with PIL's filter (:meth:`train.gpu_augment.DeviceAugment.
+        crop_resize`, batched on the device) gives the CPU path's crop of the decoded image.
     """
-    img = open_image(data, max_pixels)
-    w0, h0 = img.size
+    w0, h0 = image_size(data, max_pixels)
     if augment:
         top, left, h, w = random_resized_crop_params(w0, h0, scale, ratio, rng)
-    else:
-        short = min(w0, h0)
-        h = w = short
-        top, left = int(round((h0 - short) / 2.0)), int(round((w0 - short) / 2.0))
-    if img.format == "JPEG" and min(w, h) >= 2 * size:
-        img.draft("RGB", (math.ceil(w0 * size / w), math.ceil(h0 * size / h)))
-    img = to_rgb(img)
-    fx, fy = img.width / w0, img.height / h0  # 1 unless draft mode scaled the decode
-    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-    return np.array(img.resize((size, size), _BILINEAR, box=box))  # writable (torch.from_numpy needs it)
+    else:  # resize_short_side + center_crop as one box: the crop's columns of the whole resized image
+        ow, oh = (size, int(size * h0 / w0)) if w0 <= h0 else (int(size * w0 / h0), size)
+        cy, cx = int(round((oh - size) / 2.0)), int(round((ow - size) / 2.0))
+        top, left, h, w = cy * h0 / oh, cx * w0 / ow, size * h0 / oh, size * w0 / ow
+    reduce = min(w, h) >= 2 * size
+    arr = decode_array(
+        data, max_pixels, min_size=(math.ceil(w0 * size / w), math.ceil(h0 * size / h)) if reduce else None
+    )
+    fx, fy = arr.shape[1] / w0, arr.shape[0] / h0  # 1 unless the decode was DCT-scaled
+    x0, x1, y0, y1 = left * fx, (left + w) * fx, top * fy, (top + h) * fy
+    # PIL's bilinear support is max(1, box side / size) pixels around each output sample: keep that margin (+1)
+    mx, my = math.ceil(max(1.0, (x1 - x0) / size)) + 1, math.ceil(max(1.0, (y1 - y0) / size)) + 1
+    rx, ry = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+    region = arr[ry : min(arr.shape[0], math.ceil(y1) + my), rx : min(arr.shape[1], math.ceil(x1) + mx)]
+    return region, (x0 - rx, y0 - ry, x1 - rx, y1 - ry)
 
 
 # ---------------------------------------------------------------------------------------------------------------
