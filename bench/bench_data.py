@@ -5,8 +5,10 @@
     python -m bench.bench_data --device cuda        # also: the device half's ms per batch of 256 on the GPU
 
 Shards are written to a temporary folder from the VOC images in ``../shared/data/vocmini`` (or ``--images``):
-``voc`` stores them as they are (500x375, 513x513, quality 95), ``1024`` upscales each to a 1024-px long side
-(bicubic, quality 90), so the large-JPEG case has real image content.
+``voc`` stores them as they are (500x375, 513x513), ``1024-px`` upscales each to a 1024-px long side (bicubic,
+quality 90: real content but smooth, few bits per pixel), ``1024-px-mosaic`` tiles four photos 2 x 2 into
+1024x768 at about their own resolution (quality 90: photo texture everywhere, the bits per pixel of a real large
+photo). The report gives each set's bits per pixel.
 
 Stages (CPU time per sample in this process with one torch thread, median of ``--repeats`` passes):
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import random
 import statistics
@@ -47,7 +50,7 @@ import torch
 from PIL import Image
 
 from bench.common import git_sha
-from groupvit.imageio import decode_array, decode_image
+from groupvit.imageio import decode_array, decode_image, image_size
 from groupvit.tokenizer import get_tokenizer
 from train.data import build_train_loader, write_shards
 from train.gpu_augment import DeviceAugment
@@ -78,30 +81,52 @@ CAPTIONS = (  # caption-like texts (GCC/YFCC style), cycled over the images
 )
 
 
-def _images(src: Path, long_side: int | None) -> list[bytes]:
+def _images(src: Path, long_side: int | None, mosaic: bool = False) -> list[bytes]:
+    """``src``'s JPEGs as they are, or re-encoded (quality 90) at ``long_side`` x 3/4 ``long_side``: upscaled
+    (bicubic, smooth: few bits per pixel), or with ``mosaic`` as 2 x 2 tiles of four photos at about their own
+    resolution (photo texture at every pixel: a real large photo's bits per pixel)."""
     files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise FileNotFoundError(f"bench_data: no JPEG in {src} (pass --images DIR)")
+    if long_side is None:
+        return [p.read_bytes() for p in files]
+    photos = [Image.open(p).convert("RGB") for p in files]
     out = []
-    for p in files:
-        if long_side is None:
-            out.append(p.read_bytes())
-            continue
-        im = Image.open(p).convert("RGB")
-        s = long_side / max(im.size)
-        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+    for i, im in enumerate(photos):
+        if mosaic:
+            tw, th = long_side // 2, long_side * 3 // 8
+            big = Image.new("RGB", (2 * tw, 2 * th))
+            for k in range(4):
+                tile = photos[(i + k) % len(photos)]
+                s = max(tw / tile.width, th / tile.height)
+                tile = tile.resize((math.ceil(tile.width * s), math.ceil(tile.height * s)), Image.Resampling.BICUBIC)
+                big.paste(tile.crop((0, 0, tw, th)), (tw * (k % 2), th * (k // 2)))
+            im = big
+        else:
+            s = long_side / max(im.size)
+            im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
 
+def _bits_per_pixel(images: Sequence[bytes]) -> float:
+    return statistics.mean(8 * len(b) / math.prod(image_size(b)) for b in images)
+
+
 def make_shards(
-    out_dir: str | os.PathLike, n: int, *, src: Path = VOC_DIR, long_side: int | None = None, per_shard: int = 100
+    out_dir: str | os.PathLike,
+    n: int,
+    *,
+    src: Path = VOC_DIR,
+    long_side: int | None = None,
+    mosaic: bool = False,
+    per_shard: int = 100,
 ) -> str:
-    """``n`` (jpg, txt) samples cycling over ``src``'s JPEGs (re-encoded at ``long_side`` if given); returns a
-    glob pattern of the shards."""
-    images = _images(Path(src), long_side)
+    """``n`` (jpg, txt) samples cycling over ``src``'s JPEGs (re-encoded at ``long_side`` if given, see
+    :func:`_images`); returns a glob pattern of the shards."""
+    images = _images(Path(src), long_side, mosaic)
     samples = ((f"s{i:06d}", images[i % len(images)], CAPTIONS[i % len(CAPTIONS)]) for i in range(n))
     write_shards(samples, out_dir, "bench", maxcount=per_shard)
     return os.path.join(os.fspath(out_dir), "bench-*.tar")
@@ -243,17 +268,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for case, long_side in (("voc", None), (f"{args.large_side}-px", args.large_side)):
+        large = f"{args.large_side}-px"
+        for case, long_side, mosaic in (
+            ("voc", None, False),
+            (large, args.large_side, False),
+            (large + "-mosaic", args.large_side, True),
+        ):
             d = Path(tmp) / case
-            pattern = make_shards(d, args.samples, src=Path(args.images), long_side=long_side)
-            images = _images(Path(args.images), long_side)
+            pattern = make_shards(d, args.samples, src=Path(args.images), long_side=long_side, mosaic=mosaic)
+            tagged = make_shards(
+                Path(tmp) / (case + "-tagged"), args.samples, src=Path(args.images), long_side=long_side, mosaic=mosaic
+            )
+            add_nouns([tagged], workers=1)
+            images = _images(Path(args.images), long_side, mosaic)
             stages = measure_stages(images, size=args.size, repeats=args.repeats)
             kw = dict(batches=max(1, args.samples // args.batch_size - 1), batch_size=args.batch_size, size=args.size)
-            base = measure_loader(pattern, augment_on="cpu", **kw)  # tagging on the fly
-            add_nouns([pattern], workers=1)
-            new = measure_loader(pattern, augment_on="gpu", **kw)
-            scaling = {w: measure_loader(pattern, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
+            rates: dict[str, list[float]] = {"cpu": [], "gpu": []}
+            for _ in range(args.rounds):  # alternating, so a change in the machine's load hits both alike
+                rates["cpu"].append(measure_loader(pattern, augment_on="cpu", **kw))  # tagging on the fly
+                rates["gpu"].append(measure_loader(tagged, augment_on="gpu", **kw))  # precomputed nouns
+            base, new = statistics.median(rates["cpu"]), statistics.median(rates["gpu"])
+            scaling = {w: measure_loader(tagged, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
             res["cases"][case] = {
+                "bits_per_pixel": _bits_per_pixel(images),
+                "rounds": rates,
                 "stages_ms": stages,
                 "loader_cpu_tagged": base,
                 "loader_gpu_nouns": new,
@@ -275,10 +313,14 @@ def report(res: dict[str, Any]) -> str:
         f"bench_data at {res['commit']} on {res['machine']} (one torch thread; CPU ms per sample, crop {res['size']})"
     ]
     for case, r in res["cases"].items():
-        lines.append(f"[{case} JPEGs] stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items()))
+        lines.append(
+            f"[{case} JPEGs, {r['bits_per_pixel']:.2f} bits/pixel] stages: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_ms"].items())
+        )
         lines.append(
             f"  loader, 1 core: cpu path + tagging {r['loader_cpu_tagged']:.0f} samples/s, gpu path + "
-            f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x)"
+            f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x; medians of "
+            f"{len(r['rounds']['cpu'])} alternating rounds)"
         )
         lines.append(
             "  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s" for w, v in r["workers_gpu_nouns"].items())
@@ -308,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="loader batch size (default 32)")
     ap.add_argument("--large-side", type=int, default=1024, help="long side of the large-JPEG case (default 1024)")
     ap.add_argument("--repeats", type=int, default=3, help="passes per stage measurement (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating cpu/gpu loader measurements (median)")
     ap.add_argument("--device", help="also time the batched device augmentation there (e.g. cuda)")
     ap.add_argument("--device-batch", type=int, default=256, help="batch for --device (default 256)")
     ap.add_argument("--json", help="also write the results to this JSON file")

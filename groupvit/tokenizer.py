@@ -180,14 +180,14 @@ class ClipTokenizer:
             raise ValueError(
                 f"tokenize: context_length must be an int >= 2 (room for SOT and EOT), got {context_length!r}"
             )
-        out = torch.zeros(len(texts), context_length, dtype=torch.long)  # [N, L]
-        for row, text in enumerate(texts):
+        rows = []
+        for text in texts:
             ids = [SOT_TOKEN] + self.encode(text) + [EOT_TOKEN]
             if len(ids) > context_length:
                 ids = ids[:context_length]
                 ids[-1] = EOT_TOKEN
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
+            rows.append(ids + [0] * (context_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).view(len(texts), context_length)  # [N, L], one tensor built
 
 
 @lru_cache(maxsize=1)
