@@ -80,6 +80,8 @@ def test_bench_data_cli_smoke(tmp_path, capsys):
                 "1",
                 "--repeats",
                 "1",
+                "--rounds",
+                "1",
                 "--json",
                 str(out),
                 "--size",
@@ -95,6 +97,8 @@ def test_bench_data_cli_smoke(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "cores per GPU needed at 8000 pairs/s" in text and "[256-px JPEGs]" in text and "[voc JPEGs]" in text
+    assert "cores per GPU needed at 8000 pairs/s" in text and "medians of 1 alternating rounds" in text
+    for case in ("voc", "256-px", "256-px-mosaic"):
+        assert f"[{case} JPEGs, " in text and " bits/pixel] stages: decode " in text, case
     assert "device half on cpu, ms per batch of 4 VOC crops: copy" in text and "kB/sample shipped" in text
     assert Path(out).is_file()
