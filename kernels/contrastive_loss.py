@@ -113,36 +113,100 @@ def _log2(x, FAST: tl.constexpr):
         return tl.log2(x)
 
 
-@triton.jit
-def _fwd_stats(r, m_i, l_i, s2, col_ok, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
-    """One tile of raw cosines ``r [BM, BN]`` (``MASKED``: ``-inf`` outside B x M, ``col_ok`` the valid columns):
-    the online row max / sum and the base-2 column LSE over the tile's rows, from ONE exponential per logit.
+# Base-2 logits ``x = s2 r`` (s2 = s log2 e) are summed relative to one anchor per launch, ``a2 = max(s2 -
+# _ANCHOR, 0)``: unit vectors have |x| <= s2, so every term is <= 2^_ANCHOR and no running max is needed, and the
+# exponent ``x - a2`` is rounded no coarser than the eager reference's fp32 logits (a2 = 0 up to s = 69). A sum is
+# exact when its log2 lies in [_WIN_LO, _WIN_HI] relative to a2: below, terms flushed to zero (< 2^-126, up to 2^24
+# of them) could matter (relative error <= 2^-24); above, a sum could overflow fp32 (non-unit inputs). Outside the
+# window the kernel recomputes that sum exactly with a max (rare: at s = 100, unit vectors, a text whose best
+# cosine over a 256-image tile is below -0.23).
+_ANCHOR = tl.constexpr(100.0)
+_WIN_LO = tl.constexpr(-78.0)
+_WIN_HI = tl.constexpr(126.0)
 
-    ``p = exp2(s2 r - tm2_i)`` with the tile's scaled row maxima ``tm2`` (the scale ``s2 = s log2 e > 0`` sits in
-    the exponent: one FFMA) gives the row sums; the column sums reuse it through the rank-1 factor
-    ``exp2(tm2_i - cm2_j) = u_i v_j`` (``u_i = exp2(tm2_i - T2) <= 1`` with the tile max ``T2``, ``v_j =
-    exp2(T2 - cm2_j)``): ``cl_j = v_j sum_i p_ij u_i = sum_i exp2(s2 r_ij - cm2_j)``, anchored at the column max
-    ``cm2_j`` as an exact two-pass LSE would be. A column far below the tile max (``cm2_j < T2 - 60``: never at
-    s <= 20 for unit vectors, rare tiles at s = 100) would underflow there: such a tile takes the second
-    exponential instead."""
-    tm = tl.max(r, 1)  # [BM]
-    cm = tl.max(r, 0)  # [BN]
-    m_new = tl.maximum(m_i, tm)
-    if MASKED:  # all-masked rows / columns: shift by 0, not -inf (no NaN)
-        tm = tl.where(tm == float("-inf"), 0.0, tm)
-        cm = tl.where(cm == float("-inf"), 0.0, cm)
-        m_new_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new_s = m_new
-    tm2, cm2 = tm * s2, cm * s2
-    p = tl.exp2(r * s2 - tm2[:, None])  # [BM, BN] in [0, 1]
-    l_i = l_i * tl.exp2((m_i - m_new_s) * s2) + tl.exp2(tm2 - m_new_s * s2) * tl.sum(p, 1)
-    t2 = tl.max(tm2, 0)
-    if tl.min(tl.where(col_ok, cm2 - t2, 0.0), 0) < -60.0:
-        cl = tl.sum(tl.exp2(r * s2 - cm2[None, :]), 0)
-    else:
-        cl = tl.sum(p * tl.exp2(tm2 - t2)[:, None], 0) * tl.exp2(t2 - cm2)
-    return m_new, l_i, cm2 + _log2(tl.maximum(cl, 1.0), FAST_LOG)  # a column's own max adds 1: cl >= 1
+
+@triton.jit
+def _out_of_window(lg, ok):
+    """Whether some valid (``ok``) base-2 log-sum ``lg`` (relative to the anchor) lies outside the window."""
+    dev = tl.where(ok, tl.abs(lg - 0.5 * (_WIN_LO + _WIN_HI)), 0.0)
+    return tl.max(dev, 0) > 0.5 * (_WIN_HI - _WIN_LO)
+
+
+@triton.jit
+def _cosines(bt, at, txt_ok, img_ok, MASKED: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``[BN, BM]`` cosines (texts x images) of a text tile and the resident image tile; ``MASKED``: ``-inf``
+    outside the valid texts and images."""
+    r = tl.dot(bt, at, input_precision=PRECISION, out_dtype=ACC)
+    if MASKED:
+        r = tl.where(txt_ok[:, None] & img_ok[None, :], r, float("-inf"))
+    return r
+
+
+@triton.jit
+def _fwd_tile(
+    bt,
+    at,
+    l2d,
+    s2,
+    a2,
+    txt_ok,
+    img_ok,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
+    """Text tile ``bt [BN, BD]`` x resident images ``at [BD, BM]``: ``p = exp2(s2 r - a2)`` (one FFMA + one MUFU
+    per logit) is added to the image partials ``l2d [BN, BM]`` (reduced over texts once, after the loop) and summed
+    over the images (the cheap direction of the tensor-core layout) into each text's base-2 LSE over the tile."""
+    p = tl.exp2(_cosines(bt, at, txt_ok, img_ok, MASKED, PRECISION, ACC) * s2 - a2)
+    l2d += p
+    lc = _log2(tl.sum(p, 1), FAST_LOG)  # [BN], relative to a2
+    if _out_of_window(lc, txt_ok):  # rare: exact LSE with each text's max (the dot again: no live copy of r)
+        r = _cosines(bt, at, txt_ok, img_ok, MASKED, PRECISION, ACC)
+        cm = tl.max(r, 1) * s2
+        if MASKED:
+            cm = tl.where(txt_ok, cm, 0.0)
+        lc = cm - a2 + _log2(tl.sum(tl.exp2(r * s2 - cm[:, None]), 1), FAST_LOG)
+    return l2d, a2 + lc
+
+
+@triton.jit
+def _rows_exact(
+    at,
+    txt_ptr,
+    s2,
+    img_ok,
+    t0,
+    t1,
+    M,
+    stride_t,
+    d_ok,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
+    """Base-2 row LSEs over the text tiles ``[t0, t1)``, exactly (a max pass, then a sum pass): the rare fallback
+    when a row sum of the anchored pass left the window."""
+    offs_n = tl.arange(0, BLOCK_N)
+    b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    for t in range(t0, t1):
+        txt_ok = t * BLOCK_N + offs_n < M
+        bt = _load(txt_ptr + tl.cast(t, tl.int64) * BLOCK_N * stride_t + b_offs, txt_ok, d_ok, True, EVEN_D, UPCAST)
+        m = tl.maximum(m, tl.max(_cosines(bt, at, txt_ok, img_ok, True, PRECISION, ACC), 0))
+    m = tl.where(img_ok, m, 0.0) * s2
+    l = tl.zeros([BLOCK_M], ACC)
+    for t in range(t0, t1):
+        txt_ok = t * BLOCK_N + offs_n < M
+        bt = _load(txt_ptr + tl.cast(t, tl.int64) * BLOCK_N * stride_t + b_offs, txt_ok, d_ok, True, EVEN_D, UPCAST)
+        l += tl.sum(tl.exp2(_cosines(bt, at, txt_ok, img_ok, True, PRECISION, ACC) * s2 - m[None, :]), 0)
+    return m + _log2(tl.where(img_ok, l, 1.0), FAST_LOG)
 
 
 @triton.jit
@@ -167,59 +231,72 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,
     FAST_LOG: tl.constexpr,
+    FIX_ROWS: tl.constexpr,
 ):
     """Program (row tile, column split): base-2 row LSE over the split -> ``row_part[split, rows]``; base-2
     column LSE over the row tile of every visited column tile -> ``col_part[row_tile, cols]``. The image tile
-    stays resident; full tiles of a full row tile run without masks, the ragged ones after them."""
+    stays resident as the dot's second operand: tiles are ``[texts, images]``, so the per-tile column LSEs reduce
+    along the cheap (in-thread) axis and the row sums accumulate in registers, reduced once after the loop. Full
+    tiles of a full row tile run without masks, the ragged ones after them. ``FIX_ROWS``: the second launch,
+    which recomputes exactly the row LSEs of the first that left the anchor's window (a separate launch keeps the
+    rare fallback's registers out of the main kernel)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D) < D
     row_ok = rows < B
-    a = _load(
-        img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D),
-        row_ok,
-        d_ok,
-        True,
-        EVEN_D,
-        UPCAST,
-    )
+    img_ptrs = img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D)
     s2 = tl.load(scale2_ptr)  # s * log2(e) > 0
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], ACC)
+    a2 = tl.maximum(s2 - _ANCHOR, 0.0)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_col_tiles)
-    t_fast = tl.where((pid_m + 1) * BLOCK_M <= B, tl.maximum(tl.minimum(t1, M // BLOCK_N), t0), t0)
-    b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
-    b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
-    c_base = col_part_ptr + pid_m.to(tl.int64) * M + t0 * BLOCK_N
-    for _ in range(t0, t_fast):  # full tiles: no masks
-        r = tl.dot(
-            a,
-            tl.trans(_load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)),
-            input_precision=PRECISION,
-            out_dtype=ACC,
-        )  # [BM, BN] cosines
-        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, offs_n >= 0, False, FAST_LOG)
-        tl.store(c_base + offs_n, cpart)
-        b_base += BLOCK_N * stride_t
-        c_base += BLOCK_N
-    for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
-        col_ok = t * BLOCK_N + offs_n < M
-        r = tl.dot(
-            a,
-            tl.trans(_load(b_base + b_offs, col_ok, d_ok, True, EVEN_D, UPCAST)),
-            input_precision=PRECISION,
-            out_dtype=ACC,
-        )
-        r = tl.where(row_ok[:, None] & col_ok[None, :], r, float("-inf"))
-        m_i, l_i, cpart = _fwd_stats(r, m_i, l_i, s2, col_ok, True, FAST_LOG)
-        tl.store(c_base + offs_n, cpart, mask=col_ok)
-        b_base += BLOCK_N * stride_t
-        c_base += BLOCK_N
-    l_i = tl.where(row_ok, l_i, 1.0)  # padded rows: no log2(0)
-    tl.store(row_part_ptr + pid_s.to(tl.int64) * B + rows, m_i * s2 + tl.log2(l_i), mask=row_ok)
+    part_ptrs = row_part_ptr + pid_s.to(tl.int64) * B + rows
+    if FIX_ROWS:  # second launch: rows whose anchored sum left the window (rare) are recomputed exactly
+        lr = tl.load(part_ptrs, mask=row_ok, other=0.0)
+        if _out_of_window(lr - a2, row_ok):
+            at = tl.trans(_load(img_ptrs, row_ok, d_ok, True, EVEN_D, UPCAST))  # [BD, BM]
+            lr = _rows_exact(
+                at,
+                txt_ptr,
+                s2,
+                row_ok,
+                t0,
+                t1,
+                M,
+                stride_t,
+                d_ok,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+                EVEN_D,
+                UPCAST,
+                PRECISION,
+                ACC,
+                FAST_LOG,
+            )
+            tl.store(part_ptrs, lr, mask=row_ok)
+    else:
+        at = tl.trans(_load(img_ptrs, row_ok, d_ok, True, EVEN_D, UPCAST))  # [BD, BM], resident
+        l2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)  # per-thread partial row sums
+        t_fast = tl.where((pid_m + 1) * BLOCK_M <= B, tl.maximum(tl.minimum(t1, M // BLOCK_N), t0), t0)
+        b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
+        b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
+        c_base = col_part_ptr + pid_m.to(tl.int64) * M + t0 * BLOCK_N
+        for _ in range(t0, t_fast):  # full tiles: no masks
+            bt = _load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)
+            l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, offs_n >= 0, row_ok, False, PRECISION, ACC, FAST_LOG)
+            tl.store(c_base + offs_n, cpart)
+            b_base += BLOCK_N * stride_t
+            c_base += BLOCK_N
+        for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
+            txt_ok = t * BLOCK_N + offs_n < M
+            bt = _load(b_base + b_offs, txt_ok, d_ok, True, EVEN_D, UPCAST)
+            l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, txt_ok, row_ok, True, PRECISION, ACC, FAST_LOG)
+            tl.store(c_base + offs_n, cpart, mask=txt_ok)
+            b_base += BLOCK_N * stride_t
+            c_base += BLOCK_N
+        tl.store(part_ptrs, a2 + _log2(tl.sum(l2d, 0), FAST_LOG), mask=row_ok)
 
 
 @triton.jit
@@ -684,6 +761,7 @@ def _bwd_cols_kernel(
 # cores; tests/test_kernel_report.py gates a subset in CI. Shared memory is dominated by the resident whole-D operand
 # tile plus one tile per pipeline stage; _fits() prunes by that estimate against the device's per-block limit.
 _SMEM_SLACK = 8 * 1024  # reduction scratch and barriers beside the operand tiles
+_FIX_WARPS = 8  # the forward's second launch (FIX_ROWS): not autotuned, it is rare work
 # backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by (Hopper or later, element size); fp32 runs as tf32
 _BWD_ROWS = {
     (True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)),
@@ -846,24 +924,10 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     n_split = triton.cdiv(n_col, per_split)
     row_part = torch.empty(n_split, b, device=image.device, dtype=cd)  # [S, B]
     col_part = torch.empty(n_row, m, device=image.device, dtype=cd)  # [B/BM, M]
-    _fwd_launch[(n_row, n_split)](
-        image,
-        text,
-        scale2,
-        row_part,
-        col_part,
-        b,
-        m,
-        d,
-        image.stride(0),
-        text.stride(0),
-        n_col,
-        per_split,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        FAST_LOG=not INTERPRET and cd == torch.float32,
-        **consts,
-    )
+    args = (image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split)
+    consts.update(BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=not INTERPRET and cd == torch.float32)
+    _fwd_launch[(n_row, n_split)](*args, FIX_ROWS=False, **consts)
+    _fwd_kernel[(n_row, n_split)](*args, FIX_ROWS=True, num_warps=_FIX_WARPS, **consts)  # usually exits at once
     return _lse2(row_part), _lse2(col_part)
 
 
@@ -1119,10 +1183,11 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
         n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
         per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_row))))
         n_split = triton.cdiv(n_col, per_split)
-        for w, st in _fwd_configs(block_d, es, smem):
+        fwd_runs = [("fwd", w, st, False) for w, st in _fwd_configs(block_d, es, smem)]
+        for kname, w, st, fix in fwd_runs + [("fwd_fix", _FIX_WARPS, 1, True)]:  # fwd_fix: rows-only fallback
             out.append(
                 Variant(
-                    kernel="fwd",
+                    kernel=kname,
                     fn=_fwd_kernel,
                     num_warps=w,
                     num_stages=st,
@@ -1143,11 +1208,12 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                         BLOCK_M=bm,
                         BLOCK_N=bn,
                         FAST_LOG=acc == tl.float32,
+                        FIX_ROWS=fix,
                         **consts,
                     ),
-                    flops=2.0 * b * m * d,
-                    bytes=(b + m) * d * es + 4.0 * (n_split * b + n_row * m),
-                    logits_per_iter=bm * bn,
+                    flops=0.0 if fix else 2.0 * b * m * d,
+                    bytes=4.0 * n_split * b if fix else (b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                    logits_per_iter=0 if fix else bm * bn,
                     config=f"BM={bm} BN={bn} w{w} s{st}",
                     **case,
                 )
