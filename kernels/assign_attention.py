@@ -6,8 +6,9 @@ hard mode takes the one-hot argmax (ties -> lowest ``g``) with the straight-thro
 ``O = (A @ V) / (sum_n A + eps)``.
 
 Layout of this file: ``@triton.jit`` kernels -> launchers (validate, allocate on ``q.device``, grid, launch) ->
-autograd (two ``torch.library.custom_op`` s, forward and backward, tied by ``register_autograd``; opaque to
-``torch.compile``, which cannot trace an interpreter launch) -> public :func:`assign_attention`.
+autograd (``torch.library.custom_op`` s: the seed draw, forward and backward, the last two tied by
+``register_autograd``; each one opaque node to ``torch.compile``, so the public op traces as one graph, no break)
+-> public :func:`assign_attention`.
 
 Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README "Kernels"):
 
@@ -27,9 +28,9 @@ Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README 
   :func:`gumbel_noise` materialises the very same stream for the eager reference.
 * A NaN logit makes its token's assignment NaN in every group (hard mode too), as in the reference.
 * Precision: compute dtype fp32 (fp64 for fp64 inputs, exact "ieee" dots, so ``gradcheck`` works). fp16/bf16 feed
-  the tensor cores natively; fp32 runs on them too: ``tf32x3`` (about fp32 accuracy) under
-  ``torch.get_float32_matmul_precision() == "highest"``, else ``tf32``; never FMA. Under the interpreter bf16 is
-  upcast right after every load (its bf16 dot is broken) and every dot is exact.
+  the tensor cores natively; fp32 runs on them too, at ``tf32`` whatever ``torch.get_float32_matmul_precision()``
+  says (see :func:`_types`); never FMA. Under the interpreter bf16 is upcast right after every load (its bf16 dot
+  is broken) and every dot is exact.
 """
 
 from __future__ import annotations
@@ -811,13 +812,35 @@ def _check_launchable(device: torch.device, what: str) -> None:
 _STREAM_BLOCK = 1 << 16 if INTERPRET else 1024  # elements per program of the noise/bits materialisers
 
 
-@torch.compiler.disable  # run eagerly under torch.compile (a graph break), so compiled and eager draw the same seed
+@torch.library.custom_op(
+    "groupvit_kernels::assign_attention_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _seed_op(like: Tensor) -> Tensor:
+    """A fresh Philox seed as a CPU int64 ``[1]`` tensor in ``[0, 2**31 - 1)``, from torch's default CPU generator
+    whatever ``like``'s device (so ``torch.manual_seed`` governs it and a CUDA call needs no host-device sync).
+    ``like`` (the call's q) is not read: it ties the draw to its call, so that a compiled graph orders the draws of
+    successive calls by their data dependencies and never merges two of them. A custom op (one graph node, run
+    eagerly by every torch.compile backend): compiled and eager runs draw the same seeds."""
+    del like
+    return torch.randint(0, 2**31 - 1, (1,))
+
+
+@_seed_op.register_fake
+def _seed_fake(like):
+    return torch.empty((1,), dtype=torch.int64)
+
+
 def draw_seed(device: torch.device | str | None = None) -> int:
-    """A fresh Philox seed in ``[0, 2**31 - 1)`` for one kernel call, drawn from torch's default CPU generator for
-    every ``device`` (so ``torch.manual_seed`` governs it and a CUDA call needs no host-device sync).
-    :func:`assign_attention` with in-kernel noise draws exactly one seed per call this way and uses offset 0."""
+    """The seed :func:`assign_attention` draws for its next call with in-kernel noise (offset 0), as an int: the
+    same draw from torch's default CPU generator for every ``device``. ``gumbel_noise(draw_seed(), 0, shape)``
+    after the same ``torch.manual_seed`` is therefore that call's noise."""
     del device  # same generator for every device, see docstring
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return _host_seed(_seed_op(torch.empty(0)))
+
+
+def _host_seed(seed: Optional[Tensor]) -> int:
+    """The seed a kernel launch takes: the CPU ``[1]`` tensor's value (a host read, no device sync), 0 for None."""
+    return 0 if seed is None else int(seed[0])
 
 
 def gumbel_noise(seed: int, offset: int, shape: tuple[int, int, int], device: torch.device | str) -> Tensor:
@@ -852,7 +875,7 @@ def philox_bits(seed: int, offset: int, numel: int, device: torch.device | str) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd: forward/backward custom ops (opaque to torch.compile) tied by register_autograd
+# Autograd: forward/backward custom ops (one node each under torch.compile) tied by register_autograd
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -862,7 +885,7 @@ def _fwd_op(
     k: Tensor,
     v: Tensor,
     noise: Optional[Tensor],
-    seed: int,
+    seed: Optional[Tensor],
     offset: int,
     tau: float,
     hard: bool,
@@ -870,7 +893,7 @@ def _fwd_op(
     eps: float,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    return _launch_fwd(q, k, v, noise, seed, offset, tau, hard, noise_mode, eps, scale)
+    return _launch_fwd(q, k, v, noise, _host_seed(seed), offset, tau, hard, noise_mode, eps, scale)
 
 
 @_fwd_op.register_fake
@@ -887,7 +910,7 @@ def _bwd_op(
     out: Tensor,
     d: Tensor,
     noise: Optional[Tensor],
-    seed: int,
+    seed: Optional[Tensor],
     offset: int,
     tau: float,
     hard: bool,
@@ -895,7 +918,7 @@ def _bwd_op(
     eps: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch_bwd(dout, q, k, v, out, d, noise, seed, offset, tau, hard, noise_mode, eps, scale)
+    return _launch_bwd(dout, q, k, v, out, d, noise, _host_seed(seed), offset, tau, hard, noise_mode, eps, scale)
 
 
 @_bwd_op.register_fake
@@ -904,16 +927,16 @@ def _bwd_fake(dout, q, k, v, out, d, noise, seed, offset, tau, hard, noise_mode,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, noise, *params = inputs
+    q, k, v, noise, seed, *params = inputs
     out, d = output
     ctx.mark_non_differentiable(d)
-    ctx.save_for_backward(q, k, v, out, d, noise)  # no [B,G,N] tensor except a user-given noise
-    ctx.params = params  # seed, offset, tau, hard, noise_mode, eps, scale (Python scalars)
+    ctx.save_for_backward(q, k, v, out, d, noise, seed)  # no [B,G,N] tensor except a user-given noise
+    ctx.params = params  # offset, tau, hard, noise_mode, eps, scale (Python scalars)
 
 
 def _backward(ctx, dout: Tensor, _dd: Tensor):
-    q, k, v, out, d, noise = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, d, noise, *ctx.params)
+    q, k, v, out, d, noise, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, d, noise, seed, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -1021,12 +1044,13 @@ def assign_attention(
     if not (q.dtype == k.dtype == v.dtype):
         q, k, v = q.to(common), k.to(common), v.to(common)
     s = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    seed = None
     if noise is not None:
-        mode, seed, noise = NOISE_TENSOR, 0, noise.detach().contiguous()
+        mode, noise = NOISE_TENSOR, noise.detach().contiguous()
     elif gumbel:
-        mode, seed = NOISE_PHILOX, draw_seed(q.device)
+        mode, seed = NOISE_PHILOX, _seed_op(q)  # a graph node under torch.compile, no break
     else:
-        mode, seed = NOISE_OFF, 0
+        mode = NOISE_OFF
     out, _ = _fwd_op(q, k, v, noise, seed, 0, float(tau), bool(hard), mode, float(eps), s)
     return out.to(out_dtype)
 

@@ -382,7 +382,7 @@ def test_fp32_backward_too_large_for_shared_memory_says_how_to_fix(monkeypatch):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager(device):
-    """A compiled function around the op (custom_op: opaque to dynamo; draw_seed runs eagerly) gives the same
+    """A compiled function around the op (custom ops, the seed draw included: run eagerly) gives the same
     output and gradients as eager under the same torch.manual_seed, training mode included."""
     (q, k, v), _ = SPEC.make_inputs(SPEC.case("g8-n37-c40"), torch.float32, device, 0)
 
@@ -399,6 +399,36 @@ def test_torch_compile_matches_eager(device):
     assert_close(got, want, atol=0.0, rtol=1e-6, name="loss")
     for name, a, b in zip(("dq", "dk", "dv"), g_got, g_want):
         assert_close(a, b, atol=1e-6, rtol=1e-6, name=name)
+
+
+@pytest.mark.parametrize("gumbel", [True, False], ids=["train", "eval"])
+def test_traced_by_dynamo_without_graph_breaks(gumbel, device):
+    """The whole op (validation, the seed draw, forward and backward custom ops) is one graph for torch.compile:
+    ``torch._dynamo.explain`` finds no break (backend "eager": no inductor cost on CPU). A compiled-with-fullgraph
+    call then gives eager's output and gradients for the same torch.manual_seed: the seed is the same draw."""
+    (q, k, v), _ = SPEC.make_inputs(SPEC.case("odd-7x13x24"), torch.float32, device, 2)
+
+    def f(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return aa.assign_attention(q * 1.5, k, v, gumbel=gumbel, tau=0.5)
+
+    torch._dynamo.reset()
+    q_ = q.detach().clone().requires_grad_()
+    ex = torch._dynamo.explain(f)(q_, k, v)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason)[:300] for r in ex.break_reasons]
+    dout = torch.randn_like(q)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.manual_seed(11)
+    got, g_got = _run(compiled, q, k, v, dout)
+    torch.manual_seed(11)
+    want, g_want = _run(f, q, k, v, dout)
+    torch.manual_seed(11)
+    other, _ = _run(f, q, k, v, dout)
+    assert torch.equal(got, want) and torch.equal(other, want)
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+    if gumbel:  # the test can fail: a different seed gives different noise, and so a different output
+        torch.manual_seed(12)
+        assert not torch.equal(f(q, k, v), want)
 
 
 def test_ops_switch_kernel_noise_parity(device):

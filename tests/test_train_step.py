@@ -189,7 +189,7 @@ _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 # Host-side code that reads CPU tensors only, never device memory: the text plan of the loader's CPU batch (checked
 # below to receive exactly that tensor), the Philox seed of the CPU generator, and the Triton interpreter itself
 # (the CPU stand-in for a GPU launch).
-_HOST_SIDE = ("plan", "draw_seed")
+_HOST_SIDE = ("plan", "draw_seed", "_host_seed")
 
 
 def _count_reads(monkeypatch, opt: torch.optim.Optimizer) -> list[str]:

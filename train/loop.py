@@ -211,10 +211,8 @@ def compile_forward_loss(
 ) -> Callable[..., dict[str, torch.Tensor]]:
     """:func:`forward_loss` under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs), the text plan's group
     sizes marked dynamic (:meth:`groupvit.model.TextPlan.mark_dynamic`). The fused kernels are custom ops (one node
-    each). With the eager backend it is one graph; the breaks left with triton are host reads in the assignment
-    op's Python wrapper: the Philox seed draw (:func:`kernels.assign_attention.draw_seed`, a CPU-generator read kept
-    eager so compiled and eager runs draw the same seeds) and its matmul-precision lookup; in distributed runs DDP
-    also splits the graph at its gradient buckets."""
+    each; the assignment's Philox seed draw too, run eagerly, so compiled and eager runs draw the same seeds): one
+    graph with either backend; in distributed runs DDP splits the graph at its gradient buckets."""
     compiled = torch.compile(forward_loss, mode=mode, backend=backend, fullgraph=fullgraph)
 
     def run(
