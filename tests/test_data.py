@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from groupvit.tokenizer import EOT_TOKEN, SOT_TOKEN, get_tokenizer, tokenize
-from train.data import DataStats, build_train_loader, expand_urls, write_shards
+from train.data import DataStats, _local_tar_samples, build_train_loader, expand_urls, write_shards
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NLTK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nltk_data"
@@ -284,3 +284,51 @@ def test_cli_names_a_shard_pattern_that_matches_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert "data.train_shards: build_train_loader: no shard of pattern" in err and "globbed" in err
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_local_tar_reader_groups_as_webdataset(tmp_path, fmt):
+    """The loader's own reader of local shards gives webdataset's samples (webdataset is the oracle): long names
+    (pax / GNU / ustar prefix), dotted folders, upper-case extensions, folders, links and __meta__ members."""
+    import webdataset as wds
+
+    deep = "d" * 60 + "/" + "e" * 70  # > 100 characters: a pax or GNU long name, or a ustar prefix
+    members = [
+        ("__info__/x.json", b"{}"),
+        ("a.b/k1.jpg", b"\xff\xd8" * 300),
+        ("a.b/k1.TXT", b"one"),
+        (f"{deep}/k2.png", b"png" * 1000),
+        (f"{deep}/k2.txt", b"two"),
+        ("k3.nouns.json", b"[]"),
+        ("k3.txt", b""),
+        ("noext", b"x"),
+    ]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        d = tarfile.TarInfo("folder.dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k3.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "k3.txt"
+        tf.addfile(link)
+    want = list(wds.tariterators.tarfile_samples([{"url": str(path)}]))
+    got = list(_local_tar_samples(str(path)))
+    assert got == want and [g["__key__"] for g in got] == ["a.b/k1", f"{deep}/k2", "k3"]
+    assert set(got[0]) == {"__key__", "__url__", "jpg", "txt"} and got[2]["nouns.json"] == b"[]"
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    with pytest.raises(tarfile.ReadError, match="empty file"):
+        list(_local_tar_samples(str(empty)))
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar file at all" * 40)
+    with pytest.raises(tarfile.ReadError, match="bad tar header at byte 0"):
+        list(_local_tar_samples(str(bad)))
+    data = bytearray(path.read_bytes())
+    data[512] ^= 1  # the second header's name: its checksum no longer matches
+    bad.write_bytes(bytes(data))
+    with pytest.raises(tarfile.ReadError, match="bad tar header at byte 512"):
+        list(_local_tar_samples(str(bad)))

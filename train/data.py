@@ -58,6 +58,7 @@ import logging
 import os
 import random
 import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -247,6 +248,85 @@ def _shuffled(items: Iterator[Any], bufsize: int, rng: random.Random, initial: i
     yield from buf
 
 
+_TAR_REGULAR = (b"0", b"\0", b"7")  # regular file types (tarfile.REGULAR_TYPES less GNU sparse)
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata members
+_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / extension split
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith(("pipe:", "file:"))
+
+
+def _local_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of a local tar shard, as webdataset's ``tarfile_samples`` groups them (consecutive members
+    with the same key → ``{"__key__", "__url__", ext: bytes}``; ustar prefixes, pax and GNU long names; directories,
+    links and ``__*__`` members skipped) at a fraction of the cost of tarfile's stream mode. Damage raises
+    ``tarfile.ReadError`` after the samples before it were yielded."""
+    sample: dict[str, Any] | None = None
+    try:
+        for name, data in _local_tar_members(path):
+            match = _TAR_KEY.match(name)
+            if _TAR_META.match(name) or match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if sample is not None and sample["__key__"] != key:
+                yield sample
+                sample = None
+            if sample is None:
+                sample = {"__key__": key, "__url__": path}
+            if ext in sample:
+                raise tarfile.ReadError(f"{path}: {name}: duplicate file name in the shard")
+            sample[ext] = data
+    except Exception:
+        if sample is not None:
+            yield sample  # complete or partial, as webdataset would: the filters downstream judge it
+        raise
+    if sample is not None:
+        yield sample
+
+
+def _local_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of a local tar file's regular members."""
+    long_name: str | None = None
+    with open(path, "rb") as f:
+        while True:
+            hdr = f.read(512)
+            if not hdr and f.tell() == 0:
+                raise tarfile.ReadError(f"{path}: empty file")
+            if not hdr or hdr == bytes(512):
+                break  # end of the archive
+            if len(hdr) < 512:
+                raise tarfile.ReadError(f"{path}: unexpected end of data in a member header")
+            try:
+                size, kind = tarfile.nti(hdr[124:136]), hdr[156:157]
+                ok = tarfile.nti(hdr[148:156]) == sum(hdr[:148]) + 256 + sum(hdr[156:])  # checksum field as spaces
+            except tarfile.HeaderError:  # not octal numbers
+                ok = False
+            if not ok:
+                raise tarfile.ReadError(f"{path}: bad tar header at byte {f.tell() - 512}")
+            data = f.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"{path}: unexpected end of data in a member")
+            f.seek(-size % 512, 1)
+            if kind == b"x":  # pax header: records "<len> key=value\n"; "path" names the next member
+                pos = 0
+                while pos < len(data):
+                    n = int(data[pos : data.index(b" ", pos)])
+                    key, _, val = data[data.index(b" ", pos) + 1 : pos + n - 1].partition(b"=")
+                    long_name = val.decode("utf-8") if key == b"path" else long_name
+                    pos += n
+                continue
+            if kind == b"L":  # GNU long name
+                long_name = tarfile.nts(data, "utf-8", "surrogateescape")
+                continue
+            name = long_name or tarfile.nts(hdr[:100], "utf-8", "surrogateescape")
+            if long_name is None and hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = tarfile.nts(hdr[345:500], "utf-8", "surrogateescape") + "/" + name
+            long_name = None
+            if kind in _TAR_REGULAR:
+                yield name, data
+
+
 def _why_undecodable(exn: Exception) -> str:
     """One line on a decoder failure, without PIL's ``<_io.BytesIO object at 0x...>`` stand-in for the file."""
     msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(exn))[:200]
@@ -331,8 +411,7 @@ class _ShardStream(IterableDataset):
             st = problems.stats
             before = st.samples - st.missing_images - st.missing_captions - st.empty_captions
             problems.failed_urls = set()
-            raw = wds.tariterators.tarfile_samples(self._urls(mine, problems), handler=problems.shard_handler)
-            for i, sample in enumerate(raw):
+            for i, sample in enumerate(self._shard_samples(mine, problems)):
                 if split_shards or i % n_consumers == consumer:
                     st.samples += 1
                     yield sample  # the caption filter downstream counts it synchronously
@@ -347,10 +426,19 @@ class _ShardStream(IterableDataset):
             cycle += 1
 
     @staticmethod
-    def _urls(urls: list[str], problems: _Problems) -> Iterator[dict[str, str]]:
-        for u in urls:  # pulled lazily: the next url is requested only once the previous shard is finished
+    def _shard_samples(urls: list[str], problems: _Problems) -> Iterator[dict[str, Any]]:
+        """The shards' samples in order; a shard that cannot be read to the end is counted (``shard_errors``) after
+        its samples before the damage. Local files: :func:`_local_tar_samples`; other urls (``pipe:``, ``http://``,
+        ...): webdataset's reader."""
+        for u in urls:
             problems.current_url = u
-            yield {"url": u}
+            if not _is_local(u):
+                yield from wds.tariterators.tarfile_samples([{"url": u}], handler=problems.shard_handler)
+                continue
+            try:
+                yield from _local_tar_samples(u)
+            except Exception as exn:  # noqa: BLE001 - a damaged or missing shard is bad data, counted
+                problems.shard_handler(exn)
 
     @staticmethod
     def _with_caption(
