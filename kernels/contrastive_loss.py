@@ -363,6 +363,9 @@ def _rows_loop(
             pos = ((jj >= first) & (jj < first + K)).to(ACC)
             gx -= pos * (roww / K + cw[None, :])
             p -= pos / K
+            ok = (cols < M)[None, :]  # padded columns: x = 0 gives P_row = 2^-r2, inf when r2 < -128
+            gx = tl.where(ok, gx, 0.0)
+            p = tl.where(ok, p, 0.0)
         rs += tl.sum(p * r, 1)
         acc = tl.dot(gx.to(bt.dtype), bt, acc, input_precision=PRECISION, out_dtype=ACC)
         b_base += BLOCK_N * stride_t
@@ -581,6 +584,9 @@ def _cols_loop(
             pos = ((jj >= first) & (jj < first + K) & (rows < B)[None, :]).to(ACC)
             gx -= pos * (roww / K + cw[:, None])
             p -= pos
+            ok = (rows < B)[None, :]  # padded rows: x = 0 gives P_col = 2^-c2, inf when c2 < -128
+            gx = tl.where(ok, gx, 0.0)
+            p = tl.where(ok, p, 0.0)
         cs += tl.sum(p * rt, 1)
         acc = tl.dot(gx.to(a.dtype), a, acc, input_precision=PRECISION, out_dtype=ACC)
         a_base += BLOCK_M * stride_i
@@ -787,14 +793,14 @@ def _fits(resident: int, moving: int, stages: int, block_d: int, elsize: int, sm
 
 
 def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
-    """Forward ``(BLOCK_M, BLOCK_N)``: the largest row tile (<= 256) whose resident image tile and one text tile fit
-    ``smem``. 16-bit at D = 256: 256 x 64 on sm_90 (column partials ``4 B M / 256`` bytes: 50 MB at B = 32768,
-    K = 3), 128 x 64 on sm_80 (163 KB)."""
-    bn = 64 if elsize <= 4 else 32
-    bm = 256
-    while bm > 16 and not _fits(bm, bn, 1, block_d, elsize, smem):
-        bm //= 2
-    return bm, bn
+    """Forward ``(BLOCK_M, BLOCK_N)``: the largest resident image tile (<= 256 rows; the column partials take
+    ``4 B M / BLOCK_M`` bytes), then the largest text tile, that fit ``smem``. 16-bit at D = 256: 256 x 64 on sm_90,
+    256 x 32 on sm_80 (163 KB): 50 MB of partials at B = 32768, K = 3."""
+    for bm in (256, 128, 64, 32, 16):
+        for bn in (64, 32) if elsize <= 4 else (32, 16):
+            if _fits(bm, bn, 1, block_d, elsize, smem):
+                return bm, bn
+    return 16, 16
 
 
 def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
