@@ -687,8 +687,9 @@ def _launch(
         ) from e
 
 
-def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks) -> int:
-    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), arch=_arch()), **(blocks or {})}
+def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, noise_mode: int) -> int:
+    """Programs per image as :func:`_launch` will pick them (same config: the token tile depends on the noise mode)."""
+    cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode, _arch()), **(blocks or {})}
     return _split(n, cfg)[0]
 
 
@@ -732,7 +733,7 @@ def _launch_fwd(
     d = torch.empty((b, g), dtype=cdt, device=q.device) if d is None else d
     if b == 0:
         return out, d
-    splits = _splits(b, g, n, c, q.dtype, False, blocks)
+    splits = _splits(b, g, n, c, q.dtype, False, blocks, noise_mode)
     common = (seed, offset, tau, hard, noise_mode, eps, scale)
     nz = noise if noise is not None else q
     if splits == 1:
@@ -772,7 +773,7 @@ def _launch_bwd(
     if b == 0:
         return dq, dk, dv
     dout = dout.contiguous()
-    splits = _splits(b, g, n, c, q.dtype, True, blocks)
+    splits = _splits(b, g, n, c, q.dtype, True, blocks, noise_mode)
     common = (seed, offset, tau, hard, noise_mode, eps, scale)
     nz = noise if noise is not None else q
     if splits == 1:

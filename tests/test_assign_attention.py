@@ -303,6 +303,24 @@ def test_poisoned_outputs_and_block_invariance(c, blocks, device):
         assert_close(view, r, atol=1e-5, rtol=1e-5, name=name)
 
 
+def test_token_split_follows_the_noise_mode(device, monkeypatch):
+    """The token split depends on the launch config, which depends on the noise mode (on a GPU an explicit noise
+    tensor halves the backward's token tile, so small batches get two programs per image): the launcher must size
+    its partial-sum buffers from the same config as the launch, else two programs write the output (or dq) of one
+    image and half of its tokens are lost. Here the config splits tokens only with a noise tensor (forward and
+    backward; the old launcher broke both)."""
+    config = aa._config
+
+    def noise_split(b, g, n, c, dtype, backward, num_sms=132, noise=0, arch=90):
+        return {**config(b, g, n, c, dtype, backward, num_sms, noise, arch), "BLOCK_N": 16, "SPLITS": 1 + (noise == 2)}
+
+    monkeypatch.setattr(aa, "_config", noise_split)
+    (q, k, v), _ = SPEC.make_inputs(SPEC.case("g8-n37-c40"), torch.float32, device, 4)
+    noise = aa.gumbel_noise(77, 0, (1, 8, 37), device)
+    dout = torch.randn_like(q)
+    _check_parity(q, k, v, dout, gumbel=True, noise=noise, tau=0.5)
+
+
 # ---- errors -----------------------------------------------------------------------------------------------------
 
 
