@@ -327,6 +327,9 @@ def test_local_tar_reader_groups_as_webdataset(tmp_path, fmt):
     bad.write_bytes(b"not a tar file at all" * 40)
     with pytest.raises(tarfile.ReadError, match="bad tar header at byte 0"):
         list(_local_tar_samples(str(bad)))
+    bad.write_bytes(path.read_bytes()[:1500])  # cut in the second member's padding
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(_local_tar_samples(str(bad)))
     data = bytearray(path.read_bytes())
     data[512] ^= 1  # the second header's name: its checksum no longer matches
     bad.write_bytes(bytes(data))

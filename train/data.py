@@ -304,10 +304,9 @@ def _local_tar_members(path: str) -> Iterator[tuple[str, bytes]]:
                 ok = False
             if not ok:
                 raise tarfile.ReadError(f"{path}: bad tar header at byte {f.tell() - 512}")
-            data = f.read(size)
-            if len(data) < size:
+            data, pad = f.read(size), -size % 512
+            if len(data) < size or len(f.read(pad)) < pad:  # a cut in the padding is damage too (as for tarfile)
                 raise tarfile.ReadError(f"{path}: unexpected end of data in a member")
-            f.seek(-size % 512, 1)
             if kind == b"x":  # pax header: records "<len> key=value\n"; "path" names the next member
                 pos = 0
                 while pos < len(data):
