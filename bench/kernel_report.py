@@ -12,8 +12,9 @@ run (the case only changes the grid); nothing is cached across runs when ``TRITO
 directory.
 
 ``--subset ci`` is the fast gate of tests/test_kernel_report.py: a few representative configs on sm_90a (listed in
-:data:`CI_SUBSET`). Exit status 1 when a row fails the gate (:func:`kernels.variants.gate_failures`: spills, shared
-memory over the limit, a bf16/fp16/tf32 dot lowered to FMA), unless ``--no-fail``.
+:data:`CI_SUBSET`) and sm_80 (:data:`CI_SUBSET_SM80`). Exit status 1 when a row fails the gate
+(:func:`kernels.variants.gate_failures`: spills, shared memory over the limit, a bf16/fp16/tf32 dot lowered to
+FMA), unless ``--no-fail``.
 
 This module compiles, so the kernels must be decorated in compiled mode: :func:`main` sets ``TRITON_INTERPRET=0``
 before the kernel modules are imported (lazily, by :func:`op_variants`); in a process whose kernels were built for
@@ -50,6 +51,13 @@ CI_SUBSET: tuple[tuple[str, str, str, str, int], ...] = (
     ("contrastive_loss", "b32768-k1", "fp32-tf32", "fwd", 0),
     ("assign_attention", "stage1", "bf16", "fwd", 0),
     ("assign_attention", "stage1", "bf16", "bwd", 0),
+)
+# ... and on sm_80 (A100: mma.sync, 163 KB), the assignment configs that the sm_90 tiles do not cover.
+CI_SUBSET_SM80: tuple[tuple[str, str, str, str, int], ...] = (
+    ("assign_attention", "stage1", "bf16", "fwd", 0),
+    ("assign_attention", "stage1", "fp32-tf32", "fwd", 0),
+    ("assign_attention", "stage2", "bf16", "bwd", 0),
+    ("assign_attention", "stage2", "fp32-tf32", "bwd", 0),
 )
 COLUMNS = (
     "op",
@@ -161,12 +169,12 @@ def collect(
     rows = []
     t0 = time.perf_counter()
     if subset == "ci":
-        for op, case, dt, kernel, idx in CI_SUBSET:
-            vs = [v for v in op_variants(op, case, dt, 90) if v.kernel == kernel]
+        for (op, case, dt, kernel, idx), arch in [(e, 90) for e in CI_SUBSET] + [(e, 80) for e in CI_SUBSET_SM80]:
+            vs = [v for v in op_variants(op, case, dt, arch) if v.kernel == kernel]
             if not vs:
                 raise ValueError(f"CI subset: {op} {case} {dt} has no {kernel!r} variants")
-            rows.append(_row(vs[idx], 90, case))
-            log(f"[{time.perf_counter() - t0:6.1f}s] {rows[-1]['gate']:>4}  {vs[idx].name} sm_90a")
+            rows.append(_row(vs[idx], arch, case))
+            log(f"[{time.perf_counter() - t0:6.1f}s] {rows[-1]['gate']:>4}  {vs[idx].name} {TARGETS[arch]['name']}")
         return rows
     for op in ops:
         for dt in dtypes:

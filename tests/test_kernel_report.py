@@ -1,10 +1,11 @@
 """The compiled-code gate (issue 13 item 1): kernels/variants.py and ``python -m bench.kernel_report``.
 
-``test_gate_ci_subset`` compiles the configs of ``bench.kernel_report.CI_SUBSET`` for sm_90a in a fresh process
-(``TRITON_INTERPRET=0``, an empty Triton cache: nothing is reused between runs) and fails when one of them spills,
-exceeds shared memory or lowers a bf16/fp16/tf32 dot to FMA. It covers: contrastive forward (bf16, first and last
-autotune config; fp32 at tf32), both contrastive backward kernels at K = 3 (bf16), assign forward and backward in
-training mode (bf16, stage 1). The full report (every config, both targets, every dtype) is
+``test_gate_ci_subset`` compiles the configs of ``bench.kernel_report.CI_SUBSET`` for sm_90a (and ``CI_SUBSET_SM80``
+for sm_80) in a fresh process (``TRITON_INTERPRET=0``, an empty Triton cache: nothing is reused between runs) and
+fails when one of them spills, exceeds shared memory or lowers a bf16/fp16/tf32 dot to FMA. It covers: contrastive
+forward (bf16, first and last autotune config; fp32 at tf32), both contrastive backward kernels at K = 3 (bf16),
+assign forward and backward in training mode (bf16, stage 1); on sm_80 the assign stage-1 forward (bf16, fp32 at
+tf32) and stage-2 backward (bf16, fp32). The full report (every config, both targets, every dtype) is
 ``python -m bench.kernel_report``; its committed output is bench/results/kernel_report.md.
 The other tests check the readers on hand-made inputs, so that the gate itself can fail.
 """
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gate_ci_subset(tmp_path):
-    from bench.kernel_report import CI_SUBSET
+    from bench.kernel_report import CI_SUBSET, CI_SUBSET_SM80
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     out = tmp_path / "report"
@@ -40,11 +41,14 @@ def test_gate_ci_subset(tmp_path):
     rows = list(csv.DictReader(open(out.with_suffix(".csv")))) if out.with_suffix(".csv").exists() else []
     bad = [f"{r['op']}/{r['kernel']} {r['dtype']} {r['config']}: {r['gate']}" for r in rows if r["gate"] != "ok"]
     assert proc.returncode == 0 and not bad, "\n".join(bad) or proc.stderr[-3000:]
-    assert len(rows) == len(CI_SUBSET)
+    assert [r["target"] for r in rows] == ["sm_90a"] * len(CI_SUBSET) + ["sm_80"] * len(CI_SUBSET_SM80)
     for r in rows:
         assert int(r["regs"]) > 0 and int(r["sass"]) > 0, r
-        assert int(r["ptx_wgmma"]) > 0, f"{r['op']}/{r['kernel']}: no wgmma on sm_90a ({r['dots']})"
-        assert int(r["shared"]) <= int(r["smem_limit"]) == 227 * 1024
+        if r["target"] == "sm_90a":
+            assert int(r["ptx_wgmma"]) > 0, f"{r['op']}/{r['kernel']}: no wgmma on sm_90a ({r['dots']})"
+        else:  # A100: no wgmma; the dots must be on mma.sync
+            assert int(r["ptx_wgmma"]) == 0 < int(r["ptx_mma_sync"]), f"{r['op']}/{r['kernel']}: {r['dots']}"
+        assert int(r["shared"]) <= int(r["smem_limit"]) == {"sm_90a": 227, "sm_80": 163}[r["target"]] * 1024
     assert "## Gate failures (0 distinct configs)" in out.with_suffix(".md").read_text()
 
 
