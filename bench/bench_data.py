@@ -25,9 +25,11 @@ Stages (CPU time per sample in this process with one torch thread, median of ``-
 
 Loader (``num_workers=0``: everything in this process, CPU time, so one core's rate): ``cpu`` path with on-the-fly
 tagging (today's default) against the ``gpu`` path's CPU half with precomputed nouns, on the same shards.
-Worker scaling (wall clock): the ``gpu`` path with 1, 2, ... workers (a worker is a process: samples/s grows with
-the workers until the cores run out, so on N free cores expect about N x the one-worker rate; measure with
-``--workers 1,2,4,8`` on the training machine). ``cores per GPU`` = R pairs/s / (loader samples/s per core).
+With one worker (CPU time of the worker process): the same comparison including the hand-over of each batch to
+the main process (shared memory), which the in-process rate leaves out. Worker scaling (wall clock): the ``gpu``
+path with 1, 2, ... workers (a worker is a process: samples/s grows with the workers until the cores run out, so
+on N free cores expect about N x the one-worker rate; measure with ``--workers 1,2,4,8`` on the training
+machine). ``cores per GPU`` = R pairs/s / (loader samples/s per core).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -196,12 +199,7 @@ def measure_stages(images: list[bytes], size: int = 224, repeats: int = 3) -> di
     return {k: 1000 * v for k, v in ms.items()}
 
 
-def measure_loader(
-    pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32, batches: int = 8, size: int = 224
-) -> float:
-    """Samples/s of the training loader (K = 3 prompts) over ``batches`` batches after one warm-up batch, per CPU
-    second of this process with ``num_workers=0`` (one core's rate, robust to other load), per wall second with
-    workers; with ``augment_on="gpu"`` only its CPU half runs (the device step is switched off)."""
+def _loader(pattern: str, augment_on: str, num_workers: int, batch_size: int, batches: int, size: int) -> Any:
     loader = build_train_loader(
         pattern,
         batch_size=batch_size,
@@ -210,16 +208,42 @@ def measure_loader(
         img_size=size,
         shuffle_buffer=0,
         seed=0,
-        epoch_len=batches + 1,
+        epoch_len=batches,
         augment_on=augment_on,
     )
     loader.device_augment = None  # measure the CPU side only: the workers' uint8 batches
-    it = iter(loader)
+    return loader
+
+
+def measure_loader(
+    pattern: str, *, augment_on: str, num_workers: int = 0, batch_size: int = 32, batches: int = 8, size: int = 224
+) -> float:
+    """Samples/s of the training loader (K = 3 prompts) over ``batches`` batches after one warm-up batch, per CPU
+    second of this process with ``num_workers=0`` (one core's rate, robust to other load), per wall second with
+    workers; with ``augment_on="gpu"`` only its CPU half runs (the device step is switched off)."""
+    it = iter(_loader(pattern, augment_on, num_workers, batch_size, batches + 1, size))
     next(it)
     clock = time.process_time if num_workers == 0 else time.perf_counter
     t0 = clock()
     n = sum(len(b["keys"]) for b in it)
     return n / (clock() - t0)
+
+
+def measure_worker_cpu(
+    pattern: str, *, augment_on: str, batch_size: int = 32, batches: int = 8, size: int = 224
+) -> float:
+    """Samples per CPU second of one DataLoader worker process, including what :func:`measure_loader` leaves out:
+    handing the batches to the main process (shared memory). The worker's CPU time (``RUSAGE_CHILDREN`` once it
+    has exited) for ``batches + 1`` batches minus that for 1 batch, so start-up cancels out."""
+
+    def run(n_batches: int) -> tuple[float, int]:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        n = sum(len(b["keys"]) for b in _loader(pattern, augment_on, 1, batch_size, n_batches, size))
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, n
+
+    (t_short, n_short), (t_long, n_long) = run(1), run(batches + 1)
+    return (n_long - n_short) / (t_long - t_short) if t_long > t_short else float("nan")  # nan: too few batches
 
 
 def measure_device_augment(
@@ -288,6 +312,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rates["cpu"].append(measure_loader(pattern, augment_on="cpu", **kw))  # tagging on the fly
                 rates["gpu"].append(measure_loader(tagged, augment_on="gpu", **kw))  # precomputed nouns
             base, new = statistics.median(rates["cpu"]), statistics.median(rates["gpu"])
+            in_worker = {
+                path: measure_worker_cpu(p, augment_on=path, **kw) for path, p in (("cpu", pattern), ("gpu", tagged))
+            }
             scaling = {w: measure_loader(tagged, augment_on="gpu", num_workers=w, **kw) for w in args.workers}
             res["cases"][case] = {
                 "bits_per_pixel": _bits_per_pixel(images),
@@ -297,6 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "loader_gpu_nouns": new,
                 "speedup": new / base,
                 "workers_gpu_nouns": scaling,
+                "worker_cpu": in_worker,
             }
     if args.device:
         dev = torch.device(args.device)
@@ -322,8 +350,14 @@ def report(res: dict[str, Any]) -> str:
             f"precomputed nouns {r['loader_gpu_nouns']:.0f} samples/s ({r['speedup']:.1f}x; medians of "
             f"{len(r['rounds']['cpu'])} alternating rounds)"
         )
+        wc = r["worker_cpu"]
         lines.append(
-            "  workers (gpu path): " + ", ".join(f"{w}: {v:.0f} samples/s" for w, v in r["workers_gpu_nouns"].items())
+            f"  1 worker, its CPU time (with the hand-over to the main process): cpu path {wc['cpu']:.0f} samples/s, "
+            f"gpu path {wc['gpu']:.0f} samples/s ({wc['gpu'] / wc['cpu']:.1f}x)"
+        )
+        lines.append(
+            "  workers (gpu path, wall clock): "
+            + ", ".join(f"{w}: {v:.0f} samples/s" for w, v in r["workers_gpu_nouns"].items())
         )
         lines.append(
             f"  cores per GPU needed at {res['rate']:.0f} pairs/s: cpu path "

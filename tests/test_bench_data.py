@@ -100,5 +100,6 @@ def test_bench_data_cli_smoke(tmp_path, capsys):
     assert "cores per GPU needed at 8000 pairs/s" in text and "medians of 1 alternating rounds" in text
     for case in ("voc", "256-px", "256-px-mosaic"):
         assert f"[{case} JPEGs, " in text and " bits/pixel] stages: decode " in text, case
+    assert text.count("1 worker, its CPU time (with the hand-over to the main process): cpu path ") == 3
     assert "device half on cpu, ms per batch of 4 VOC crops: copy" in text and "kB/sample shipped" in text
     assert Path(out).is_file()
