@@ -16,8 +16,10 @@ Stream, per (rank, worker) "consumer" (``C = world_size * max(num_workers, 1)`` 
    worker`` takes
    ``shards[c::C]`` (node split, then worker split). With fewer shards than consumers every consumer reads all
    shards and keeps raw samples ``i % C == c`` instead, so tiny datasets still work and stay disjoint.
-2. **read** with webdataset's tar reader; unreadable/truncated/missing shards are warned about (first few), counted
-   once per pass and skipped (samples before the damage are kept).
+2. **read** local shards with :func:`_local_tar_samples` (webdataset's grouping of members into samples, at a
+   fraction of its cost), other urls (``pipe:``, ``http://``, ...) with webdataset's reader; unreadable, truncated
+   or missing shards are warned about (first few), counted once per pass and skipped (samples before the damage
+   are kept).
 3. **filter** samples without an image (``jpg|jpeg|png``) or caption (``txt|text``), or with an empty caption; a
    ``.nouns`` member (``python -m train.prompts add-nouns``) supplies the caption's candidate words, else they are
    tagged on the fly.
