@@ -223,6 +223,7 @@ def _fwd_kernel(
     stride_t,
     n_col_tiles,
     tiles_per_split,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -233,8 +234,10 @@ def _fwd_kernel(
     FAST_LOG: tl.constexpr,
     FIX_ROWS: tl.constexpr,
 ):
-    """Program (row tile, column split): base-2 row LSE over the split -> ``row_part[split, rows]``; base-2
-    column LSE over the row tile of every visited column tile -> ``col_part[row_tile, cols]``. The image tile
+    """Program (group of ``GROUP`` row tiles, column split): base-2 row LSE over the split ->
+    ``row_part[split, rows]``; base-2 column LSE over the group's rows of every visited column tile ->
+    ``col_part[group, cols]`` (``GROUP`` = 256 / BLOCK_M keeps that buffer at ``4 B M / 256`` bytes when 256 rows
+    do not fit shared memory, as for fp32; the group's row tiles run one after the other). The image tile
     stays resident as the dot's second operand: tiles are ``[texts, images]``, so the per-tile column LSEs reduce
     along the cheap (in-thread) axis and the row sums accumulate in registers, reduced once after the loop. Full
     tiles of a full row tile run without masks, the ragged ones after them. ``FIX_ROWS``: the second launch,
@@ -242,19 +245,18 @@ def _fwd_kernel(
     rare fallback's registers out of the main kernel)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D) < D
-    row_ok = rows < B
-    img_ptrs = img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D)
     s2 = tl.load(scale2_ptr)  # s * log2(e) > 0
     a2 = tl.maximum(s2 - _ANCHOR, 0.0)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_col_tiles)
-    part_ptrs = row_part_ptr + pid_s.to(tl.int64) * B + rows
-    if FIX_ROWS:  # second launch: rows whose anchored sum left the window (rare) are recomputed exactly
+    if FIX_ROWS:  # second launch, one program per row tile: rows whose anchored sum left the window (rare)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        part_ptrs = row_part_ptr + pid_s.to(tl.int64) * B + rows
         lr = tl.load(part_ptrs, mask=row_ok, other=0.0)
         if _out_of_window(lr - a2, row_ok):
+            img_ptrs = img_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D)
             at = tl.trans(_load(img_ptrs, row_ok, d_ok, True, EVEN_D, UPCAST))  # [BD, BM]
             lr = _rows_exact(
                 at,
@@ -276,27 +278,140 @@ def _fwd_kernel(
                 FAST_LOG,
             )
             tl.store(part_ptrs, lr, mask=row_ok)
+    else:  # one program per GROUP row tiles: they share one row of column partials
+        first = pid_m * GROUP
+        c_row = col_part_ptr + pid_m.to(tl.int64) * M
+        r_row = row_part_ptr + pid_s.to(tl.int64) * B
+        _fwd_row_tile(
+            first,
+            False,
+            img_ptr,
+            txt_ptr,
+            r_row,
+            c_row,
+            s2,
+            a2,
+            t0,
+            t1,
+            B,
+            M,
+            stride_i,
+            stride_t,
+            d_ok,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            EVEN_D,
+            UPCAST,
+            PRECISION,
+            ACC,
+            FAST_LOG,
+        )
+        if GROUP > 1:  # the group's other row tiles log-add their column partials to the first one's
+            for tm in range(first + 1, tl.minimum(first + GROUP, tl.cdiv(B, BLOCK_M))):
+                _fwd_row_tile(
+                    tm,
+                    True,
+                    img_ptr,
+                    txt_ptr,
+                    r_row,
+                    c_row,
+                    s2,
+                    a2,
+                    t0,
+                    t1,
+                    B,
+                    M,
+                    stride_i,
+                    stride_t,
+                    d_ok,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_D,
+                    EVEN_D,
+                    UPCAST,
+                    PRECISION,
+                    ACC,
+                    FAST_LOG,
+                )
+
+
+@triton.jit
+def _lse2_pair(x, y, FAST_LOG: tl.constexpr):
+    """Base-2 ``log2(2^x + 2^y)`` (either may be ``-inf``)."""
+    m = tl.maximum(x, y)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    return m + _log2(tl.exp2(x - m) + tl.exp2(y - m), FAST_LOG)
+
+
+@triton.jit
+def _store_part(ptrs, cpart, ok, MERGE: tl.constexpr, MASKED: tl.constexpr, FAST_LOG: tl.constexpr):
+    """Store a tile's column partials; ``MERGE``: log-add them to the ones the group's previous row tile left."""
+    if MERGE:
+        if MASKED:
+            cpart = _lse2_pair(cpart, tl.load(ptrs, mask=ok, other=0.0), FAST_LOG)
+        else:
+            cpart = _lse2_pair(cpart, tl.load(ptrs), FAST_LOG)
+    if MASKED:
+        tl.store(ptrs, cpart, mask=ok)
     else:
-        at = tl.trans(_load(img_ptrs, row_ok, d_ok, True, EVEN_D, UPCAST))  # [BD, BM], resident
-        l2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)  # per-thread partial row sums
-        t_fast = tl.where((pid_m + 1) * BLOCK_M <= B, tl.maximum(tl.minimum(t1, M // BLOCK_N), t0), t0)
-        b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
-        b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
-        c_base = col_part_ptr + pid_m.to(tl.int64) * M + t0 * BLOCK_N
-        for _ in range(t0, t_fast):  # full tiles: no masks
-            bt = _load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)
-            l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, offs_n >= 0, row_ok, False, PRECISION, ACC, FAST_LOG)
-            tl.store(c_base + offs_n, cpart)
-            b_base += BLOCK_N * stride_t
-            c_base += BLOCK_N
-        for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
-            txt_ok = t * BLOCK_N + offs_n < M
-            bt = _load(b_base + b_offs, txt_ok, d_ok, True, EVEN_D, UPCAST)
-            l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, txt_ok, row_ok, True, PRECISION, ACC, FAST_LOG)
-            tl.store(c_base + offs_n, cpart, mask=txt_ok)
-            b_base += BLOCK_N * stride_t
-            c_base += BLOCK_N
-        tl.store(part_ptrs, a2 + _log2(tl.sum(l2d, 0), FAST_LOG), mask=row_ok)
+        tl.store(ptrs, cpart)
+
+
+@triton.jit
+def _fwd_row_tile(
+    tm,
+    MERGE: tl.constexpr,
+    img_ptr,
+    txt_ptr,
+    row_part,
+    c_row,
+    s2,
+    a2,
+    t0,
+    t1,
+    B,
+    M,
+    stride_i,
+    stride_t,
+    d_ok,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+):
+    """Row tile ``tm`` against the text tiles ``[t0, t1)``: row partials to ``row_part[rows]``, column partials to
+    ``c_row[cols]`` (``MERGE``: log-added to what is there)."""
+    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    if MERGE:
+        tl.debug_barrier()  # the previous row tile's column partials were stored by other threads of this program
+    img_ptrs = img_ptr + tl.cast(tm, tl.int64) * BLOCK_M * stride_i + _tile_offs(stride_i, BLOCK_M, BLOCK_D)
+    at = tl.trans(_load(img_ptrs, row_ok, d_ok, True, EVEN_D, UPCAST))  # [BD, BM], resident
+    l2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)  # per-thread partial row sums
+    t_fast = tl.where((tm + 1) * BLOCK_M <= B, tl.maximum(tl.minimum(t1, M // BLOCK_N), t0), t0)
+    b_offs = _tile_offs(stride_t, BLOCK_N, BLOCK_D)
+    b_base = txt_ptr + (t0 * BLOCK_N).to(tl.int64) * stride_t  # scalar pointers, moved once per tile
+    c_base = c_row + t0 * BLOCK_N
+    for _ in range(t0, t_fast):  # full tiles: no masks
+        bt = _load(b_base + b_offs, offs_n, d_ok, False, EVEN_D, UPCAST)
+        l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, offs_n >= 0, row_ok, False, PRECISION, ACC, FAST_LOG)
+        _store_part(c_base + offs_n, cpart, offs_n >= 0, MERGE, False, FAST_LOG)
+        b_base += BLOCK_N * stride_t
+        c_base += BLOCK_N
+    for t in range(t_fast, t1):  # ragged tiles (last column tile; every tile of a ragged row tile)
+        txt_ok = t * BLOCK_N + offs_n < M
+        bt = _load(b_base + b_offs, txt_ok, d_ok, True, EVEN_D, UPCAST)
+        l2d, cpart = _fwd_tile(bt, at, l2d, s2, a2, txt_ok, row_ok, True, PRECISION, ACC, FAST_LOG)
+        _store_part(c_base + offs_n, cpart, txt_ok, MERGE, True, FAST_LOG)
+        b_base += BLOCK_N * stride_t
+        c_base += BLOCK_N
+    tl.store(row_part + rows, a2 + _log2(tl.sum(l2d, 0), FAST_LOG), mask=row_ok)
 
 
 @triton.jit
@@ -772,7 +887,7 @@ _FIX_WARPS = 8  # the forward's second launch (FIX_ROWS): not autotuned, it is r
 _BWD_ROWS = {
     (True, 2): ((128, 32, 8, 2), (128, 32, 8, 3)),
     (False, 2): ((64, 32, 8, 2),),
-    (True, 4): ((32, 32, 4, 1), (32, 32, 8, 1)),
+    (True, 4): ((32, 32, 4, 1),),  # (32, 32, 8, 1) spilled 12 B (K = 3) once the ragged tiles were masked
     (False, 4): ((32, 32, 4, 1),),
 }
 _BWD_COLS = {
@@ -801,6 +916,13 @@ def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
             if _fits(bm, bn, 1, block_d, elsize, smem):
                 return bm, bn
     return 16, 16
+
+
+def _fwd_group(block_m: int) -> int:
+    """Row tiles per forward program (``GROUP``): up to 256 rows share one row of column partials. 128-row tiles
+    (fp32 on sm_90a) stay ungrouped: grouped, that kernel spilled 236 B (report), its partials are 101 MB at
+    B = 32768, K = 3; fp32 on sm_80 (64-row tiles) groups 4: 50 MB instead of 201 MB."""
+    return 256 // block_m if block_m <= 64 else 1
 
 
 def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
@@ -921,18 +1043,20 @@ def _lse_op(image: Tensor, text: Tensor, scale2: Tensor, check_finite: bool) -> 
     else:
         bm, bn = _fwd_tiles(consts["BLOCK_D"], image.element_size(), _smem_limit(image.device))
     n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
+    group = _fwd_group(bm)
+    n_group = triton.cdiv(n_row, group)
     if INTERPRET:
         want = 2  # exercise the cross-split merge in CI while keeping few programs
     else:
         index = image.device.index if image.device.index is not None else torch.cuda.current_device()
-        want = max(1, triton.cdiv(4 * _num_sms(index), n_row))  # ~4 programs per SM
+        want = max(1, triton.cdiv(4 * _num_sms(index), n_group))  # ~4 programs per SM
     per_split = triton.cdiv(n_col, min(n_col, want))
     n_split = triton.cdiv(n_col, per_split)
     row_part = torch.empty(n_split, b, device=image.device, dtype=cd)  # [S, B]
-    col_part = torch.empty(n_row, m, device=image.device, dtype=cd)  # [B/BM, M]
-    args = (image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split)
+    col_part = torch.empty(n_group, m, device=image.device, dtype=cd)  # [B/(GROUP*BM), M]
+    args = (image, text, scale2, row_part, col_part, b, m, d, image.stride(0), text.stride(0), n_col, per_split, group)
     consts.update(BLOCK_M=bm, BLOCK_N=bn, FAST_LOG=not INTERPRET and cd == torch.float32)
-    _fwd_launch[(n_row, n_split)](*args, FIX_ROWS=False, **consts)
+    _fwd_launch[(n_group, n_split)](*args, FIX_ROWS=False, **consts)
     _fwd_kernel[(n_row, n_split)](*args, FIX_ROWS=True, num_warps=_FIX_WARPS, **consts)  # usually exits at once
     return _lse2(row_part), _lse2(col_part)
 
@@ -1187,7 +1311,9 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
         # forward: tiles fixed by _fwd_tiles, autotuned warps x stages; grid as in _lse_op
         bm, bn = _fwd_tiles(block_d, es, smem)
         n_row, n_col = triton.cdiv(b, bm), triton.cdiv(m, bn)
-        per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_row))))
+        group = _fwd_group(bm)
+        n_group = triton.cdiv(n_row, group)
+        per_split = triton.cdiv(n_col, min(n_col, max(1, triton.cdiv(4 * num_sms, n_group))))
         n_split = triton.cdiv(n_col, per_split)
         fwd_runs = [("fwd", w, st, False) for w, st in _fwd_configs(block_d, es, smem)]
         for kname, w, st, fix in fwd_runs + [("fwd_fix", _FIX_WARPS, 1, True)]:  # fwd_fix: rows-only fallback
@@ -1197,7 +1323,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                     fn=_fwd_kernel,
                     num_warps=w,
                     num_stages=st,
-                    grid=(n_row, n_split),
+                    grid=(n_row if fix else n_group, n_split),
                     args=dict(
                         img_ptr=dtype,
                         txt_ptr=dtype,
@@ -1211,6 +1337,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                         stride_t=d,
                         n_col_tiles=n_col,
                         tiles_per_split=per_split,
+                        GROUP=group,
                         BLOCK_M=bm,
                         BLOCK_N=bn,
                         FAST_LOG=acc == tl.float32,
@@ -1218,7 +1345,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = 132, smem
                         **consts,
                     ),
                     flops=0.0 if fix else 2.0 * b * m * d,
-                    bytes=4.0 * n_split * b if fix else (b + m) * d * es + 4.0 * (n_split * b + n_row * m),
+                    bytes=4.0 * n_split * b if fix else (b + m) * d * es + 4.0 * (n_split * b + group * n_group * m),
                     logits_per_iter=0 if fix else bm * bn,
                     config=f"BM={bm} BN={bn} w{w} s{st}",
                     **case,

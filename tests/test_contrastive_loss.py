@@ -150,23 +150,25 @@ def test_extreme_logits_large_norm(device):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("flip", ["images", "texts"])
 def test_anchor_window_fallbacks(monkeypatch, flip):
-    """Scale 85 and features 16-31 of one side pointing away from every feature of the other (cosines about
-    -0.8): their LSEs lie far below the forward's fixed anchor (``_ANCHOR``), so the ``FIX_ROWS`` launch (flipped
-    images: their rows) or the in-tile column fallback (flipped texts: their columns, in every image tile) must
-    recompute them exactly; everything else stays on the anchored path."""
+    """Scale 100 and two features of one side (17 and 30) pointing away from every feature of the other (cosines
+    about -0.99): their LSEs lie far below the forward's fixed anchor (``_ANCHOR``), so the ``FIX_ROWS`` launch
+    (flipped images: their rows) or the in-tile column fallback (flipped texts: their columns, in every image tile)
+    must recompute them exactly; everything else stays on the anchored path. 16-row tiles: three row tiles, merged
+    into one row of column partials (``GROUP``)."""
     monkeypatch.setattr(cl, "_INTERP_BLOCK", 16)
     g = torch.Generator().manual_seed(5)
     b, d = 40, 16
     u = F.normalize(torch.randn(d, generator=g, dtype=torch.float64), dim=0)
     sign = torch.ones(b, 1, dtype=torch.float64)
-    sign[16:32] = -1.0
+    far_idx = [17, 30]
+    sign[far_idx] = -1.0
     s_img, s_txt = (sign, 1.0) if flip == "images" else (1.0, sign)
-    img = F.normalize(s_img * u + 0.05 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).float()
-    txt = F.normalize(s_txt * u + 0.05 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).float()
-    theta = torch.tensor(math.log(85.0))  # anchor 85 log2(e) - 100 = 22.6; flipped logits about -98 (base 2)
+    img = F.normalize(s_img * u + 0.02 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).float()
+    txt = F.normalize(s_txt * u + 0.02 * torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1).float()
+    theta = torch.tensor(math.log(100.0))  # anchor 100 log2(e) - 100 = 44.3; flipped logits about -143 (base 2)
     cos = img.double() @ txt.double().T
-    far = cos[16:32] if flip == "images" else cos[:, 16:32]
-    assert far.max() < -0.5 and cos.max().item() > 0.5
+    far = cos[far_idx] if flip == "images" else cos[:, far_idx]
+    assert far.max() < -0.9 and cos.max().item() > 0.9
     out = _run(cl.contrastive_loss, img, txt, theta)
     eager = _run(reference.contrastive_loss, img, txt, theta)
     ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double())
@@ -175,17 +177,22 @@ def test_anchor_window_fallbacks(monkeypatch, flip):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("group", [None, 2])
 @pytest.mark.parametrize("case", ["b67-d40-k3", "b100-d16"])
-def test_small_tiles_cover_every_loop(monkeypatch, case):
+def test_small_tiles_cover_every_loop(monkeypatch, case, group):
     """16-wide tiles: full tiles before and after the positive ones, several positive tiles, ragged last tiles and
-    more column splits than one, in all three kernels (the fast paths skip masks and positives)."""
+    more column splits than one, in all three kernels (the fast paths skip masks and positives); the forward's
+    row tiles merged into one row of column partials (default ``GROUP``) or into groups of two (several groups,
+    the last one short)."""
     monkeypatch.setattr(cl, "_INTERP_BLOCK", 16)
+    if group:
+        monkeypatch.setattr(cl, "_fwd_group", lambda block_m: group)
     img, txt, theta, kw = _inputs(case)
     out = _run(cl.contrastive_loss, img, txt, theta, **kw)
     eager = _run(reference.contrastive_loss, img, txt, theta, **kw)
     ref = _run(reference.contrastive_loss, img.double(), txt.double(), theta.double(), **kw)
     for name, o, e, r in zip(NAMES, out, eager, ref):
-        assert_parity(o, e, r, name=f"{case} 16x16 {name}")
+        assert_parity(o, e, r, name=f"{case} 16x16 group {group} {name}")
 
 
 # ---- buffers, determinism --------------------------------------------------------------------------------------
