@@ -908,10 +908,11 @@ def _fits(resident: int, moving: int, stages: int, block_d: int, elsize: int, sm
 
 
 def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
-    """Forward ``(BLOCK_M, BLOCK_N)``: the largest resident image tile (<= 256 rows; the column partials take
-    ``4 B M / BLOCK_M`` bytes), then the largest text tile, that fit ``smem``. 16-bit at D = 256: 256 x 64 on sm_90,
-    256 x 32 on sm_80 (163 KB): 50 MB of partials at B = 32768, K = 3."""
-    for bm in (256, 128, 64, 32, 16):
+    """Forward ``(BLOCK_M, BLOCK_N)``: the largest resident image tile (<= 256 rows), then the largest text tile,
+    that fit ``smem``. 16-bit at D = 256: 256 x 64 on sm_90, 256 x 32 on sm_80 (163 KB). fp32 (4 bytes) takes at
+    most 64 rows, grouped by :func:`_fwd_group`: 128-row fp32 tiles do not group without spilling (236 B on
+    sm_90a), and ungrouped their partials were 101 MB at B = 32768, K = 3."""
+    for bm in (256, 128, 64, 32, 16) if elsize == 2 else (64, 32, 16):
         for bn in (64, 32) if elsize <= 4 else (32, 16):
             if _fits(bm, bn, 1, block_d, elsize, smem):
                 return bm, bn
@@ -919,17 +920,19 @@ def _fwd_tiles(block_d: int, elsize: int, smem: int) -> tuple[int, int]:
 
 
 def _fwd_group(block_m: int) -> int:
-    """Row tiles per forward program (``GROUP``): up to 256 rows share one row of column partials. 128-row tiles
-    (fp32 on sm_90a) stay ungrouped: grouped, that kernel spilled 236 B (report), its partials are 101 MB at
-    B = 32768, K = 3; fp32 on sm_80 (64-row tiles) groups 4: 50 MB instead of 201 MB."""
+    """Row tiles per forward program (``GROUP``): 256 rows share one row of column partials (``4 B M / 256`` bytes:
+    50 MB at B = 32768, K = 3) when the tiles have at most 64 rows; larger tiles stay ungrouped (a grouped
+    128-row kernel spilled)."""
     return 256 // block_m if block_m <= 64 else 1
 
 
 def _fwd_configs(block_d: int, elsize: int, smem: int) -> list[tuple[int, int]]:
-    """Forward ``(num_warps, num_stages)`` candidates for the tiles of :func:`_fwd_tiles`."""
+    """Forward ``(num_warps, num_stages)`` candidates for the tiles of :func:`_fwd_tiles`: 8 warps (fp32 64 x 64 at
+    4 warps spilled), fp32 at 2 stages where they fit (1 stage spilled 156 B on sm_90a)."""
     bm, bn = _fwd_tiles(block_d, elsize, smem)
-    warps = 8 if bm >= 128 or elsize == 4 else 4  # fp32 64 x 64 at 4 warps spilled on sm_80
-    return [(warps, st) for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
+    warps = 8 if bm >= 128 or elsize == 4 else 4
+    stages = [st for st in (1, 2) if st == 1 or _fits(bm, bn, st, block_d, elsize, smem)]
+    return [(warps, st) for st in (stages[-1:] if elsize == 4 else stages)]
 
 
 def _bwd_configs(
