@@ -3,17 +3,18 @@
 Same signature and semantics as :func:`kernels.reference.contrastive_loss` (the spec); the ``B x M`` logits matrix
 ``X = s * I T^T`` (``s = min(exp(theta), 100)``) is never materialised (kernels_notes.md §3):
 
-* **forward** -- one pass over tiles of ``X`` recomputed on the fly gives both statistics: a running-max row LSE
-  (each program keeps one row tile of images resident and walks a split of the column tiles) and a per-tile column
-  LSE. Partials go to ``[n_splits, B]`` and ``[n_row_tiles, M]`` fp32 buffers: ``4*B*M/BLOCK_M`` bytes, with the
-  256-row 16-bit tiles of sm_90 16.8 MB at B = M = 32768 and 50 MB at K = 3 (128-row tiles on sm_80 and for fp32:
-  twice that); a deterministic torch logsumexp finishes them. Positive terms are O(B*K*D) dot products in torch.
-  Per logit (report: bench/results/kernel_report.md): the raw cosine's row and column maxima, two FFMA + ``exp2``
-  with the scale folded into the exponent, two sums; full tiles of a full row tile skip every mask, the ragged
-  ones run in a second loop; the tiles move by scalar 64-bit base pointers (32-bit offsets inside a tile). The
-  column partial's ``log2`` stays per tile: a single MUFU ``lg2.approx`` (not libdevice's polynomial) per column and
-  tile, 0.25 instructions per logit, while keeping max and sum separately would double the partial buffer (above
-  0.1 GB at K = 3).
+* **forward** -- one pass over tiles of ``X`` recomputed on the fly gives both statistics. A program keeps a
+  256-row image tile resident (fp32: four 64-row tiles one after the other, ``GROUP``) as the dot's second operand
+  and walks a split of the text tiles: tiles are ``[texts, images]``, so each text's LSE over the tile reduces along
+  the accumulator's cheap axis (in-thread, then a quad) and the row sums accumulate in a per-thread register
+  partial, reduced once after the loop. No running max: every base-2 logit is taken relative to one anchor per
+  launch (``_ANCHOR``), and a sum outside the anchor's window is recomputed exactly (in-tile for the texts, a second
+  ``FIX_ROWS`` launch for the rows; rare). Per logit (report: bench/results/kernel_report.md): one FFMA (the scale
+  folded into the exponent), one ``ex2.approx.ftz``, two FADDs; full tiles of a full row tile skip every mask, the
+  ragged ones run in a second loop; the tiles move by scalar 64-bit base pointers (32-bit offsets inside a tile).
+  Partials go to ``[n_splits, B]`` and ``[B / 256, M]`` fp32 buffers at D = 256 (column LSEs over 256 rows:
+  50 MB at B = 32768, K = 3, every target and dtype); a deterministic torch logsumexp finishes them. Positive terms
+  are O(B*K*D) dot products in torch.
 * **backward** -- a row-block kernel (``dI``) and a column-block kernel (``dT``) recompute the tiles and form
   ``Gx = a (P_row - t/K) + b_j (P_col - t)`` (``t`` marks the positive pairs, ``a = g/(2B)``,
   ``b_j = g_owner(j)/(2BK)``) in fp32 before the single cast to the input dtype: ``dI = s Gx T``, ``dT = s Gx^T I``,
