@@ -120,8 +120,8 @@ def _resized(regions, size: int, dtype=None) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16 is what CUDA uses
 def test_crop_resize_is_pils_bilinear_resize(dtype):
-    """Odd region sizes, fractional boxes, down- and upsampling, boxes on the region's edges: within 1 grey level
-    of PIL's fixed-point resize (the oracle) everywhere, equal for > 97 % (float32) / > 88 % (float16) of values."""
+    """Odd region sizes, fractional boxes, down- and upsampling, boxes on the region's edges, and real decoded
+    regions: PIL's fixed-point resize (the oracle) within 1 grey level in float32, 2 in float16."""
     regions, boxes = (
         [],
         [(0.0, 0.0, 37.0, 29.0), (3.25, 1.5, 30.75, 20.0), (10.0, 7.0, 19.0, 15.5), (0.5, 0.0, 71.0, 9.0)],
@@ -129,14 +129,36 @@ def test_crop_resize_is_pils_bilinear_resize(dtype):
     for i, box in enumerate(boxes):
         regions.append((_photo(37 + 34 * (i == 3), 29, i)[: [29, 29, 29, 9][i]], box))
     regions.append((_photo(151, 140, 9)[5:140, 2:151], (1.7, 0.4, 148.1, 134.9)))  # a view, not contiguous
+    regions += [decode_region(_jpeg(_photo(300 + 7 * s, 211, s)), 23, random.Random(s)) for s in range(4)]
     out = _resized(regions, 23, dtype)
     for (region, box), got in zip(regions, out):
         want = np.array(
             Image.fromarray(np.ascontiguousarray(region)).resize((23, 23), Image.Resampling.BILINEAR, box=box)
         )
         diff = np.abs(got - want)
-        # float16 rounds the weights and the horizontal pass's sums (spacing 1/8 above 128): more ties flip
-        assert diff.max() <= 1 and diff.mean() < (0.03 if dtype == torch.float32 else 0.12), (box, diff.mean())
+        # float16 rounds the weights and the horizontal pass's sums (spacing 1/8 above 128)
+        if dtype == torch.float32:
+            assert diff.max() <= 1 and diff.mean() < 0.03, (box, diff.mean())
+        else:
+            assert diff.max() <= 2 and diff.mean() < 0.15, (box, diff.max(), diff.mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_crop_resize_on_cuda_is_pils_resize():
+    """On CUDA (float16 matmuls by default) the batched resize of real decoded regions stays within 2 grey levels
+    of PIL's (0.15 on average), and the whole device half runs there."""
+    aug = DeviceAugment(64)
+    regions = [decode_region(_jpeg(_photo(300 + 7 * s, 211, s)), 64, random.Random(s)) for s in range(6)]
+    flat, rows = aug.pack_regions(regions)
+    out = aug.crop_resize(flat.cuda(), rows)
+    assert out.is_cuda and out.dtype == torch.uint8
+    for (region, box), got in zip(regions, out.permute(0, 2, 3, 1).cpu().numpy().astype(int)):
+        want = np.array(
+            Image.fromarray(np.ascontiguousarray(region)).resize((64, 64), Image.Resampling.BILINEAR, box=box)
+        )
+        assert np.abs(got - want).max() <= 2 and np.abs(got - want).mean() < 0.15
+    params = torch.from_numpy(np.stack([aug.sample_params(random.Random(s)) for s in range(6)]))
+    assert bool(torch.isfinite(aug.apply(out, params)).all())
 
 
 def test_crop_resize_rejects_mismatched_rows():
