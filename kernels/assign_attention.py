@@ -678,11 +678,11 @@ def _launch(
             PREC=prec,
             **cfg,
         )
-    except OutOfResources as e:  # e.g. the stage-1 backward's ~224 KB of shared memory on an A100 (163 KB)
+    except OutOfResources as e:  # e.g. a GPU with ~100 KB of shared memory per block (sm_86 / sm_89)
         raise RuntimeError(
             f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
-            f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel is "
-            f"built for sm_90 (H100/H200, 227 KB shared memory per block). Select "
+            f"{dtype}): this GPU lacks the resources the kernel needs ({e}); the fused kernel's tiles are "
+            f"built for sm_90 (H100/H200, 227 KB shared memory per block) and sm_80 (A100, 163 KB). Select "
             f"the eager backend on this GPU"
         ) from e
 
