@@ -309,6 +309,44 @@ def _assign_fwd_kernel(
 
 
 @triton.jit
+def _tile_grads(
+    s,
+    dw,
+    delta,
+    rinv,
+    scale,
+    inv_tau,
+    noise_base,
+    seed,
+    ctr_base,
+    offs_n,
+    n_mask,
+    offs_g,
+    g_mask,
+    N,
+    NOISE: tl.constexpr,
+    HARD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    DOT_T: tl.constexpr,
+    CD: tl.constexpr,
+):
+    """A token tile's ``(ds, wt)`` ``[BN, BG]`` (in ``DOT_T``) from its raw logits ``s = k q^T`` and ``dw = v dO^T``:
+    noise, group softmax (and argmax), then docs/kernels.md §1.2 steps 2-4."""
+    x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD)
+    y = _group_softmax(x, inv_tau, n_mask)  # [BN, BG]
+    if HARD:
+        a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
+    else:
+        a = y
+    da = (dw - delta[None, :]) * rinv[None, :]  # through the normalisation; straight-through: dY = dA
+    dz = y * (da - tl.sum(y * da, axis=1)[:, None])  # group-softmax backward
+    ds = (dz * (scale * inv_tau)).to(DOT_T)  # d(q.k) [BN, BG]; zero on padded rows/columns (y = 0 there)
+    wt = (a * rinv[None, :]).to(DOT_T)  # normalised assignment [BN, BG]
+    return ds, wt
+
+
+@triton.jit
 def _bwd_chunk(
     ds,
     wt,
@@ -446,18 +484,28 @@ def _assign_bwd_kernel(
                 input_precision=PREC,
                 out_dtype=CD,
             )
-        x = _logits(
-            s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD
+        ds, wt = _tile_grads(
+            s,
+            dw,
+            delta,
+            rinv,
+            scale,
+            inv_tau,
+            noise_base,
+            seed,
+            ctr_base,
+            offs_n,
+            n_mask,
+            offs_g,
+            g_mask,
+            N,
+            NOISE,
+            HARD,
+            BLOCK_N,
+            BLOCK_G,
+            DOT_T,
+            CD,
         )
-        y = _group_softmax(x, inv_tau, n_mask)  # [BN, BG]
-        if HARD:
-            a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
-        else:
-            a = y
-        da = (dw - delta[None, :]) * rinv[None, :]  # through the normalisation; straight-through: dY = dA
-        dz = y * (da - tl.sum(y * da, axis=1)[:, None])  # group-softmax backward
-        ds = (dz * (scale * inv_tau)).to(DOT_T)  # d(q.k) [BN, BG]; zero on padded rows/columns (y = 0 there)
-        wt = (a * rinv[None, :]).to(DOT_T)  # normalised assignment [BN, BG]
         dq0 = _bwd_chunk(ds, wt, k0, q0, do0, dq0, dk_base, dv_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T, CD, PREC)
         if NC > 1:
             dq1 = _bwd_chunk(
@@ -483,6 +531,109 @@ def _assign_bwd_kernel(
         _store_t(dq_base, dq2, offs_g, g_mask, 2 * BLOCK_C, C, BLOCK_C)
     if NC > 3:
         _store_t(dq_base, dq3, offs_g, g_mask, 3 * BLOCK_C, C, BLOCK_C)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _assign_bwd_streamed_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    noise_ptr,
+    out_ptr,
+    d_ptr,
+    do_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    seed,
+    offset,
+    G,
+    N,
+    C,
+    scale,
+    inv_tau,
+    eps,
+    NOISE: tl.constexpr,
+    HARD: tl.constexpr,
+    CTR64: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_T: tl.constexpr,
+    CD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The backward for inputs whose q / dO do not fit shared memory (fp32 at G = 64, C = 384; docs/kernels.md
+    §1.3). Program ``(chunk, b)`` owns channels ``[chunk * BLOCK_C, ..)`` of dq, dk, dv: per token tile it computes
+    the logits and ``dO v^T`` over all channels in a loop whose q / dO chunks are read again from L2 (only its own
+    chunk stays resident), so every logit is computed once per channel chunk: ``ceil(C / BLOCK_C)`` times."""
+    cid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    q_base, k_base, v_base = q_ptr + b * G * C, k_ptr + b * N * C, v_ptr + b * N * C
+    o_base, do_base = out_ptr + b * G * C, do_ptr + b * G * C
+    dk_base, dv_base = dk_ptr + b * N * C, dv_ptr + b * N * C
+    noise_base = noise_ptr + b * G * N
+    ctr_base = _ctr_base(offset, tl.program_id(1), G, N, CTR64)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_mask = offs_g < G
+    rinv = tl.where(g_mask, 1.0 / (tl.load(d_ptr + b * G + offs_g, mask=g_mask, other=1.0).to(CD) + eps), 0.0)
+    delta = tl.zeros([BLOCK_G], dtype=CD)  # Delta_g = dO_g . O_g over all channels
+    for c0 in range(0, C, BLOCK_C):
+        delta += tl.sum(
+            _chunk(o_base, offs_g, g_mask, c0, C, BLOCK_C, CD) * _chunk(do_base, offs_g, g_mask, c0, C, BLOCK_C, CD),
+            axis=1,
+        )
+    c_own = cid * BLOCK_C
+    q_own = _chunk(q_base, offs_g, g_mask, c_own, C, BLOCK_C, DOT_T)
+    do_own = _chunk(do_base, offs_g, g_mask, c_own, C, BLOCK_C, DOT_T)
+    dq = tl.zeros([BLOCK_C, BLOCK_G], dtype=CD)  # dq^T of the own chunk
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        s = tl.zeros([BLOCK_N, BLOCK_G], dtype=CD)
+        dw = tl.zeros([BLOCK_N, BLOCK_G], dtype=CD)
+        for c0 in range(0, C, BLOCK_C):
+            s = tl.dot(
+                _chunk(k_base, offs_n, n_mask, c0, C, BLOCK_C, DOT_T),
+                tl.trans(_chunk(q_base, offs_g, g_mask, c0, C, BLOCK_C, DOT_T)),
+                s,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
+            dw = tl.dot(
+                _chunk(v_base, offs_n, n_mask, c0, C, BLOCK_C, DOT_T),
+                tl.trans(_chunk(do_base, offs_g, g_mask, c0, C, BLOCK_C, DOT_T)),
+                dw,
+                input_precision=PREC,
+                out_dtype=CD,
+            )
+        ds, wt = _tile_grads(
+            s,
+            dw,
+            delta,
+            rinv,
+            scale,
+            inv_tau,
+            noise_base,
+            seed,
+            ctr_base,
+            offs_n,
+            n_mask,
+            offs_g,
+            g_mask,
+            N,
+            NOISE,
+            HARD,
+            BLOCK_N,
+            BLOCK_G,
+            DOT_T,
+            CD,
+        )
+        k_own = _chunk(k_base, offs_n, n_mask, c_own, C, BLOCK_C, DOT_T)
+        dq = _bwd_chunk(
+            ds, wt, k_own, q_own, do_own, dq, dk_base, dv_base, offs_n, n_mask, c_own, C, BLOCK_C, DOT_T, CD, PREC
+        )
+    _store_t(dq_ptr + b * G * C, dq, offs_g, g_mask, c_own, C, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -557,15 +708,22 @@ def _fits(g: int, c: int) -> bool:
     return nc <= MAX_CHUNKS and bg * nc * bc <= ACC_BUDGET
 
 
-def _fits_smem(g: int, c: int, dtype: torch.dtype, backward: bool = True) -> bool:
+def _resident_fits(g: int, c: int, dtype: torch.dtype) -> bool:
     """Whether the backward's resident q / dO tiles (each held twice) fit a GPU block's shared memory: true for
-    16-bit inputs at every model shape, false for fp32 at stage 1 (whose forward fits). fp64 (FMA, the exact path
-    for gradcheck) must pass the same test in the forward. No limit in the interpreter."""
-    if not backward and dtype != torch.float64:
-        return True
+    16-bit inputs at every model shape, false for fp32 and fp64 at stage 1."""
     bg, bc, nc = _channel_blocks(g, c, backward=True)
     es = torch.empty((), dtype=dtype).element_size() * (2 if dtype == torch.float64 else 1)  # fp64: measured ~2x
-    return INTERPRET or 4 * bg * nc * bc * es <= RESIDENT_BUDGET
+    return 4 * bg * nc * bc * es <= RESIDENT_BUDGET
+
+
+def _fits_smem(g: int, c: int, dtype: torch.dtype, backward: bool = True) -> bool:
+    """Whether the op runs on a GPU at ``(g, c)``: 16-bit inputs where the backward's resident tiles fit
+    (:func:`_resident_fits`; the forward always), fp32 always (a backward whose resident tiles do not fit is the
+    streamed kernel), fp64 (FMA, the exact path for gradcheck) only where they fit, forward included. No limit in
+    the interpreter."""
+    if INTERPRET or dtype == torch.float32 or (not backward and dtype != torch.float64):
+        return True
+    return _resident_fits(g, c, dtype)
 
 
 def _config(
@@ -591,6 +749,10 @@ def _config(
     its backward on token tiles of 16 (spill-free and within 163 KB, sm_80 builds). Tokens are
     split across programs only when B programs leave SMs idle (448-px crops at small B); the partial sums are
     reduced in a fixed order (deterministic).
+    ``STREAMED`` (backward only): :func:`_assign_bwd_streamed_kernel`, one program per image and channel chunk, for
+    fp32 where the resident q / dO would not fit (stage 1: 438-462 KB) and for the 16-bit backward at G > 16 on
+    sm_80 (the resident kernel spills 52-176 B there): 16-token tiles, one stage, 8 warps; 64-channel chunks for
+    fp32 on sm_90 (128 spill 68 B), else 128 (sm_80 builds spill-free).
     Interpreter: whole dimensions in one tile (few, large programs), no split."""
     bg, bc, nc = _channel_blocks(g, c, backward)
     if INTERPRET:
@@ -605,6 +767,20 @@ def _config(
             num_stages=1,
         )
     wide = 4 if dtype == torch.float32 or dtype == torch.float64 else 2
+    if backward and (
+        (dtype == torch.float32 and not _resident_fits(g, c, dtype)) or (arch < 90 and wide == 2 and bg > 16)
+    ):
+        sbc = min(bc, 64) if arch >= 90 and wide == 4 else bc
+        return dict(
+            BLOCK_G=bg,
+            BLOCK_N=16,
+            BLOCK_C=sbc,
+            NC=triton.cdiv(c, sbc),
+            SPLITS=1,
+            STREAMED=True,
+            num_warps=8,
+            num_stages=1,
+        )
     bn = 64 if bg <= 16 else 32
     if wide == 4 or (backward and (bg > 16 or noise == NOISE_TENSOR)) or (arch < 90 and bg > 16):
         bn //= 2
@@ -653,31 +829,20 @@ def _launch(
     partial: bool,
 ) -> None:
     cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode, _arch()), **(blocks or {})}
+    streamed = cfg.pop("STREAMED", False) and backward  # a forward ignores it (tests share one blocks dict)
     cfg["NC"] = triton.cdiv(c, cfg["BLOCK_C"])
     splits, per = _split(n, cfg)
     del cfg["SPLITS"]
     dot_t, cd, prec = _types(dtype)
+    flags = dict(NOISE=noise_mode, HARD=hard, CTR64=_ctr64(offset, b, g, n), DOT_T=dot_t, CD=cd, PREC=prec)
     try:
-        kernel[(splits, b)](
-            *args,
-            seed,
-            offset,
-            g,
-            n,
-            c,
-            per,
-            scale,
-            1.0 / tau,
-            eps,
-            NOISE=noise_mode,
-            HARD=hard,
-            PARTIAL=partial,
-            CTR64=_ctr64(offset, b, g, n),
-            DOT_T=dot_t,
-            CD=cd,
-            PREC=prec,
-            **cfg,
-        )
+        if streamed:  # grid (channel chunks, B); no token split (the launcher's _splits says 1)
+            grid = (cfg.pop("NC"), b)
+            _assign_bwd_streamed_kernel[grid](*args, seed, offset, g, n, c, scale, 1.0 / tau, eps, **flags, **cfg)
+        else:
+            kernel[(splits, b)](
+                *args, seed, offset, g, n, c, per, scale, 1.0 / tau, eps, PARTIAL=partial, **flags, **cfg
+            )
     except OutOfResources as e:  # e.g. a GPU with ~100 KB of shared memory per block (sm_86 / sm_89)
         raise RuntimeError(
             f"assign_attention ({'backward' if backward else 'forward'}, B={b} G={g} N={n} C={c}, "
@@ -688,8 +853,11 @@ def _launch(
 
 
 def _splits(b: int, g: int, n: int, c: int, dtype: torch.dtype, backward: bool, blocks, noise_mode: int) -> int:
-    """Programs per image as :func:`_launch` will pick them (same config: the token tile depends on the noise mode)."""
+    """Programs per image as :func:`_launch` will pick them (same config: the token tile depends on the noise mode;
+    the streamed backward never splits tokens)."""
     cfg = {**_config(b, g, n, c, dtype, backward, _num_sms(), noise_mode, _arch()), **(blocks or {})}
+    if backward and cfg.get("STREAMED"):
+        return 1
     return _split(n, cfg)[0]
 
 
@@ -1087,7 +1255,8 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
             if not _fits_smem(g, c, dtype, bwd):  # the public op refuses these shapes on a GPU
                 continue
             cfg = _config(b, g, n, c, dtype, bwd, num_sms, noise, arch)
-            splits, per = _split(n, cfg)
+            streamed = cfg.pop("STREAMED", False)
+            splits, per = (1, n) if streamed else _split(n, cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             del cfg["SPLITS"]
             partial = splits > 1
@@ -1103,7 +1272,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
                 dk_ptr=dtype,
                 dv_ptr=dtype,
             )
-            fn = _assign_bwd_kernel if bwd else _assign_fwd_kernel
+            fn = _assign_bwd_streamed_kernel if streamed else _assign_bwd_kernel if bwd else _assign_fwd_kernel
             args = {p.name: ptrs[p.name] for p in fn.params if p.name in ptrs}
             args.update(
                 seed=12345,
@@ -1124,6 +1293,7 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
                 PREC=prec,
                 **cfg,
             )
+            args = {p.name: args[p.name] for p in fn.params}  # the streamed kernel takes no NC, n_split, PARTIAL
             out.append(
                 Variant(
                     op="assign_attention",
@@ -1134,14 +1304,15 @@ def variants(shape: dict[str, int], dtype: torch.dtype, num_sms: int = _SMS) -> 
                     args=args,
                     num_warps=warps,
                     num_stages=stages,
-                    grid=(splits, b),
+                    grid=(cfg["NC"], b) if streamed else (splits, b),
                     flops=spec.flops(shape, kname),
                     bytes=spec.bytes(shape, kname, es),
-                    logits_per_iter=g * cfg["BLOCK_N"],
-                    inner_trips=1,
+                    logits_per_iter=g * cfg["BLOCK_N"] / (cfg["NC"] if streamed else 1),  # streamed: NC programs
+                    inner_trips=cfg["NC"] if streamed else 1,  # its loop over all channel chunks
                     floor_dtype=floor,
                     meta=dict(mode=mode),
-                    config=" ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
+                    config=("streamed " if streamed else "")
+                    + " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
                     + f" S={splits} w{warps} s{stages}",
                 )
             )
