@@ -162,13 +162,16 @@ def _fwd_tile(
     over the images (the cheap direction of the tensor-core layout) into each text's base-2 LSE over the tile."""
     p = tl.exp2(_cosines(bt, at, txt_ok, img_ok, MASKED, PRECISION, ACC) * s2 - a2)
     l2d += p
-    lc = _log2(tl.sum(p, 1), FAST_LOG)  # [BN], relative to a2
+    lc = tl.sum(p, 1)  # [BN]
+    if MASKED:  # padded texts: no log2(0)
+        lc = tl.where(txt_ok, lc, 1.0)
+    lc = _log2(lc, FAST_LOG)  # relative to a2
     if _out_of_window(lc, txt_ok):  # rare: exact LSE with each text's max (the dot again: no live copy of r)
         r = _cosines(bt, at, txt_ok, img_ok, MASKED, PRECISION, ACC)
         cm = tl.max(r, 1) * s2
         if MASKED:
             cm = tl.where(txt_ok, cm, 0.0)
-        lc = cm - a2 + _log2(tl.sum(tl.exp2(r * s2 - cm[:, None]), 1), FAST_LOG)
+        lc = cm - a2 + _log2(tl.maximum(tl.sum(tl.exp2(r * s2 - cm[:, None]), 1), 1.0), FAST_LOG)  # own max: >= 1
     return l2d, a2 + lc
 
 
@@ -412,7 +415,7 @@ def _fwd_row_tile(
         _store_part(c_base + offs_n, cpart, txt_ok, MERGE, True, FAST_LOG)
         b_base += BLOCK_N * stride_t
         c_base += BLOCK_N
-    tl.store(row_part + rows, a2 + _log2(tl.sum(l2d, 0), FAST_LOG), mask=row_ok)
+    tl.store(row_part + rows, a2 + _log2(tl.where(row_ok, tl.sum(l2d, 0), 1.0), FAST_LOG), mask=row_ok)
 
 
 @triton.jit
