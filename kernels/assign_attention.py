@@ -21,6 +21,10 @@ Design (sm_90a compiled-code figures: ``python -m bench.kernel_report``, README 
   the launcher then reduces fp32 partial sums in a fixed order, so results stay bitwise deterministic (no atomics).
 * Nothing of size ``G x N`` is stored. The forward saves ``out`` and ``d [B,G]`` (group sizes, fp32); the backward
   recomputes logits, noise, softmax and argmax per tile and uses ``Delta_g = dO_g . O_g`` (docs/kernels.md §1.2).
+* Where the backward's resident q / dO (or its dq accumulators next to mma.sync's register operands) do not fit
+  (fp32 at stage 1; 16-bit at G = 64 on sm_80), the launcher picks the *streamed* backward instead: grid
+  ``(channel chunks, B)``, each program owning one chunk of dq / dk / dv and recomputing the tile's logits over all
+  channels, q / dO chunks re-read from L2 (docs/kernels.md §1.3).
 * Gumbel noise: one Philox-4x32-10 call (``tl.randint4x``) per 4 groups, all four words used; element
   ``(b, g, n)`` is word ``g % 4`` of counter ``offset + (b * ceil(G/4) + g // 4) * N + n`` (logical indices, not
   tiles: independent of block sizes and grid). Word -> ``u = (2 (w >> 9) + 1) 2^-24`` (exact, never 0 or 1: no
