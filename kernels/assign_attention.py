@@ -314,30 +314,21 @@ def _assign_fwd_kernel(
 
 @triton.jit
 def _tile_grads(
-    s,
+    x,
     dw,
     delta,
     rinv,
     scale,
     inv_tau,
-    noise_base,
-    seed,
-    ctr_base,
-    offs_n,
-    n_mask,
     offs_g,
     g_mask,
-    N,
-    NOISE: tl.constexpr,
+    n_mask,
     HARD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     DOT_T: tl.constexpr,
     CD: tl.constexpr,
 ):
-    """A token tile's ``(ds, wt)`` ``[BN, BG]`` (in ``DOT_T``) from its raw logits ``s = k q^T`` and ``dw = v dO^T``:
-    noise, group softmax (and argmax), then docs/kernels.md §1.2 steps 2-4."""
-    x = _logits(s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD)
+    """A token tile's ``(ds, wt)`` ``[BN, BG]`` (in ``DOT_T``) from its logits ``x`` (:func:`_logits`) and
+    ``dw = v dO^T``: group softmax (and argmax), then docs/kernels.md §1.2 steps 2-4."""
     y = _group_softmax(x, inv_tau, n_mask)  # [BN, BG]
     if HARD:
         a = _one_hot_argmax(x, offs_g, g_mask, n_mask, CD)
@@ -488,28 +479,10 @@ def _assign_bwd_kernel(
                 input_precision=PREC,
                 out_dtype=CD,
             )
-        ds, wt = _tile_grads(
-            s,
-            dw,
-            delta,
-            rinv,
-            scale,
-            inv_tau,
-            noise_base,
-            seed,
-            ctr_base,
-            offs_n,
-            n_mask,
-            offs_g,
-            g_mask,
-            N,
-            NOISE,
-            HARD,
-            BLOCK_N,
-            BLOCK_G,
-            DOT_T,
-            CD,
+        x = _logits(
+            s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD
         )
+        ds, wt = _tile_grads(x, dw, delta, rinv, scale, inv_tau, offs_g, g_mask, n_mask, HARD, DOT_T, CD)
         dq0 = _bwd_chunk(ds, wt, k0, q0, do0, dq0, dk_base, dv_base, offs_n, n_mask, 0, C, BLOCK_C, DOT_T, CD, PREC)
         if NC > 1:
             dq1 = _bwd_chunk(
@@ -611,28 +584,10 @@ def _assign_bwd_streamed_kernel(
                 input_precision=PREC,
                 out_dtype=CD,
             )
-        ds, wt = _tile_grads(
-            s,
-            dw,
-            delta,
-            rinv,
-            scale,
-            inv_tau,
-            noise_base,
-            seed,
-            ctr_base,
-            offs_n,
-            n_mask,
-            offs_g,
-            g_mask,
-            N,
-            NOISE,
-            HARD,
-            BLOCK_N,
-            BLOCK_G,
-            DOT_T,
-            CD,
+        x = _logits(
+            s, scale, noise_base, seed, ctr_base, offs_n, n_mask, offs_g, g_mask, N, NOISE, BLOCK_N, BLOCK_G, CD
         )
+        ds, wt = _tile_grads(x, dw, delta, rinv, scale, inv_tau, offs_g, g_mask, n_mask, HARD, DOT_T, CD)
         k_own = _chunk(k_base, offs_n, n_mask, c_own, C, BLOCK_C, DOT_T)
         dq = _bwd_chunk(
             ds, wt, k_own, q_own, do_own, dq, dk_base, dv_base, offs_n, n_mask, c_own, C, BLOCK_C, DOT_T, CD, PREC
