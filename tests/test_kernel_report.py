@@ -5,9 +5,9 @@ for sm_80) in a fresh process (``TRITON_INTERPRET=0``, an empty Triton cache: no
 fails when one of them spills, exceeds shared memory or lowers a bf16/fp16/tf32 dot to FMA. It covers: contrastive
 forward (bf16, first and last autotune config; fp32 at tf32; the rows-fallback launch ``fwd_fix``), both contrastive
 backward kernels at K = 3 (bf16), assign forward and backward in training mode (bf16, stage 1; the fp32 stage-1
-backward); on sm_80 the contrastive forward (bf16, fp32 at tf32), the assign stage-1 forward (bf16, fp32 at tf32), stage-1 backward (bf16) and stage-2 backward (bf16, fp32). The full report
-(every config, both targets, every dtype) is ``python -m bench.kernel_report``; its committed output is
-bench/results/kernel_report.md.
+backward); on sm_80 the contrastive forward (bf16, fp32 at tf32), the assign stage-1 forward (bf16, fp32 at tf32),
+stage-1 backward (bf16) and stage-2 backward (bf16, fp32). The full report (every config, both targets, every dtype)
+is ``python -m bench.kernel_report``; its committed output is bench/results/kernel_report.md.
 The other tests check the readers on hand-made inputs, so that the gate itself can fail.
 """
 
