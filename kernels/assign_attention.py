@@ -947,8 +947,9 @@ def _seed_op(like: Tensor) -> Tensor:
     """A fresh Philox seed as a CPU int64 ``[1]`` tensor in ``[0, 2**31 - 1)``, from torch's default CPU generator
     whatever ``like``'s device (so ``torch.manual_seed`` governs it and a CUDA call needs no host-device sync).
     ``like`` (the call's q) is not read: it ties the draw to its call, so that a compiled graph orders the draws of
-    successive calls by their data dependencies and never merges two of them. A custom op (one graph node, run
-    eagerly by every torch.compile backend): compiled and eager runs draw the same seeds."""
+    successive calls by their data dependencies and does not merge the draws of calls on different q (two calls on
+    the very same q tensor in one graph could be merged by common-subexpression elimination). A custom op (one
+    graph node, run eagerly by every torch.compile backend): compiled and eager runs draw the same seeds."""
     del like
     return torch.randint(0, 2**31 - 1, (1,))
 
