@@ -940,22 +940,26 @@ def _check_launchable(device: torch.device, what: str) -> None:
 _STREAM_BLOCK = 1 << 16 if INTERPRET else 1024  # elements per program of the noise/bits materialisers
 
 
+_DRAWS = torch.zeros((1,), dtype=torch.int64)  # seeds drawn so far; mutated by every draw (see _seed_op)
+
+
 @torch.library.custom_op(
-    "groupvit_kernels::assign_attention_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+    "groupvit_kernels::assign_attention_seed", mutates_args=("draws",), tags=(torch.Tag.nondeterministic_seeded,)
 )
-def _seed_op(like: Tensor) -> Tensor:
+def _seed_op(like: Tensor, draws: Tensor) -> Tensor:
     """A fresh Philox seed as a CPU int64 ``[1]`` tensor in ``[0, 2**31 - 1)``, from torch's default CPU generator
     whatever ``like``'s device (so ``torch.manual_seed`` governs it and a CUDA call needs no host-device sync).
-    ``like`` (the call's q) is not read: it ties the draw to its call, so that a compiled graph orders the draws of
-    successive calls by their data dependencies and does not merge the draws of calls on different q (two calls on
-    the very same q tensor in one graph could be merged by common-subexpression elimination). A custom op (one
+    ``like`` (the call's q) is not read: it orders the draw after q exists. ``draws`` (:data:`_DRAWS`) is
+    incremented: a side effect that chains successive draws in a compiled graph, so that none is merged with
+    another (common-subexpression elimination would merge two draws on the same q otherwise). A custom op (one
     graph node, run eagerly by every torch.compile backend): compiled and eager runs draw the same seeds."""
     del like
+    draws += 1
     return torch.randint(0, 2**31 - 1, (1,))
 
 
 @_seed_op.register_fake
-def _seed_fake(like):
+def _seed_fake(like, draws):
     return torch.empty((1,), dtype=torch.int64)
 
 
@@ -964,7 +968,7 @@ def draw_seed(device: torch.device | str | None = None) -> int:
     same draw from torch's default CPU generator for every ``device``. ``gumbel_noise(draw_seed(), 0, shape)``
     after the same ``torch.manual_seed`` is therefore that call's noise."""
     del device  # same generator for every device, see docstring
-    return _host_seed(_seed_op(torch.empty(0)))
+    return _host_seed(_seed_op(torch.empty(0), _DRAWS))
 
 
 def _host_seed(seed: Optional[Tensor]) -> int:
@@ -1177,7 +1181,7 @@ def assign_attention(
     if noise is not None:
         mode, noise = NOISE_TENSOR, noise.detach().contiguous()
     elif gumbel:
-        mode, seed = NOISE_PHILOX, _seed_op(q)  # a graph node under torch.compile, no break
+        mode, seed = NOISE_PHILOX, _seed_op(q, _DRAWS)  # a graph node under torch.compile, no break
     else:
         mode = NOISE_OFF
     out, _ = _fwd_op(q, k, v, noise, seed, 0, float(tau), bool(hard), mode, float(eps), s)

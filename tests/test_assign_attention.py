@@ -489,6 +489,23 @@ def test_traced_by_dynamo_without_graph_breaks(gumbel, device):
         assert not torch.equal(f(q, k, v), want)
 
 
+def test_compiled_graph_keeps_every_seed_draw(device):
+    """Two training-mode calls on the very same inputs in one compiled graph draw two seeds, as eager does (AOT
+    autograd's common-subexpression elimination merged them while the draw was a pure op of q)."""
+    (q, k, v), _ = SPEC.make_inputs(SPEC.case("odd-7x13x24"), torch.float32, device, 3)
+
+    def f(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        a = aa.assign_attention(q, k, v, gumbel=True, hard=False, tau=0.5)
+        return a - aa.assign_attention(q, k, v, gumbel=True, hard=False, tau=0.5)
+
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q.requires_grad_(), k, v)
+    torch.manual_seed(4)
+    want = f(q, k, v)
+    assert want.abs().max() > 0.1 and torch.equal(got, want)
+
+
 def test_ops_switch_kernel_noise_parity(device):
     """groupvit.ops relies on draw_seed/gumbel_noise: eager with kernel noise == triton, same manual_seed."""
     from groupvit import ops
