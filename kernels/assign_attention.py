@@ -540,10 +540,11 @@ def _assign_bwd_streamed_kernel(
     CD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The backward for inputs whose q / dO do not fit shared memory (fp32 at G = 64, C = 384; docs/kernels.md
-    §1.3). Program ``(chunk, b)`` owns channels ``[chunk * BLOCK_C, ..)`` of dq, dk, dv: per token tile it computes
-    the logits and ``dO v^T`` over all channels in a loop whose q / dO chunks are read again from L2 (only its own
-    chunk stays resident), so every logit is computed once per channel chunk: ``ceil(C / BLOCK_C)`` times."""
+    """The backward where the resident one does not fit shared memory (fp32 at G = 64, C = 384) or spills (16-bit at
+    G = 64 on sm_80; docs/kernels.md §1.3). Program ``(chunk, b)`` owns channels ``[chunk * BLOCK_C, ..)`` of dq,
+    dk, dv: per token tile it computes the logits and ``dO v^T`` over all channels in a loop whose q / dO chunks are
+    read again from L2 (only its own chunk stays resident), so every logit is computed once per channel chunk:
+    ``ceil(C / BLOCK_C)`` times."""
     cid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     q_base, k_base, v_base = q_ptr + b * G * C, k_ptr + b * N * C, v_ptr + b * N * C
