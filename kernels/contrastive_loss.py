@@ -434,6 +434,23 @@ def _grad_tile(x, fixed, loop_lse, loop_w, roww, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _loop_part(PART: tl.constexpr, p0, p1, n_full, n_tiles):
+    """Tiles ``[lo, hi)`` of part ``PART`` of a backward loop: 0 the full tiles before the ones that hold positives
+    (``[p0, p1)``), 1 those (masked, positives; ``SLOW``), 2 the full tiles after them, 3 the ragged last tile
+    (masked)."""
+    p1 = tl.maximum(p1, p0)
+    lo = p0 * 0
+    hi = tl.minimum(p0, n_full)
+    if PART == 1:
+        lo, hi = p0, p1
+    if PART == 2:
+        lo, hi = p1, n_full
+    if PART == 3:
+        lo, hi = tl.maximum(p1, n_full), n_tiles
+    return lo, hi
+
+
+@triton.jit
 def _rows_loop(
     a,
     acc,
@@ -544,110 +561,12 @@ def _bwd_rows_kernel(
     p0 = (col0 + r0 * K) // BLOCK_N  # column tiles [p0, p1) hold this row tile's positives
     p1 = (col0 + tl.minimum(r0 + BLOCK_M, B) * K - 1) // BLOCK_N + 1
     # column tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
-    acc, rs = _rows_loop(
-        a,
-        acc,
-        rs,
-        r2,
-        rows,
-        roww,
-        s2,
-        txt_ptr,
-        c2_ptr,
-        colw_ptr,
-        0,
-        tl.minimum(p0, n_full),
-        M,
-        stride_t,
-        col0,
-        K,
-        d_ok,
-        False,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, rs = _rows_loop(
-        a,
-        acc,
-        rs,
-        r2,
-        rows,
-        roww,
-        s2,
-        txt_ptr,
-        c2_ptr,
-        colw_ptr,
-        p0,
-        p1,
-        M,
-        stride_t,
-        col0,
-        K,
-        d_ok,
-        True,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, rs = _rows_loop(
-        a,
-        acc,
-        rs,
-        r2,
-        rows,
-        roww,
-        s2,
-        txt_ptr,
-        c2_ptr,
-        colw_ptr,
-        p1,
-        n_full,
-        M,
-        stride_t,
-        col0,
-        K,
-        d_ok,
-        False,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, rs = _rows_loop(
-        a,
-        acc,
-        rs,
-        r2,
-        rows,
-        roww,
-        s2,
-        txt_ptr,
-        c2_ptr,
-        colw_ptr,
-        tl.maximum(p1, n_full),
-        n_tiles,
-        M,
-        stride_t,
-        col0,
-        K,
-        d_ok,
-        True,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
+    for part in tl.static_range(4):
+        lo, hi = _loop_part(part, p0, p1, n_full, n_tiles)
+        acc, rs = _rows_loop(
+            a, acc, rs, r2, rows, roww, s2, txt_ptr, c2_ptr, colw_ptr, lo, hi, M, stride_t, col0, K, d_ok,
+            part % 2 == 1, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC,
+        )  # fmt: skip
     acc = acc * tl.load(out_scale_ptr)
     tl.store(
         di_ptr + r0.to(tl.int64) * D + _tile_offs(D, BLOCK_M, BLOCK_D),
@@ -768,110 +687,12 @@ def _bwd_cols_kernel(
     p0 = tl.where(has, ((j_lo - col0) // K) // BLOCK_M, 0)
     p1 = tl.where(has, ((tl.maximum(j_hi, j_lo + 1) - 1 - col0) // K) // BLOCK_M + 1, 0)
     # row tiles: full ones before the positives, the positive ones, full ones after, the ragged last one
-    acc, cs = _cols_loop(
-        bt,
-        acc,
-        cs,
-        c2,
-        cw,
-        cols,
-        roww,
-        s2,
-        img_ptr,
-        r2_ptr,
-        0,
-        tl.minimum(p0, n_full),
-        B,
-        stride_i,
-        col0,
-        K,
-        d_ok,
-        False,
-        BLOCK_M,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, cs = _cols_loop(
-        bt,
-        acc,
-        cs,
-        c2,
-        cw,
-        cols,
-        roww,
-        s2,
-        img_ptr,
-        r2_ptr,
-        p0,
-        p1,
-        B,
-        stride_i,
-        col0,
-        K,
-        d_ok,
-        True,
-        BLOCK_M,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, cs = _cols_loop(
-        bt,
-        acc,
-        cs,
-        c2,
-        cw,
-        cols,
-        roww,
-        s2,
-        img_ptr,
-        r2_ptr,
-        tl.maximum(p1, p0),
-        n_full,
-        B,
-        stride_i,
-        col0,
-        K,
-        d_ok,
-        False,
-        BLOCK_M,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
-    acc, cs = _cols_loop(
-        bt,
-        acc,
-        cs,
-        c2,
-        cw,
-        cols,
-        roww,
-        s2,
-        img_ptr,
-        r2_ptr,
-        tl.maximum(tl.maximum(p1, p0), n_full),
-        n_tiles,
-        B,
-        stride_i,
-        col0,
-        K,
-        d_ok,
-        True,
-        BLOCK_M,
-        BLOCK_D,
-        EVEN_D,
-        UPCAST,
-        PRECISION,
-        ACC,
-    )
+    for part in tl.static_range(4):
+        lo, hi = _loop_part(part, p0, p1, n_full, n_tiles)
+        acc, cs = _cols_loop(
+            bt, acc, cs, c2, cw, cols, roww, s2, img_ptr, r2_ptr, lo, hi, B, stride_i, col0, K, d_ok,
+            part % 2 == 1, BLOCK_M, BLOCK_D, EVEN_D, UPCAST, PRECISION, ACC,
+        )  # fmt: skip
     acc = acc * tl.load(out_scale_ptr)
     tl.store(
         dt_ptr + c0.to(tl.int64) * D + _tile_offs(D, BLOCK_N, BLOCK_D),
