@@ -184,7 +184,7 @@ def step_budget(
 
     full = TextPlan(((None, plan.groups[0][1].new_zeros(n_text), tokens.shape[1]),), None)  # no trimming
     parts = {
-        "image tower": lambda: model.img_projector(model.img_encoder(images)[0].mean(dim=1)).sum().backward(),
+        "image tower": lambda: model.encode_image(images).sum().backward(),
         "text tower": lambda: model.text_projector(model.text_encoder(tokens, plan)).sum().backward(),
         "losses": losses,
         "optimizer": optimizer,

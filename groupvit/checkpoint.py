@@ -539,6 +539,11 @@ def _check_hf_compatible(cfg: GroupViTConfig) -> None:
             "HF GroupViT always has the pre-assign cross-attention; a model built with "
             "vision.pre_assign_attn=False (the demo preset) has no HuggingFace equivalent"
         )
+    if cfg.vision.pool != "all":
+        raise ValueError(
+            f"HF GroupViT averages all final groups; a model built with vision.pool={cfg.vision.pool!r} (the demo "
+            "preset) has no HuggingFace equivalent"
+        )
 
 
 def export_hf(model: GroupViT, folder: str | os.PathLike | None = None) -> StateDict:

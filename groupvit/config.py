@@ -32,8 +32,14 @@ class VisionConfig:
     # The group tokens cross-attend to the image before the assignment (official: always). Off only in the toy demo
     # preset, where that global read-out lets the contrastive loss ignore the segments (docs/demo.md).
     pre_assign_attn: bool = True
+    # The image embedding averages the final groups: "all" of them (official), or only the "used" ones, those that
+    # received at least one image token. Used only in the toy demo preset: there most groups are empty in any one
+    # image, and their constant outputs let the background segments take any text direction (docs/demo.md §6).
+    pool: str = "all"
 
     def __post_init__(self) -> None:
+        if self.pool not in ("all", "used"):
+            raise ValueError(f"vision pool must be 'all' (official) or 'used', got {self.pool!r}")
         object.__setattr__(self, "depths", tuple(self.depths))
         object.__setattr__(self, "num_group_tokens", tuple(self.num_group_tokens))
         object.__setattr__(self, "num_output_groups", tuple(self.num_output_groups))

@@ -147,11 +147,26 @@ class VisionEncoder(nn.Module):
         x = x + self.pos_embed_for(h, w)
         t = None
         maps: list[GroupingMaps] = []
+        return_maps = return_maps or self.cfg.pool == "used"  # pool() counts each group's tokens from the maps
         for stage in self.layers:
             x, t, m = stage(x, t, return_maps=return_maps)
             if m is not None:
                 maps.append(m)
         return self.norm(x), maps, (h, w)  # [B, G_last, C]
+
+    def pool(self, z: Tensor, maps: list[GroupingMaps]) -> Tensor:
+        """Final group features ``[B, G, C]`` -> image feature ``[B, C]``: the mean over all groups (``pool="all"``,
+        official) or over the groups that hold at least one image token (``pool="used"``; token counts chained
+        through every stage's hard map, no gradient through the choice)."""
+        if self.cfg.pool == "all":
+            return z.mean(dim=1)
+        if not maps:
+            raise ValueError("VisionEncoder.pool: pool='used' needs the grouping maps of forward()")
+        n = torch.ones(z.shape[0], maps[0].hard.shape[-1], 1, device=z.device, dtype=z.dtype)  # [B, N, 1]
+        for m in maps:
+            n = m.hard.detach().to(z.dtype) @ n  # tokens per group, [B, G, 1]
+        used = (n > 0.5).to(z.dtype)
+        return (z * used).sum(dim=1) / used.sum(dim=1).clamp(min=1)
 
     def _check(self, images: Tensor) -> None:
         cfg = self.cfg
@@ -362,19 +377,47 @@ class GroupViT(nn.Module):
             nn.init.normal_(blk.mlp.c_fc.weight, std=(2 * w) ** -0.5)
             nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
 
+    def grouping_parameters(self) -> list[nn.Parameter]:
+        """The parameters that decide which group each image token joins: patch and position embedding, the group
+        tokens and their projectors, and in every grouping block the norms, token MLP, pre-assign cross-attention
+        and the assignment's query/key projections (not the values or anything after the assignment). Exactly what
+        decides a first grouping stage without transformer blocks (the demo's layout); blocks, and for later stages
+        the earlier stages' outputs, shape the keys too but are not listed."""
+        enc, out = self.img_encoder, []
+        out += [enc.pos_embed, *enc.patch_embed.parameters()]
+        for stage in enc.layers:
+            if stage.downsample is None:
+                continue
+            ds = stage.downsample
+            out.append(stage.group_token)
+            if stage.group_projector is not None:
+                out += stage.group_projector.parameters()
+            for mod in (
+                ds.norm_tokens,
+                ds.mlp_inter,
+                ds.norm_post_tokens,
+                ds.norm_x,
+                ds.pre_assign_attn,
+                ds.assign.q_proj,
+                ds.assign.k_proj,
+            ):
+                if mod is not None:
+                    out += mod.parameters()
+        return out
+
     # ---- encoders ------------------------------------------------------------------------------------------------
 
     def encode_image(self, images: Tensor) -> Tensor:
         """Projected image embedding ``[B, D]`` (not normalised) of normalised images ``[B, 3, H, W]``."""
-        z, _, _ = self.img_encoder(images)  # [B, G_last, C]
-        return self.img_projector(z.mean(dim=1))
+        z, maps, _ = self.img_encoder(images)  # [B, G_last, C]
+        return self.img_projector(self.img_encoder.pool(z, maps))
 
     def encode_image_groups(self, images: Tensor, *, return_maps: bool = True) -> ImageGroups:
         """Image embedding plus the grouping internals: per-stage soft/hard maps ``[B, G, N]``, the final group
         features ``[B, G_last, C]`` and their projected embeddings ``[B, G_last, D]`` (segmentation uses these)."""
         z, maps, grid = self.img_encoder(images, return_maps=return_maps)
         return ImageGroups(
-            embedding=self.img_projector(z.mean(dim=1)),
+            embedding=self.img_projector(self.img_encoder.pool(z, maps)),
             group_features=z,
             maps=maps,
             grid=grid,
@@ -425,8 +468,8 @@ class GroupViT(nn.Module):
             )
         if texts.shape[1] > 1 and self.multi_label_logit_scale is None:
             raise ValueError(f"texts carry {texts.shape[1] - 1} prompts but the model has multi_label=0")
-        z, _, _ = self.img_encoder(images)  # [B, G_last, C]
-        return z.mean(dim=1), self.text_encoder(texts.reshape(-1, texts.shape[-1]), text_plan)
+        z, maps, _ = self.img_encoder(images)  # [B, G_last, C]
+        return self.img_encoder.pool(z, maps), self.text_encoder(texts.reshape(-1, texts.shape[-1]), text_plan)
 
     def project(self, image_features: Tensor, text_features: Tensor, *, num_texts: int) -> GroupViTOutput:
         """Projectors and L2 normalisation of :meth:`forward_towers`' outputs ``[B, C]``, ``[B*num_texts, W]``

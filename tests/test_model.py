@@ -232,3 +232,71 @@ def test_demo_preset_model_without_pre_assign_attention():
         groupvit.export_hf(model)
     with pytest.raises(ValueError, match="pre-assign"):
         hf_config_kwargs(model.cfg)
+
+
+def test_pool_used_averages_only_groups_that_hold_tokens():
+    """``vision.pool="used"`` (the demo preset): the image feature is the mean of the final groups that received at
+    least one patch, counted here per image from the argmax assignment of every stage (independently of
+    ``VisionEncoder.pool``'s chained matrix products); ``"all"`` stays the plain mean."""
+    torch.manual_seed(3)
+    over = {"vision.depths": [0, 0, 0], "vision.num_group_tokens": [16, 6, 0], "vision.num_output_groups": [16, 6]}
+    used = groupvit.create_model("groupvit-tiny", **over, **{"vision.pool": "used"}).eval()
+    plain = groupvit.create_model("groupvit-tiny", **over).eval()
+    plain.load_state_dict(used.state_dict())
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g = used.encode_image_groups(images, return_maps=True)
+        emb_plain = plain.encode_image(images)
+    z = g.group_features  # [B, G, C]
+    expected, n_used = [], []
+    for b in range(images.shape[0]):
+        group_of = g.maps[0].hard[b].argmax(0)  # [N] stage-1 group of every patch
+        group_of = g.maps[1].hard[b].argmax(0)[group_of]  # [N] final group of every patch
+        keep = torch.bincount(group_of, minlength=z.shape[1]) > 0
+        n_used.append(int(keep.sum()))
+        expected.append(z[b, keep].mean(0))
+    assert min(n_used) < z.shape[1], n_used  # some groups are empty: the two pools differ
+    with torch.no_grad():
+        want = used.img_projector(torch.stack(expected))
+        torch.testing.assert_close(g.embedding, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(used.encode_image(images), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(emb_plain, plain.img_projector(z.mean(1)), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(emb_plain, g.embedding, atol=1e-3)
+    used.train()  # training: the Gumbel-noised assignment decides, gradients flow
+    out = used(images, torch.randint(1, 400, (5, 1 + 3, 16)))
+    groupvit.GroupViTLoss()(out)["loss"].backward()
+    assert all(p.grad is not None for p in used.img_encoder.layers[0].downsample.assign.parameters())
+    with pytest.raises(ValueError, match="pool"):
+        groupvit.create_model("groupvit-tiny", **{"vision.pool": "nonempty"})
+    with pytest.raises(ValueError, match="averages all final groups"):
+        groupvit.export_hf(used)
+
+
+def test_grouping_parameters_are_what_decides_the_assignment():
+    """One grouping stage without blocks (the demo's layout): perturbing any parameter *not* in
+    ``grouping_parameters()`` leaves the hard assignment unchanged; perturbing the listed ones changes it (the
+    demo's ``optim.freeze_grouping_steps`` freezes them)."""
+    torch.manual_seed(0)
+    over = {"vision.depths": [0, 0], "vision.num_group_tokens": [8, 0], "vision.num_output_groups": [8]}
+    model = groupvit.create_model("groupvit-tiny", **over).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def assignment() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [m.hard.argmax(1) for m in model.encode_image_groups(images).maps]
+
+    before = assignment()
+    listed = {id(p) for p in model.grouping_parameters()}
+    assert len(listed) == len(model.grouping_parameters())  # no duplicates
+    names = [n for n, p in model.named_parameters() if id(p) in listed]
+    assert any(".assign.q_proj" in n for n in names) and any("pre_assign_attn" in n for n in names)
+    assert not any(".assign.v_proj" in n or ".assign.proj" in n or "mlp_channels" in n for n in names)
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in listed:
+                p.add_(torch.randn_like(p))
+    assert all(torch.equal(a, b) for a, b in zip(before, assignment()))
+    with torch.no_grad():
+        for p in model.grouping_parameters():
+            p.add_(torch.randn_like(p))
+    assert not all(torch.equal(a, b) for a, b in zip(before, assignment()))

@@ -6,6 +6,7 @@ import io
 import json
 import random
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,28 @@ def test_train_shards_carry_the_objects_as_prompt_words(tmp_path):
         assert sorted(words, key=caption.index) == words  # caption order
         prompts = make_prompts(caption, 3, random.Random(0), words=words)
         assert all(any(w in p for w in words) for p in prompts[: len(words)])
+
+
+def test_object_free_images_every_nth(tmp_path):
+    """``empty_every=n``: training samples n-1, 2n-1, ... are a background alone captioned "a grey background" with no
+    prompt words; every other sample and the held-out split are exactly those of ``empty_every=0``."""
+    base = generate(12, seed=2, size=32)
+    mixed = generate(12, seed=2, size=32, empty_every=4)
+    for i, (b, m) in enumerate(zip(base, mixed)):
+        if i % 4 == 3:
+            img = np.asarray(m[0], np.float32)
+            assert m[1] == "a grey background" and not m[2].any()
+            assert np.abs(img - img.mean(2, keepdims=True)).max() < 60  # grey (low saturation), no coloured object
+            assert not _same([b], [m])
+        else:
+            assert _same([b], [m]), i
+    assert _same(generate(6, seed=2, size=32, split="val", empty_every=4), generate(6, seed=2, size=32, split="val"))
+    with pytest.raises(ValueError, match="empty_every"):
+        generate(2, empty_every=-1)
+    res = write_synthetic_shards(tmp_path, n_train=8, n_val=2, seed=2, size=32, shard_size=8, empty_every=4)
+    assert json.loads((tmp_path / "manifest.json").read_text())["params"]["empty_every"] == 4
+    with tarfile.open(res.train[0]) as tar:
+        caps = {m.name[: -len(".txt")]: tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")}
+        words = json.loads(tar.extractfile("train00000003.nouns").read())["words"]
+    assert caps["train00000003"] == caps["train00000007"] == "a grey background" and len(caps) == 8
+    assert words == [] and caps["train00000002"] == base[2][1]

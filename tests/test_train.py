@@ -211,6 +211,35 @@ def test_nonfinite_loss_reported_and_skipped():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_train_step_leaves_frozen_parameters_untouched():
+    """``frozen`` (``optim.freeze_grouping_steps``): those parameters keep their values bit for bit (no AdamW step, no
+    weight decay, no optimizer state), the others move; the clip norm is over the unfrozen gradients only."""
+    model = _tiny_model()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    loss_fn = groupvit.GroupViTLoss()
+    batch = _batch(4, seed=3)
+    frozen = model.grouping_parameters()
+    ids = {id(p) for p in frozen}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = _tiny_model()
+    ref_opt = build_optimizer(ref, lr=1e-3, weight_decay=0.05)
+    torch.manual_seed(7)  # the same Gumbel noise in both steps
+    r_ref = train_step(ref, loss_fn, ref_opt, batch, clip_grad=0.0)  # the same step without freezing
+    full_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    torch.manual_seed(7)
+    r = train_step(model, loss_fn, opt, batch, clip_grad=0.0, frozen=frozen)
+    for n, p in model.named_parameters():
+        if id(p) in ids:
+            assert torch.equal(p.detach(), before[n]), n
+            assert p not in opt.state or not opt.state[p], n
+        elif p.grad is not None and p.grad.abs().sum() > 0:
+            assert not torch.equal(p.detach(), before[n]), n
+    unfrozen = [g for n, g in full_grads.items() if id(dict(model.named_parameters())[n]) not in ids]
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unfrozen])).item()
+    assert math.isclose(r["grad_norm"], want, rel_tol=1e-4) and r["grad_norm"] < r_ref["grad_norm"]
+    assert math.isclose(r["loss"], r_ref["loss"], rel_tol=1e-6)
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
 
@@ -474,3 +503,32 @@ def test_cli_triton_on_cpu_names_the_config_key(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "set backend=eager" in err and "TRITON_INTERPRET=1" in err
     assert "set_backend" not in err
+
+
+def test_driver_freezes_the_grouping_path_for_the_first_steps(shards, tmp_path):
+    """``optim.freeze_grouping_steps=3`` in a real run: after 3 steps the grouping parameters are still those of
+    the initialisation while everything else has moved; 2 steps later they have moved too."""
+    from train.loop import seed_everything, train
+
+    with pytest.raises(ValueError, match="freeze_grouping_steps"):
+        load_config(preset="demo", overrides=["optim.freeze_grouping_steps=-1"])
+    cfg = _run_cfg(shards, tmp_path / "a", **{"optim.freeze_grouping_steps": 3, "max_steps": 3})
+    seed_everything(cfg.seed)
+    init = groupvit.create_model(TINY, **cfg.model_overrides())
+    train(cfg)
+    frozen_ids = {id(p) for p in init.grouping_parameters()}
+    init_sd = dict(init.named_parameters())
+    names = [n for n, p in init_sd.items() if id(p) in frozen_ids]
+    after3 = dict(groupvit.load_checkpoint(tmp_path / "a" / LATEST).named_parameters())
+    assert all(torch.equal(after3[n], init_sd[n]) for n in names)
+    assert not torch.equal(
+        after3["img_encoder.layers.0.downsample.assign.v_proj.weight"],
+        init_sd["img_encoder.layers.0.downsample.assign.v_proj.weight"],
+    )
+    cfg5 = _run_cfg(shards, tmp_path / "b", **{"optim.freeze_grouping_steps": 3, "max_steps": 5})
+    train(cfg5)
+    after5 = dict(groupvit.load_checkpoint(tmp_path / "b" / LATEST).named_parameters())
+    assert not torch.equal(
+        after5["img_encoder.layers.0.downsample.assign.q_proj.weight"],
+        init_sd["img_encoder.layers.0.downsample.assign.q_proj.weight"],
+    )

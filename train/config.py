@@ -51,6 +51,7 @@ class DataConfig:
     #                           add their shards to train_shards
     synthetic_val: int = 0  # held-out synthetic samples written beside them (for zero-shot segmentation)
     synthetic_dir: str = ""  # where the synthetic shards go ("" = output_dir/data)
+    synthetic_empty_every: int = 0  # >0: every n-th synthetic training image shows no object ("a grey background")
 
 
 @dataclass
@@ -76,6 +77,9 @@ class OptimConfig:
     warmup_epochs: float = 2.0
     steps_per_epoch: int | None = None  # None: data.dataset_length // global batch
     clip_grad: float = 5.0  # global grad-norm clip (0 disables clipping; the norm is still measured)
+    # steps during which the grouping path (GroupViT.grouping_parameters: what decides the token-to-group
+    # assignment) is not updated, so that the texts learn to name the initial groups first (the demo: docs/demo.md §6)
+    freeze_grouping_steps: int = 0
 
 
 @dataclass
@@ -133,6 +137,11 @@ class TrainConfig:
         if min(d.num_workers, d.shuffle_buffer, d.multi_label, d.synthetic_train, d.synthetic_val) < 0:
             raise ValueError(
                 "data.num_workers, shuffle_buffer, multi_label, synthetic_train and synthetic_val must be >= 0"
+            )
+        if d.synthetic_empty_every < 0 or o.freeze_grouping_steps < 0:
+            raise ValueError(
+                f"data.synthetic_empty_every ({d.synthetic_empty_every}) and optim.freeze_grouping_steps "
+                f"({o.freeze_grouping_steps}) must be >= 0 (0: off)"
             )
         if d.augment_on not in ("cpu", "gpu"):
             raise ValueError(f"data.augment_on {d.augment_on!r}: choose 'cpu' or 'gpu'")
@@ -251,6 +260,7 @@ DEMO_MODEL_OVERRIDES: dict[str, Any] = {
     "vision.num_group_tokens": [16, 0],
     "vision.num_output_groups": [16],
     "vision.pre_assign_attn": False,
+    "vision.pool": "used",
     "text.width": 64,
     "text.layers": 2,
     "text.heads": 2,
@@ -269,10 +279,13 @@ _DEMO = dict(
         augment=False,
         synthetic_train=8000,
         synthetic_val=200,
+        synthetic_empty_every=5,
     ),
     model=dict(preset="groupvit-tiny", overrides=DEMO_MODEL_OVERRIDES),
     # lr reference batch 64 instead of 4096: the recipe's 1.6e-3 peak at this small global batch
-    optim=dict(epochs=6, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0),
+    optim=dict(
+        epochs=6, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0, freeze_grouping_steps=150
+    ),
     # time limit: a safety net far above the ~2.5 minutes; a loaded machine must still finish the schedule
     precision="fp32",
     output_dir="runs/demo",

@@ -27,7 +27,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ def train_step(
     micro_batch: int | None = None,
     check_finite: bool = False,
     forward: Callable[..., dict[str, torch.Tensor]] | None = None,
+    frozen: Sequence[nn.Parameter] = (),
 ) -> dict[str, Any]:
     """One optimizer step on ``batch = {"images": [B,3,H,W], "texts": [B,1+K,L], ...}``.
 
@@ -104,6 +105,8 @@ def train_step(
     same decision.
     With a GradScaler, non-finite *gradients* are the scaler's business (it skips and lowers its scale); only a
     non-finite loss counts here.
+    ``frozen``: parameters left unchanged by this step (their gradients are dropped before the clip, so AdamW
+    neither moves nor decays them; used by ``optim.freeze_grouping_steps``).
 
     Returns:
         floats ``loss``, ``loss_itc``, ``loss_ml`` (NaN when absent), ``grad_norm``, ``logit_scale`` and
@@ -143,6 +146,8 @@ def train_step(
                 losses = (forward or forward_loss)(model, loss_fn, images, texts, text_plan)
             (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
     loss = losses["loss"]
+    for p in frozen:
+        p.grad = None
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
@@ -386,6 +391,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
             rundir.clean_temp_files(out_dir)  # temp files of saves killed earlier
         last_ckpt_step = step
 
+    grouping = unwrap(model).grouping_parameters() if cfg.optim.freeze_grouping_steps else []
     model.train()
     try:
         while step < stop_at:
@@ -416,6 +422,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, stop: rundir.StopSignal | None = 
                         skip_nonfinite=cfg.skip_nonfinite,
                         step=step + 1,
                         micro_batch=cfg.micro_batch,
+                        frozen=grouping if step < cfg.optim.freeze_grouping_steps else (),
                     )
                 except NonFiniteLossError as e:
                     log.message(f"[step {step + 1}] {e}")  # steps counted from 1, as the bar and logs

@@ -126,8 +126,20 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _sample(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, str, np.ndarray, list[str]]:
-    """One sample: image, caption, object-id mask and the objects' phrases (``"blue circle"``) in caption order."""
+EMPTY_CAPTION = "a grey background"
+
+
+def _sample(
+    seed: int, split: str, index: int, size: int, empty_every: int = 0
+) -> tuple[Image.Image, str, np.ndarray, list[str]]:
+    """One sample: image, caption, object-id mask and the objects' phrases (``"blue circle"``) in caption order.
+
+    With ``empty_every = n > 0`` every n-th *training* sample (index n-1, 2n-1, ...) is a background alone,
+    captioned :data:`EMPTY_CAPTION`, without phrases; the others are the same as with ``n = 0``."""
+    if split == "train" and empty_every > 0 and index % empty_every == empty_every - 1:
+        img = _background(np.random.default_rng([seed, len(_SPLITS), index]), size)
+        pil = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
+        return pil, EMPTY_CAPTION, np.zeros((size, size), dtype=np.uint8), []
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     img = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -161,7 +173,9 @@ def _sample(seed: int, split: str, index: int, size: int) -> tuple[Image.Image, 
     return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB"), caption, mask, objects
 
 
-def _check(n: int, seed: int, size: int, split: str) -> None:
+def _check(n: int, seed: int, size: int, split: str, empty_every: int = 0) -> None:
+    if not isinstance(empty_every, int) or empty_every < 0:
+        raise ValueError(f"synthetic: empty_every must be an int >= 0 (0: none), got {empty_every!r}")
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"synthetic: n must be an int >= 0, got {n!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -173,17 +187,25 @@ def _check(n: int, seed: int, size: int, split: str) -> None:
 
 
 def generate(
-    n: int, seed: int = 0, size: int = 64, *, kind: str = "color", split: str = "train", start: int = 0
+    n: int,
+    seed: int = 0,
+    size: int = 64,
+    *,
+    kind: str = "color",
+    split: str = "train",
+    start: int = 0,
+    empty_every: int = 0,
 ) -> list[tuple[Image.Image, str, np.ndarray]]:
     """Samples ``start .. start+n-1`` of ``split``: ``(RGB image, caption, mask uint8 [size, size])``.
 
     ``mask`` holds ``kind`` class indices (see :func:`class_names`; ``kind="object"`` gives the raw object ids).
+    ``empty_every``: see :func:`write_synthetic_shards`.
     """
-    _check(n, seed, size, split)
+    _check(n, seed, size, split, empty_every)
     class_names(kind)
     out = []
     for i in range(start, start + n):
-        img, cap, obj, _ = _sample(seed, split, i, size)
+        img, cap, obj, _ = _sample(seed, split, i, size, empty_every)
         out.append((img, cap, remap_mask(obj, kind)))
     return out
 
@@ -229,6 +251,7 @@ def write_synthetic_shards(
     seed: int = 0,
     size: int = 64,
     shard_size: int = 1_000,
+    empty_every: int = 0,
 ) -> SyntheticShards:
     """Write train shards ``train-NNNNNN.tar`` and held-out shards ``val-NNNNNN.tar`` plus ``manifest.json``.
 
@@ -237,9 +260,10 @@ def write_synthetic_shards(
     Train shards hold ``jpg`` (quality 95) + ``txt`` + ``nouns`` (the objects' phrases, ``"blue circle"``, as the
     multi-label prompts' words: :func:`train.prompts.nouns_record`); val shards hold ``png`` + ``txt`` +
     ``mask.png`` (object ids,
-    see :func:`remap_mask`).
+    see :func:`remap_mask`). ``empty_every = n > 0``: every n-th training image shows no object and is captioned
+    "a grey background" (negatives for every colour caption; the demo preset's setting, docs/demo.md §6).
     """
-    _check(n_train, seed, size, "train")
+    _check(n_train, seed, size, "train", empty_every)
     _check(n_val, seed, size, "val")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"write_synthetic_shards: shard_size must be an int >= 1, got {shard_size!r}")
@@ -252,6 +276,7 @@ def write_synthetic_shards(
         "seed": seed,
         "size": size,
         "shard_size": shard_size,
+        "empty_every": empty_every,
     }
     old: dict = {}
     if manifest.is_file():
@@ -268,7 +293,7 @@ def write_synthetic_shards(
 
     def train_samples():
         for i in range(n_train):
-            img, cap, _, objects = _sample(seed, "train", i, size)
+            img, cap, _, objects = _sample(seed, "train", i, size, empty_every)
             yield f"train{i:08d}", img, cap, {NOUNS_KEY: nouns_record(cap, objects)}
 
     def val_samples():
@@ -332,6 +357,7 @@ def prepare_synthetic(cfg: TrainConfig, ctx: DistContext | None = None) -> Train
         seed=cfg.seed,
         size=d.img_size,
         shard_size=min(1000, max(1, d.synthetic_train // 8)),
+        empty_every=d.synthetic_empty_every,
     )
     if ctx is None or ctx.is_main:
         with rundir.FolderLock(root, "synthetic-data folder", name=".synthetic.lock"):
