@@ -7,6 +7,7 @@ colour and shape in random order, e.g. ``"a red circle and a blue square"`` or
 ``"a picture of a green cross, an orange triangle and a purple circle"``. Generation costs ~2 ms per 64² sample.
 The train shards also store the objects' phrases (``"green cross"``, ...) as the words of the multi-label prompts
 (``"a photo of a green cross."``): the caption's noun phrases, where a POS tagger would keep only the shape nouns.
+Optionally every n-th training image is the background alone, captioned ``"a grey background"`` (``empty_every``).
 
 Ground truth for zero-shot segmentation: the object mask stores ``0`` for background and
 ``1 + colour_index * len(SHAPES) + shape_index`` per object pixel. :func:`class_names` / :func:`remap_mask` turn it
@@ -45,6 +46,7 @@ from train.prompts import NOUNS_KEY, nouns_record
 
 __all__ = [
     "COLORS",
+    "EMPTY_CAPTION",
     "SHAPES",
     "KINDS",
     "SyntheticShards",
@@ -138,8 +140,7 @@ def _sample(
     captioned :data:`EMPTY_CAPTION`, without phrases; the others are the same as with ``n = 0``."""
     if split == "train" and empty_every > 0 and index % empty_every == empty_every - 1:
         img = _background(np.random.default_rng([seed, len(_SPLITS), index]), size)
-        pil = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
-        return pil, EMPTY_CAPTION, np.zeros((size, size), dtype=np.uint8), []
+        return _rgb(img), EMPTY_CAPTION, np.zeros((size, size), dtype=np.uint8), []
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     img = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -170,7 +171,11 @@ def _sample(
     parts = [f"{'an' if o[0] in 'aeiou' else 'a'} {o}" for o in objects]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     caption = _PHRASES[int(rng.integers(len(_PHRASES)))].format(listed)
-    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB"), caption, mask, objects
+    return _rgb(img), caption, mask, objects
+
+
+def _rgb(img: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8), "RGB")
 
 
 def _check(n: int, seed: int, size: int, split: str, empty_every: int = 0) -> None:
