@@ -285,9 +285,9 @@ _DEMO = dict(
     ),
     model=dict(preset="groupvit-tiny", overrides=DEMO_MODEL_OVERRIDES),
     # lr reference batch 64 instead of 4096: the recipe's 1.6e-3 peak at this small global batch. The grouping path
-    # stays as initialised for 200 steps (the texts learn the initial groups first; docs/demo.md §6)
+    # stays as initialised for 150 steps (the texts learn the initial groups first; docs/demo.md §6)
     optim=dict(
-        epochs=8, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0, freeze_grouping_steps=200
+        epochs=8, warmup_epochs=1, steps_per_epoch=125, lr_ref_batch=64, clip_grad=5.0, freeze_grouping_steps=150
     ),
     # time limit: a safety net far above the ~3-4 minutes; a loaded machine must still finish the schedule
     precision="fp32",
